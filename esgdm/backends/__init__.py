@@ -1,0 +1,184 @@
+"""The backend seam: named implementations of the fused element-wise step.
+
+Every backend implements one function with one signature (see :class:`Backend`):
+it updates ``params``, ``exp_avgs`` and, on a D-step, ``exp_avg_ds`` in place from
+``grads`` (and ``hvps``) and the per-tensor scalar table of :mod:`esgdm.rule`.
+The front-end hands every backend the same inputs:
+
+* all lists have one entry per tensor that has a gradient this step;
+* ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_ds[i]`` (and ``hvps[i]``)
+  have the same shape, the same strides and are dense, so a kernel may walk all of
+  them as flat arrays of ``numel`` elements;
+* ``exp_avgs``/``exp_avg_ds`` are float32 (float64 for float64 parameters), the rest
+  are in the parameters' dtype;
+* ``scalars`` is a float64 CPU tensor ``[n, 5]`` (:data:`esgdm.rule.SCALAR_COLUMNS`).
+
+Backends are loaded lazily.  A backend that cannot run somewhere says why in one
+sentence (:meth:`Backend.why_not`); asking for it by name there raises
+:class:`BackendUnavailableError` with those reasons, and ``"auto"`` moves to the next
+candidate with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+#: Names accepted by ``ESGDM(backend=...)`` and the ``ESGDM_BACKEND`` variable.
+BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "torch")
+
+#: Candidates that ``"auto"`` tries, fastest first, per device type.
+AUTO_ORDER = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
+_AUTO_DEFAULT = ("torch",)
+
+#: Where each backend lives: module path and the attribute holding the Backend.
+_LOCATIONS = {
+    "torch": ("esgdm.backends.torch_impl", "BACKEND"),
+    "triton": ("esgdm.backends.triton_impl", "BACKEND"),
+    "cuda": ("esgdm.backends.cpp_impl", "CUDA_BACKEND"),
+    "cpu": ("esgdm.backends.cpp_impl", "CPU_BACKEND"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when the backend asked for cannot step a bucket; lists every reason."""
+
+
+class Backend:
+    """One implementation of the element-wise step.
+
+    Subclasses set :attr:`name`, implement :meth:`why_not` and :meth:`step`.
+    """
+
+    name: str = "?"
+
+    def why_not(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        """``None`` if this backend can step ``dtype`` parameters on ``device``,
+        else one sentence saying why not."""
+        raise NotImplementedError
+
+    def step(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        exp_avgs: Sequence[Tensor],
+        exp_avg_ds: Sequence[Tensor],
+        hvps: Optional[Sequence[Tensor]],
+        scalars: Tensor,
+    ) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """A line for ``python -m esgdm.info`` (build details, versions)."""
+        return ""
+
+    def __repr__(self) -> str:
+        return f"<esgdm backend {self.name!r}>"
+
+
+class _Missing(Backend):
+    """Stands in for a backend whose module could not be imported."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+
+    def why_not(self, device, dtype):
+        return self.reason
+
+
+_loaded: dict[str, Backend] = {}
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name`` (loading it on first use)."""
+    if name not in _LOCATIONS:
+        raise ValueError(
+            f"Unknown esgdm backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
+        )
+    if name not in _loaded:
+        module, attr = _LOCATIONS[name]
+        try:
+            _loaded[name] = getattr(importlib.import_module(module), attr)
+        except Exception as e:  # noqa: BLE001 - any import failure makes it unavailable
+            _loaded[name] = _Missing(name, f"{module} failed to import ({type(e).__name__}: {e})")
+    return _loaded[name]
+
+
+def register(backend: Backend) -> None:
+    """Installs (or replaces) a backend under ``backend.name``, e.g. for experiments."""
+    _LOCATIONS.setdefault(backend.name, ("", ""))
+    _loaded[backend.name] = backend
+
+
+def default_name() -> str:
+    """The backend name used when none is given: ``$ESGDM_BACKEND`` or ``"auto"``."""
+    return os.environ.get("ESGDM_BACKEND", "auto").strip().lower() or "auto"
+
+
+def check_name(name: str) -> str:
+    name = str(name).strip().lower()
+    if name not in BACKEND_NAMES and name not in _LOCATIONS:
+        raise ValueError(
+            f"Invalid backend: {name!r}; choose one of {', '.join(BACKEND_NAMES)}"
+        )
+    return name
+
+
+def candidates(device: torch.device) -> tuple[str, ...]:
+    return AUTO_ORDER.get(device.type, _AUTO_DEFAULT)
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Backend, Optional[str]]:
+    """Picks the backend for one bucket.
+
+    Returns ``(backend, note)`` where ``note`` is ``None`` or, for ``"auto"``, a
+    sentence saying which faster backends were skipped and why.  Raises
+    :class:`BackendUnavailableError` when nothing named can run.
+    """
+    where = f"{dtype} parameters on {device}"
+    if name != "auto":
+        backend = get(name)
+        reason = backend.why_not(device, dtype)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"esgdm backend {name!r} cannot step {where}: {reason}"
+            )
+        return backend, None
+    skipped = []
+    for cand in candidates(device):
+        backend = get(cand)
+        reason = backend.why_not(device, dtype)
+        if reason is None:
+            note = None
+            if skipped:
+                note = (f"esgdm: for {where}, backend 'auto' is using {cand!r} because "
+                        + "; ".join(skipped))
+            return backend, note
+        skipped.append(f"{cand!r} cannot run ({reason})")
+    raise BackendUnavailableError(
+        f"no esgdm backend can step {where}: " + "; ".join(skipped)
+    )
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+__all__ = [
+    "AUTO_ORDER", "BACKEND_NAMES", "Backend", "BackendUnavailableError", "candidates",
+    "check_name", "default_name", "get", "register", "resolve", "warn_once",
+]

@@ -1,0 +1,397 @@
+"""``esgdm.ESGDM``: the ESGD-M optimizer as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import copy
+import numbers
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from esgdm import backends
+from esgdm.buckets import Bucket, build_buckets
+from esgdm.hvp import autograd_hvp
+from esgdm.rule import group_table, host_scalars
+
+# Per-parameter state keys; the same names the original ``esgd.ESGD`` used.
+EXP_AVG, EXP_AVG_D, BIAS, WARM = "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "lr_warmup_cumprod"
+
+
+def _check_group(group: dict, where: str) -> None:
+    """Raises ValueError naming the first invalid hyper-parameter of ``group``."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Invalid lr{where}: a tensor lr must hold one value, got shape {tuple(lr.shape)}")
+        lr = lr.item()
+    if not 0.0 <= lr:
+        raise ValueError(f"Invalid lr{where}: {lr!r} (must be >= 0)")
+    betas = group["betas"]
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid betas{where}: {betas!r} (must be a pair of floats)") from None
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0{where}: {b1!r} (must be in [0, 1))")
+    if not 0.0 <= b2 <= 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1{where}: {b2!r} (must be in [0, 1])")
+    if not 0.0 <= group["lr_warmup"] < 1.0:
+        raise ValueError(f"Invalid lr_warmup{where}: {group['lr_warmup']!r} (must be in [0, 1))")
+    if not 0.0 <= group["eps"]:
+        raise ValueError(f"Invalid eps{where}: {group['eps']!r} (must be >= 0)")
+    if not 0.0 <= group["weight_decay"]:
+        raise ValueError(f"Invalid weight_decay{where}: {group['weight_decay']!r} (must be >= 0)")
+
+
+def _check_count(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+    return int(value)
+
+
+def _same_layout(t: Tensor, shape, strides) -> bool:
+    return all(s == st or size <= 1 for size, s, st in zip(shape, t.stride(), strides))
+
+
+def _as_layout(t: Tensor, p: Tensor, strides) -> Tensor:
+    """``t`` itself if it already has the given strides, else a copy that has them."""
+    if _same_layout(t, p.shape, strides):
+        return t
+    return torch.empty_strided(p.shape, strides, dtype=p.dtype, device=p.device).copy_(t)
+
+
+class ESGDM(Optimizer):
+    r"""ESGD-M: equilibrated SGD with Nesterov momentum and an Adamax-style curvature estimate.
+
+    Every few steps (a *D-step*) ESGD-M takes a Hessian-vector product ``h = H v``
+    with a Rademacher vector ``v`` and keeps ``D = max(b2 * D, h * h)`` as a
+    per-coordinate estimate of ``diag(H^2)``; every step divides a Nesterov-momentum
+    step by ``sqrt(D) + eps``.  The learning rate is invariant to rescaling the loss
+    or the parameters.  The exact rule is in :mod:`esgdm.rule`.
+
+    On a D-step the gradients must carry a graph, so call::
+
+        loss.backward(create_graph=opt.should_create_graph())
+        opt.step()
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or 0-d Tensor): step size (default 1.0; start near 0.5).
+        betas (tuple[float, float]): momentum decay and the inf-norm decay of the
+            curvature estimate (default (0.9, 0.999)).
+        lr_warmup (float): exponential warmup; the step size on a parameter's k-th
+            D-step is ``lr * (1 - lr_warmup**k)``; 0 disables it (default 0.99).
+        eps (float): added to ``sqrt(D)`` (default 1e-4).
+        weight_decay (float): decoupled weight decay, scaled by the current step size
+            (default 0).
+        update_d_every (int): curvature refresh period in steps (default 10).
+        d_warmup (int): the first ``d_warmup`` steps always refresh curvature (default 20).
+        backend (str, optional): ``"auto" | "triton" | "cuda" | "cpu" | "torch"``;
+            defaults to ``$ESGDM_BACKEND`` or ``"auto"``.  ``auto`` picks, per
+            (device, dtype) bucket, the fastest backend that can run there.
+        generator (torch.Generator, optional): source of the Rademacher vectors.
+
+    State: each parameter's ``exp_avg`` (``m``) and ``exp_avg_d`` (``D``) are float32
+    views into flat per-(device, dtype) buffers; ``exp_avg_bias_corr`` (``bias``) and
+    ``lr_warmup_cumprod`` (``warm``) are float64 scalars.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_warmup: float = 0.99,
+        eps: float = 1e-4,
+        weight_decay: float = 0.0,
+        update_d_every: int = 10,
+        d_warmup: int = 20,
+        *,
+        backend: Optional[str] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
+        defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
+        _check_group(defaults, "")
+        self.update_d_every = _check_count("update_d_every", update_d_every)
+        self.d_warmup = _check_count("d_warmup", d_warmup)
+        self.backend = backends.check_name(backend if backend is not None else backends.default_name())
+        self.generator = generator
+        self.steps = 0
+        self.steps_since_d = 0
+        self._buckets: list[Bucket] = []
+        self._signature: Optional[tuple] = None
+        self._chosen: dict[tuple, backends.Backend] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group; its hyper-parameters are checked and nothing changes on error."""
+        n_before = len(self.param_groups)
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group, f" in param group {n_before}")
+            for p in group["params"]:
+                if not p.dtype.is_floating_point:
+                    raise ValueError(f"ESGDM optimizes floating-point parameters only, got one of dtype {p.dtype}")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def should_create_graph(self) -> bool:
+        """Whether the next ``step()`` takes a Hessian-vector product, so the backward
+        pass before it needs ``create_graph=True``::
+
+            loss.backward(create_graph=opt.should_create_graph())
+        """
+        return self.steps < self.d_warmup or self.steps_since_d >= self.update_d_every
+
+    # ----------------------------------------------------------------- buckets
+
+    def _current_signature(self) -> tuple:
+        return tuple(
+            (id(p), gi, p.device, p.dtype)
+            for gi, group in enumerate(self.param_groups)
+            for p in group["params"]
+        )
+
+    def buckets(self) -> list[Bucket]:
+        """The (device, dtype) buckets, rebuilt when the parameter set has changed."""
+        signature = self._current_signature()
+        if signature != self._signature:
+            old = {p: self.state[p] for p in list(self.state)} if self._signature is not None else {}
+            new = build_buckets(self.param_groups)
+            chosen = {}
+            for b in new:
+                backend, note = backends.resolve(self.backend, b.device, b.dtype)
+                chosen[b.key] = (backend, note)
+            # Nothing above mutated anything; now move existing state across.
+            self.state.clear()
+            self._buckets, self._signature, self._chosen = new, signature, chosen
+            for b in new:
+                for i, p in enumerate(b.params):
+                    if p in old and old[p]:
+                        self._adopt_state(b, i, old[p])
+        return self._buckets
+
+    def backend_for(self, bucket: Bucket) -> backends.Backend:
+        return self._chosen[bucket.key][0]
+
+    def _adopt_state(self, b: Bucket, i: int, saved: dict) -> None:
+        """Copies one parameter's state into bucket ``b`` and exposes it as views."""
+        b.exp_avg_views[i].copy_(saved[EXP_AVG])
+        b.exp_avg_d_views[i].copy_(saved[EXP_AVG_D])
+        b.bias[i] = float(saved[BIAS])
+        b.warm[i] = float(saved[WARM])
+        self._expose_state(b, i)
+
+    def _expose_state(self, b: Bucket, i: int) -> None:
+        self.state[b.params[i]] = {
+            EXP_AVG: b.exp_avg_views[i],
+            EXP_AVG_D: b.exp_avg_d_views[i],
+            BIAS: b.bias[i],
+            WARM: b.warm[i],
+        }
+
+    # -------------------------------------------------------------------- step
+
+    def _gather(self, b: Bucket) -> tuple[list[int], list[Tensor]]:
+        """Indices and gradients of the tensors of ``b`` that have a gradient."""
+        idx, grads = [], []
+        for i, p in enumerate(b.params):
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError(f"ESGDM does not support sparse gradients (parameter of shape {tuple(p.shape)})")
+            if g.shape != p.shape:
+                raise RuntimeError(
+                    f"gradient of shape {tuple(g.shape)} does not match its parameter's shape {tuple(p.shape)}"
+                )
+            idx.append(i)
+            grads.append(g)
+        return idx, grads
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Performs one optimization step.
+
+        Args:
+            closure (callable, optional): re-evaluates the model and returns the loss.
+
+        If anything raises before the update is applied (a missing graph, a sparse
+        gradient, an invalid hyper-parameter, an unavailable backend), parameters and
+        optimizer state are left exactly as they were.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        d_step = self.should_create_graph()
+        buckets = self.buckets()
+        for gi, group in enumerate(self.param_groups):
+            _check_group(group, f" in param group {gi}")
+        table = group_table(self.param_groups)
+
+        work = []  # (bucket, active indices, grads)
+        for b in buckets:
+            idx, grads = self._gather(b)
+            if idx:
+                work.append((b, idx, grads))
+
+        hvps_by_bucket: list[Optional[list[Tensor]]] = [None] * len(work)
+        if d_step and work:
+            params, grads, signs, sizes = [], [], [], []
+            for b, idx, gs in work:
+                v = b.signs(self.generator)
+                params += [b.params[i] for i in idx]
+                grads += gs
+                signs += [v[i] for i in idx]
+                sizes.append(len(idx))
+            hvps = autograd_hvp(params, grads, signs)
+            start = 0
+            for k, n in enumerate(sizes):
+                hvps_by_bucket[k] = hvps[start:start + n]
+                start += n
+
+        # Everything that can fail on bad input has run; from here on we write.
+        for (b, idx, grads), hvps in zip(work, hvps_by_bucket):
+            index = torch.tensor(idx, dtype=torch.long)
+            new_bias, new_warm, scalars = host_scalars(
+                table[b.group_index[index]], b.bias[index], b.warm[index], d_step
+            )
+            backend, note = self._chosen[b.key]
+            if note is not None:
+                backends.warn_once(note)
+            self._apply(b, backend, idx, grads, hvps, scalars)
+            b.bias[index] = new_bias
+            b.warm[index] = new_warm
+            for i in idx:
+                if b.params[i] not in self.state:
+                    self._expose_state(b, i)
+
+        if d_step:
+            self.steps_since_d = 0
+        self.steps += 1
+        self.steps_since_d += 1
+        return loss
+
+    def _apply(self, b: Bucket, backend, idx, grads, hvps, scalars) -> None:
+        """Runs the backend on bucket ``b``'s active tensors, laid out as it expects."""
+        params, gs, hs, writeback = [], [], [] if hvps is not None else None, []
+        for k, i in enumerate(idx):
+            p = b.params[i]
+            strides = b.layout_strides(i)
+            if b.dense[i]:
+                work = p
+            else:  # a strided slice: step a dense copy, then write it back
+                work = p.contiguous()
+                writeback.append((p, work))
+            params.append(work)
+            gs.append(_as_layout(grads[k], p, strides))
+            if hs is not None:
+                hs.append(_as_layout(hvps[k], p, strides))
+        backend.step(
+            params, gs,
+            [b.exp_avg_views[i] for i in idx], [b.exp_avg_d_views[i] for i in idx],
+            hs, scalars,
+        )
+        for p, work in writeback:
+            p.copy_(work)
+
+    # ------------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict:
+        """The optimizer state, with a ``global_state`` entry as the original ``esgd.ESGD``."""
+        global_state = {
+            "update_d_every": self.update_d_every,
+            "d_warmup": self.d_warmup,
+            "steps": self.steps,
+            "steps_since_d": self.steps_since_d,
+        }
+        return {"global_state": global_state, **super().state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a checkpoint written by :meth:`state_dict` or by the original ``esgd.ESGD``.
+
+        State is copied into this optimizer's buffers (any device, any dtype the
+        values can be cast from); everything is checked before anything changes.
+        """
+        for hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
+            )
+        id_to_param = {}
+        new_groups = []
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(group["params"]) != len(saved["params"]):
+                raise ValueError(
+                    f"param group {gi} has {len(group['params'])} parameters, the loaded state dict has {len(saved['params'])}"
+                )
+            id_to_param.update(zip(saved["params"], group["params"]))
+            new = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+            new["params"] = group["params"]
+            _check_group(new, f" in loaded param group {gi}")
+            new_groups.append(new)
+
+        try:
+            glob = state_dict["global_state"]
+            counters = {
+                "update_d_every": _check_count("update_d_every", glob["update_d_every"]),
+                "d_warmup": _check_count("d_warmup", glob["d_warmup"]),
+                "steps": int(glob["steps"]),
+                "steps_since_d": int(glob["steps_since_d"]),
+            }
+        except KeyError as e:
+            raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {e}") from None
+
+        per_param = {}
+        for key, entry in state_dict["state"].items():
+            if key not in id_to_param:
+                raise ValueError(f"loaded state dict has state for unknown parameter id {key!r}")
+            p = id_to_param[key]
+            missing = [k for k in (EXP_AVG, EXP_AVG_D, BIAS, WARM) if k not in entry]
+            if missing:
+                raise ValueError(f"state of parameter id {key!r} lacks {missing}")
+            for k in (EXP_AVG, EXP_AVG_D):
+                if tuple(entry[k].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state {k!r} of parameter id {key!r} has shape {tuple(entry[k].shape)}, "
+                        f"the parameter has shape {tuple(p.shape)}"
+                    )
+            per_param[p] = entry
+
+        # All checked: now write.
+        for group, new in zip(self.param_groups, new_groups):
+            group.clear()
+            group.update(new)
+        self.__dict__.update(counters)
+        self._signature = None
+        self.state.clear()
+        for b in self.buckets():
+            b.exp_avg.zero_()
+            b.exp_avg_d.zero_()
+            b.bias.fill_(1.0)
+            b.warm.fill_(1.0)
+            for i, p in enumerate(b.params):
+                if p in per_param:
+                    self._adopt_state(b, i, per_param[p])
+
+        for hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
+            hook(self)
+
+
+#: The name of the original implementation's class.
+ESGD = ESGDM
+
+__all__ = ["ESGD", "ESGDM"]

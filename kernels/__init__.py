@@ -1,0 +1,1 @@
+"""Triton kernels of esgdm (installed as the ``esgdm.kernels`` package)."""
