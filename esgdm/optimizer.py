@@ -21,6 +21,9 @@ EXP_AVG, EXP_AVG_D, BIAS, WARM = "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "l
 
 def _check_group(group: dict, where: str) -> None:
     """Raises ValueError naming the first invalid hyper-parameter of ``group``."""
+    missing = [k for k in ("lr", "betas", "lr_warmup", "eps", "weight_decay") if k not in group]
+    if missing:
+        raise ValueError(f"Missing hyper-parameters{where}: {', '.join(missing)}")
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
@@ -326,6 +329,17 @@ class ESGDM(Optimizer):
             if result is not None:
                 state_dict = result
 
+        try:
+            glob = state_dict["global_state"]
+            counters = {
+                "update_d_every": _check_count("update_d_every", glob["update_d_every"]),
+                "d_warmup": _check_count("d_warmup", glob["d_warmup"]),
+                "steps": int(glob["steps"]),
+                "steps_since_d": int(glob["steps_since_d"]),
+            }
+        except KeyError as e:
+            raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {e}") from None
+
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -343,17 +357,6 @@ class ESGDM(Optimizer):
             new["params"] = group["params"]
             _check_group(new, f" in loaded param group {gi}")
             new_groups.append(new)
-
-        try:
-            glob = state_dict["global_state"]
-            counters = {
-                "update_d_every": _check_count("update_d_every", glob["update_d_every"]),
-                "d_warmup": _check_count("d_warmup", glob["d_warmup"]),
-                "steps": int(glob["steps"]),
-                "steps_since_d": int(glob["steps_since_d"]),
-            }
-        except KeyError as e:
-            raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {e}") from None
 
         per_param = {}
         for key, entry in state_dict["state"].items():

@@ -1,0 +1,3 @@
+from esgdm.demo import main
+
+main()

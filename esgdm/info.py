@@ -1,0 +1,82 @@
+"""``python -m esgdm.info``: versions, backends, and what ``auto`` picks on each device."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+import esgdm
+from esgdm import backends
+
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception as e:  # noqa: BLE001 - report any import failure as-is
+        return f"not importable ({type(e).__name__}: {e})"
+
+
+def devices() -> list[torch.device]:
+    out = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        out += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return out
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        return f"{device} ({torch.cuda.get_device_name(device)}, sm_{cap[0]}{cap[1]})"
+    return f"{device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def report() -> str:
+    lines = [
+        f"esgdm {esgdm.__version__}",
+        f"python {sys.version.split()[0]}  torch {torch.__version__}  "
+        f"(CUDA build: {torch.version.cuda or 'no'}, GPU visible: {torch.cuda.is_available()})",
+        f"triton {_triton_version()}",
+        "",
+        "backends:",
+    ]
+    for name in backends.BACKEND_NAMES[1:]:
+        b = backends.get(name)
+        usable = [str(d) for d in devices() if b.why_not(d, torch.float32) is None]
+        status = f"usable on {', '.join(usable)}" if usable else "not usable here"
+        lines.append(f"  {name:7s} {status}")
+        if isinstance(b, backends._Missing):
+            lines.append(f"          {b.reason}")
+            continue
+        if b.describe():
+            lines.append(f"          {b.describe()}")
+        for d in devices():
+            reason = b.why_not(d, torch.float32)
+            if reason and name in backends.candidates(d):
+                lines.append(f"          on {d}: {reason}")
+    lines += ["", "backend 'auto' picks:"]
+    for d in devices():
+        lines.append(f"  {device_name(d)}")
+        for dtype in DTYPES:
+            try:
+                chosen, note = backends.resolve("auto", d, dtype)
+                why = note or f"fastest of {', '.join(backends.candidates(d))} that can run"
+                lines.append(f"    {str(dtype):15s} -> {chosen.name}: {why}")
+            except backends.BackendUnavailableError as e:
+                lines.append(f"    {str(dtype):15s} -> none: {e}")
+    default = backends.default_name()
+    lines += ["", f"default backend (ESGDM_BACKEND or auto): {default}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

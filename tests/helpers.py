@@ -1,0 +1,98 @@
+"""Shared test utilities: losses with known structure and trajectory comparison."""
+
+from __future__ import annotations
+
+import torch
+
+from reference import ReferenceESGDM
+
+import esgdm
+from esgdm.buckets import Bucket
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Norm-wise relative difference of ``a`` from ``b`` (0 when both are zero)."""
+    a, b = a.detach().double(), b.detach().double()
+    denom = b.norm().item()
+    return (a - b).norm().item() / denom if denom else (a - b).norm().item()
+
+
+def separable_loss(params, coeffs):
+    """Sum of functions of single coordinates: its Hessian is diagonal, so the squared
+    HVP equals the squared Hessian diagonal whatever the signs drawn."""
+    total = 0.0
+    for p, (a, b, c) in zip(params, coeffs):
+        x = p.float()
+        total = total + (a * x.pow(4) + b * x.pow(2) + c * torch.sin(3 * x)).sum()
+    return total
+
+
+def make_coeffs(params, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.rand(p.shape, generator=g) * 0.5 + 0.1,
+         torch.rand(p.shape, generator=g) + 0.5,
+         torch.randn(p.shape, generator=g))
+        for p in params
+    ]
+
+
+def clone_params(params, requires_grad=True):
+    return [p.detach().clone().requires_grad_(requires_grad) for p in params]
+
+
+def signs_for(step: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    """A deterministic Rademacher tensor for (step, parameter index)."""
+    g = torch.Generator().manual_seed(1000 * step + index + 7)
+    v = torch.randint(0, 2, like.shape, generator=g).to(like.dtype) * 2 - 1
+    return v.to(like.device)
+
+
+class InjectedSigns:
+    """Makes ``esgdm.ESGDM`` and the reference draw the same sign vectors.
+
+    Patches :meth:`Bucket.signs` (the only place the package draws them) so that each
+    parameter gets ``signs_for(step, its index in order)``.
+    """
+
+    def __init__(self, monkeypatch, opt_params, ref_params):
+        self.opt_index = {id(p): i for i, p in enumerate(opt_params)}
+        self.ref_index = {id(p): i for i, p in enumerate(ref_params)}
+        self.opt = None
+        self.ref = None
+        injector = self
+
+        def fake_signs(bucket, generator=None):
+            step = injector.opt.steps
+            return [signs_for(step, injector.opt_index[id(p)], p) for p in bucket.params]
+
+        monkeypatch.setattr(Bucket, "signs", fake_signs)
+
+    def ref_signs(self, p):
+        return signs_for(self.ref.steps, self.ref_index[id(p)], p)
+
+
+def run_both(opt, ref, opt_params, ref_params, loss_fn, steps, before_step=None, drop_grads=None):
+    """Runs ``steps`` iterations of ``loss_fn`` through both optimizers.
+
+    ``before_step(t)`` runs first at each step (e.g. to set learning rates);
+    ``drop_grads(t)`` returns the indices of parameters whose gradient is removed
+    after the backward pass of step ``t`` (a parameter that misses its gradient).
+    """
+    for t in range(steps):
+        if before_step is not None:
+            before_step(t)
+        for o, ps in ((opt, opt_params), (ref, ref_params)):
+            for p in ps:
+                p.grad = None
+            loss = loss_fn(ps, t)
+            loss.backward(create_graph=o.should_create_graph())
+            for i in (drop_grads(t) if drop_grads else ()):
+                ps[i].grad = None
+            o.step()
+
+
+__all__ = [
+    "InjectedSigns", "ReferenceESGDM", "clone_params", "esgdm", "make_coeffs", "rel_err",
+    "run_both", "separable_loss", "signs_for",
+]
