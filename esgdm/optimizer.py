@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from esgdm import backends
 from esgdm.buckets import Bucket, build_buckets
-from esgdm.hvp import autograd_hvp
+from esgdm.hvp import FD_SCHEMES, RngSnapshot, autograd_hvp, finite_difference_hvp
 from esgdm.rule import group_table, host_scalars
 
 # Per-parameter state keys; the same names the original ``esgd.ESGD`` used.
@@ -95,6 +95,16 @@ class ESGDM(Optimizer):
             defaults to ``$ESGDM_BACKEND`` or ``"auto"``.  ``auto`` picks, per
             (device, dtype) bucket, the fastest backend that can run there.
         generator (torch.Generator, optional): source of the Rademacher vectors.
+        hvp (str): how D-steps get ``H v``. ``"autograd"`` (default) differentiates the
+            gradient (the backward pass needs ``create_graph=True``).
+            ``"finite_difference"`` needs ``step(closure)`` and takes
+            ``(g(θ + r v) - g(θ)) / r`` from one more gradient evaluation, with no
+            double backward: use it for models with fused kernels (e.g.
+            ``scaled_dot_product_attention``) that have no double backward.
+        fd_scheme (str): ``"forward"`` (default; one extra gradient per D-step) or
+            ``"central"`` (two extra gradients, more accurate).
+        fd_radius (float, optional): the finite-difference step ``r``; by default
+            chosen from the parameter dtype and the size of θ (see :mod:`esgdm.hvp`).
 
     State: each parameter's ``exp_avg`` (``m``) and ``exp_avg_d`` (``D``) are float32
     views into flat per-(device, dtype) buffers; ``exp_avg_bias_corr`` (``bias``) and
@@ -114,6 +124,9 @@ class ESGDM(Optimizer):
         *,
         backend: Optional[str] = None,
         generator: Optional[torch.Generator] = None,
+        hvp: str = "autograd",
+        fd_scheme: str = "forward",
+        fd_radius: Optional[float] = None,
     ):
         defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
         _check_group(defaults, "")
@@ -121,6 +134,13 @@ class ESGDM(Optimizer):
         self.d_warmup = _check_count("d_warmup", d_warmup)
         self.backend = backends.check_name(backend if backend is not None else backends.default_name())
         self.generator = generator
+        if hvp not in ("autograd", "finite_difference"):
+            raise ValueError(f"Invalid hvp: {hvp!r}; choose 'autograd' or 'finite_difference'")
+        if fd_scheme not in FD_SCHEMES:
+            raise ValueError(f"Invalid fd_scheme: {fd_scheme!r}; choose one of {', '.join(FD_SCHEMES)}")
+        if fd_radius is not None and not fd_radius > 0:
+            raise ValueError(f"Invalid fd_radius: {fd_radius!r} (must be > 0)")
+        self.hvp, self.fd_scheme, self.fd_radius = hvp, fd_scheme, fd_radius
         self.steps = 0
         self.steps_since_d = 0
         self._buckets: list[Bucket] = []
@@ -149,7 +169,13 @@ class ESGDM(Optimizer):
         pass before it needs ``create_graph=True``::
 
             loss.backward(create_graph=opt.should_create_graph())
+
+        Always False with ``hvp="finite_difference"``, which needs no graph.
         """
+        return self.hvp == "autograd" and self.is_d_step()
+
+    def is_d_step(self) -> bool:
+        """Whether the next ``step()`` refreshes the curvature estimate."""
         return self.steps < self.d_warmup or self.steps_since_d >= self.update_d_every
 
     # ----------------------------------------------------------------- buckets
@@ -229,12 +255,19 @@ class ESGDM(Optimizer):
         gradient, an invalid hyper-parameter, an unavailable backend), parameters and
         optimizer state are left exactly as they were.
         """
+        d_step = self.is_d_step()
+        finite_difference = d_step and self.hvp == "finite_difference"
+        if finite_difference and closure is None:
+            raise RuntimeError(
+                "hvp='finite_difference' needs opt.step(closure) on D-steps: a closure that "
+                "zeroes the gradients, computes the loss on the batch and calls loss.backward()"
+            )
         loss = None
+        rng = RngSnapshot() if finite_difference else None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
-        d_step = self.should_create_graph()
         buckets = self.buckets()
         for gi, group in enumerate(self.param_groups):
             _check_group(group, f" in param group {gi}")
@@ -248,18 +281,7 @@ class ESGDM(Optimizer):
 
         hvps_by_bucket: list[Optional[list[Tensor]]] = [None] * len(work)
         if d_step and work:
-            params, grads, signs, sizes = [], [], [], []
-            for b, idx, gs in work:
-                v = b.signs(self.generator)
-                params += [b.params[i] for i in idx]
-                grads += gs
-                signs += [v[i] for i in idx]
-                sizes.append(len(idx))
-            hvps = autograd_hvp(params, grads, signs)
-            start = 0
-            for k, n in enumerate(sizes):
-                hvps_by_bucket[k] = hvps[start:start + n]
-                start += n
+            hvps_by_bucket = self._hvps(work, closure if finite_difference else None, rng)
 
         # Everything that can fail on bad input has run; from here on we write.
         for (b, idx, grads), hvps in zip(work, hvps_by_bucket):
@@ -282,6 +304,40 @@ class ESGDM(Optimizer):
         self.steps += 1
         self.steps_since_d += 1
         return loss
+
+    def _signs(self, work) -> list[Tensor]:
+        """Rademacher vectors for the active tensors, one flat draw per bucket."""
+        out = []
+        for b, idx, _ in work:
+            v = b.signs(self.generator)
+            out += [v[i] for i in idx]
+        return out
+
+    def _hvps(self, work, closure, rng) -> list[list[Tensor]]:
+        """Hessian-vector products of every active tensor, split back by bucket.
+
+        With a closure they come from finite differences, else from autograd.  The
+        sign vectors are handed over without a reference kept here, so the finite
+        difference can free them before its probe runs.
+        """
+        params = [b.params[i] for b, idx, _ in work for i in idx]
+        grads = [g for _, _, gs in work for g in gs]
+        if closure is not None:
+            idle = [p for b in self._buckets for p in b.params if p.grad is None]
+            try:
+                hvps = finite_difference_hvp(
+                    params, grads, self._signs(work), closure, rng, self.fd_scheme, self.fd_radius
+                )
+            finally:
+                for p in idle:  # the probe must not leave gradients behind
+                    p.grad = None
+        else:
+            hvps = autograd_hvp(params, grads, self._signs(work))
+        out, start = [], 0
+        for _, idx, _ in work:
+            out.append(hvps[start:start + len(idx)])
+            start += len(idx)
+        return out
 
     def _apply(self, b: Bucket, backend, idx, grads, hvps, scalars) -> None:
         """Runs the backend on bucket ``b``'s active tensors, laid out as it expects."""
