@@ -78,6 +78,12 @@ class Bucket:
         # Parameters that are not dense (a strided slice of something) are stepped
         # through a dense copy; everything else is stepped in place.
         self.dense = [is_dense(p) for p in self.params]
+        self.all_dense = all(self.dense)
+        #: Strides of each tensor's state, and of its gradient as the kernels see it.
+        self.strides = [
+            tuple(p.stride()) if dense else contiguous_strides(p.shape)
+            for p, dense in zip(self.params, self.dense)
+        ]
 
         align = ALIGN_BYTES // self.state_dtype.itemsize
         self.offsets = []
@@ -102,19 +108,10 @@ class Bucket:
     def key(self) -> tuple[torch.device, torch.dtype]:
         return (self.device, self.dtype)
 
-    def layout_strides(self, i: int) -> tuple[int, ...]:
-        """Strides that tensor ``i``'s state (and its gradient as the kernels see it) has."""
-        p = self.params[i]
-        if self.dense[i]:
-            return tuple(p.stride())
-        return contiguous_strides(p.shape)
-
     def view(self, flat: Tensor, i: int) -> Tensor:
         """Tensor ``i``'s slice of ``flat``, shaped (and strided) like the parameter."""
         p = self.params[i]
-        return flat.as_strided(
-            p.shape, self.layout_strides(i), flat.storage_offset() + self.offsets[i]
-        )
+        return flat.as_strided(p.shape, self.strides[i], flat.storage_offset() + self.offsets[i])
 
     def signs(self, generator: torch.Generator | None = None) -> list[Tensor]:
         """Rademacher (+1/-1) vectors for every tensor, drawn with one RNG call.

@@ -299,11 +299,17 @@ class ESGDM(Optimizer):
                 if b.params[i] not in self.state:
                     self._expose_state(b, i)
 
+        self._count_step(d_step)
+        return loss
+
+    @torch.compiler.disable
+    def _count_step(self, d_step: bool) -> None:
+        """Advances the step counters.  Kept out of torch.compile graphs: Dynamo drops
+        attribute writes on Optimizer objects made inside a compiled step()."""
         if d_step:
             self.steps_since_d = 0
         self.steps += 1
         self.steps_since_d += 1
-        return loss
 
     def _signs(self, work) -> list[Tensor]:
         """Rademacher vectors for the active tensors, one flat draw per bucket."""
@@ -341,19 +347,20 @@ class ESGDM(Optimizer):
 
     def _apply(self, b: Bucket, backend, idx, grads, hvps, scalars) -> None:
         """Runs the backend on bucket ``b``'s active tensors, laid out as it expects."""
-        params, gs, hs, writeback = [], [], [] if hvps is not None else None, []
-        for k, i in enumerate(idx):
-            p = b.params[i]
-            strides = b.layout_strides(i)
-            if b.dense[i]:
-                work = p
-            else:  # a strided slice: step a dense copy, then write it back
-                work = p.contiguous()
-                writeback.append((p, work))
-            params.append(work)
-            gs.append(_as_layout(grads[k], p, strides))
-            if hs is not None:
-                hs.append(_as_layout(hvps[k], p, strides))
+        strides = b.strides
+        gs = [g if g.stride() == strides[i] else _as_layout(g, b.params[i], strides[i])
+              for i, g in zip(idx, grads)]
+        hs = None
+        if hvps is not None:
+            hs = [h if h.stride() == strides[i] else _as_layout(h, b.params[i], strides[i])
+                  for i, h in zip(idx, hvps)]
+        params = [b.params[i] for i in idx]
+        writeback = []
+        if not b.all_dense:  # strided slices: step a dense copy, then write it back
+            for k, i in enumerate(idx):
+                if not b.dense[i]:
+                    params[k] = params[k].contiguous()
+                    writeback.append((b.params[i], params[k]))
         backend.step(
             params, gs,
             [b.exp_avg_views[i] for i in idx], [b.exp_avg_d_views[i] for i in idx],

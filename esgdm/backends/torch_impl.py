@@ -75,9 +75,14 @@ def torch_step(
             idx = [members[j] for j in run]
             ps = [params[i] for i in idx]
             low_precision = ps[0].dtype != state_dtype
-            work = [p.to(state_dtype) for p in ps] if low_precision else ps
-            gs = [grads[i].to(state_dtype) for i in idx]
-            hs = None if hvps is None else [hvps[i].to(state_dtype) for i in idx]
+            if low_precision:  # fp32 math on copies, rounded back once at the end
+                work = [p.to(state_dtype) for p in ps]
+                gs = [grads[i].to(state_dtype) for i in idx]
+                hs = None if hvps is None else [hvps[i].to(state_dtype) for i in idx]
+            else:
+                work = ps
+                gs = [grads[i] for i in idx]
+                hs = None if hvps is None else [hvps[i] for i in idx]
             _step_same_betas(
                 work, gs, [exp_avgs[i] for i in idx], [exp_avg_ds[i] for i in idx], hs,
                 beta1, beta2, eps,
