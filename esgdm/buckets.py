@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -73,7 +74,7 @@ class Bucket:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.state_dtype = state_dtype_for(self.dtype)
-        self.group_index = torch.tensor(list(group_index), dtype=torch.long)
+        self.group_index = np.asarray(list(group_index), dtype=np.int64)
         self.numels = [p.numel() for p in self.params]
         # Parameters that are not dense (a strided slice of something) are stepped
         # through a dense copy; everything else is stepped in place.
@@ -95,9 +96,16 @@ class Bucket:
 
         self.exp_avg = torch.zeros(total, dtype=self.state_dtype, device=self.device)
         self.exp_avg_d = torch.zeros(total, dtype=self.state_dtype, device=self.device)
-        # Per-parameter scalars live on the host in float64 (the spec computes them there).
-        self.bias = torch.ones(len(self.params), dtype=torch.float64)
-        self.warm = torch.ones(len(self.params), dtype=torch.float64)
+        # Per-parameter scalars live on the host in float64 (the spec computes them there),
+        # in numpy arrays (cheap to update every step) that torch tensors share, so that
+        # state_dict() can show each parameter's value as a 0-d tensor view.
+        self.bias_np = np.ones(len(self.params))
+        self.warm_np = np.ones(len(self.params))
+        self.bias = torch.from_numpy(self.bias_np)
+        self.warm = torch.from_numpy(self.warm_np)
+        #: Which tensors' state the optimizer shows (those that have had a gradient).
+        self.exposed = [False] * len(self.params)
+        self.all_exposed = False
         self.exp_avg_views = [self.view(self.exp_avg, i) for i in range(len(self.params))]
         self.exp_avg_d_views = [self.view(self.exp_avg_d, i) for i in range(len(self.params))]
 

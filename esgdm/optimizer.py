@@ -6,6 +6,7 @@ import copy
 import numbers
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
@@ -218,6 +219,7 @@ class ESGDM(Optimizer):
         self._expose_state(b, i)
 
     def _expose_state(self, b: Bucket, i: int) -> None:
+        b.exposed[i] = True
         self.state[b.params[i]] = {
             EXP_AVG: b.exp_avg_views[i],
             EXP_AVG_D: b.exp_avg_d_views[i],
@@ -228,20 +230,18 @@ class ESGDM(Optimizer):
     # -------------------------------------------------------------------- step
 
     def _gather(self, b: Bucket) -> tuple[list[int], list[Tensor]]:
-        """Indices and gradients of the tensors of ``b`` that have a gradient."""
-        idx, grads = [], []
-        for i, p in enumerate(b.params):
-            g = p.grad
-            if g is None:
-                continue
-            if g.is_sparse:
-                raise RuntimeError(f"ESGDM does not support sparse gradients (parameter of shape {tuple(p.shape)})")
-            if g.shape != p.shape:
-                raise RuntimeError(
-                    f"gradient of shape {tuple(g.shape)} does not match its parameter's shape {tuple(p.shape)}"
-                )
-            idx.append(i)
-            grads.append(g)
+        """Indices and gradients of the tensors of ``b`` that have a gradient.
+
+        (torch itself guarantees that a gradient has its parameter's shape, dtype and
+        device, so only the layout is checked here.)
+        """
+        grads = [p.grad for p in b.params]
+        idx = [i for i, g in enumerate(grads) if g is not None]
+        if len(idx) != len(grads):
+            grads = [grads[i] for i in idx]
+        if any(g.is_sparse for g in grads):
+            shape = next(tuple(b.params[i].shape) for i, g in zip(idx, grads) if g.is_sparse)
+            raise RuntimeError(f"ESGDM does not support sparse gradients (parameter of shape {shape})")
         return idx, grads
 
     @torch.no_grad()
@@ -285,19 +285,21 @@ class ESGDM(Optimizer):
 
         # Everything that can fail on bad input has run; from here on we write.
         for (b, idx, grads), hvps in zip(work, hvps_by_bucket):
-            index = torch.tensor(idx, dtype=torch.long)
+            index = np.asarray(idx)
             new_bias, new_warm, scalars = host_scalars(
-                table[b.group_index[index]], b.bias[index], b.warm[index], d_step
+                table[b.group_index[index]], b.bias_np[index], b.warm_np[index], d_step
             )
             backend, note = self._chosen[b.key]
             if note is not None:
                 backends.warn_once(note)
-            self._apply(b, backend, idx, grads, hvps, scalars)
-            b.bias[index] = new_bias
-            b.warm[index] = new_warm
-            for i in idx:
-                if b.params[i] not in self.state:
-                    self._expose_state(b, i)
+            self._apply(b, backend, idx, grads, hvps, torch.from_numpy(scalars))
+            b.bias_np[index] = new_bias
+            b.warm_np[index] = new_warm
+            if not b.all_exposed:  # first gradient of some tensor: show its state
+                for i in idx:
+                    if not b.exposed[i]:
+                        self._expose_state(b, i)
+                b.all_exposed = all(b.exposed)
 
         self._count_step(d_step)
         return loss

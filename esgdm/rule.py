@@ -31,7 +31,7 @@ Every backend receives the per-tensor scalars as a float64 CPU tensor of shape
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 from torch import Tensor
 
 #: Columns of the per-tensor scalar table handed to every backend.
@@ -42,7 +42,7 @@ BETA1, BETA2, EPS, STEP_SCALE, DECAY = range(len(SCALAR_COLUMNS))
 GROUP_COLUMNS = ("lr", "beta1", "beta2", "lr_warmup", "eps", "weight_decay")
 
 
-def group_table(param_groups) -> Tensor:
+def group_table(param_groups) -> np.ndarray:
     """float64 ``[n_groups, 6]`` table of each group's hyper-parameters (GROUP_COLUMNS)."""
     rows = []
     for g in param_groups:
@@ -51,12 +51,12 @@ def group_table(param_groups) -> Tensor:
         b1, b2 = g["betas"]
         rows.append((lr, float(b1), float(b2), float(g["lr_warmup"]), float(g["eps"]),
                      float(g["weight_decay"])))
-    return torch.tensor(rows, dtype=torch.float64).reshape(-1, len(GROUP_COLUMNS))
+    return np.array(rows, dtype=np.float64).reshape(-1, len(GROUP_COLUMNS))
 
 
 def host_scalars(
-    hparams: Tensor, bias: Tensor, warm: Tensor, d_step: bool
-) -> tuple[Tensor, Tensor, Tensor]:
+    hparams: np.ndarray, bias: np.ndarray, warm: np.ndarray, d_step: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Advances the per-tensor scalars by one step, without writing anything.
 
     Args:
@@ -66,14 +66,14 @@ def host_scalars(
 
     Returns:
         ``(new_bias, new_warm, scalars)`` where ``scalars`` is the ``[n, 5]`` table
-        (SCALAR_COLUMNS) that the backends consume.
+        (SCALAR_COLUMNS) that the backends consume (as a tensor, via torch.from_numpy).
     """
-    lr, b1, b2, lr_warmup, eps, wd = hparams.unbind(1)
+    lr, b1, b2, lr_warmup, eps, wd = hparams.T
     new_bias = bias * b1
-    new_warm = warm * lr_warmup if d_step else warm.clone()
+    new_warm = warm * lr_warmup if d_step else warm.copy()
     alpha = lr * (1 - new_warm)
     c = 1 - new_bias * b1
-    scalars = torch.stack([b1, b2, eps, alpha / c, 1 - wd * alpha], dim=1)
+    scalars = np.stack([b1, b2, eps, alpha / c, 1 - wd * alpha], axis=1)
     return new_bias, new_warm, scalars
 
 
