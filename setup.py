@@ -1,10 +1,28 @@
 """Build and install esgdm.
 
 The Python package ``esgdm`` is installed together with ``esgdm.kernels`` (the Triton
-sources under ``kernels/``).
+sources under ``kernels/``).  The compiled extension ``esgdm._C`` (the "cpu" and "cuda"
+backends, sources under ``csrc/``) is configured by ``csrc/setup_ext.py``; see its
+docstring for the environment switches (ESGDM_BUILD_EXTENSION, ESGDM_BUILD_CUDA,
+TORCH_CUDA_ARCH_LIST).
 """
 
+import importlib.util
+import os
+
 from setuptools import setup
+
+
+def _extensions():
+    """(ext_modules, cmdclass) from csrc/setup_ext.py."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "setup_ext.py")
+    spec = importlib.util.spec_from_file_location("esgdm_setup_ext", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.extensions()
+
+
+ext_modules, cmdclass = _extensions()
 
 setup(
     name="esgdm",
@@ -23,4 +41,6 @@ setup(
         "bench": ["pytest-benchmark", "matplotlib", "scikit-learn", "tqdm"],
     },
     license="MIT",
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -1,0 +1,166 @@
+"""The ``"cpu"`` and ``"cuda"`` backends: the compiled extension ``esgdm._C``.
+
+Importing ``esgdm._C`` registers the operator ``torch.ops.esgdm.fused_step_`` (sources
+under ``csrc/``): a one-pass CPU kernel, parallel over ATen's threads, and, when the
+extension was built with CUDA, a multi-tensor-apply CUDA kernel that steps a whole
+bucket in one launch.  Both share the per-element update in ``csrc/esgdm_update.h``.
+
+This module always imports.  If the extension is missing (not built, or built against
+another torch) both backends say so through :meth:`Backend.why_not`, so that ``auto``
+warns once and uses the next backend, and asking for them by name raises.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+
+from esgdm.backends import Backend
+
+#: Parameter dtypes the kernels step (state is float32, float64 for float64).
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+EXTENSION = "esgdm._C"
+OP_NAME = "esgdm::fused_step_"
+
+
+def load_extension(name: str = EXTENSION):
+    """Imports the extension; returns ``(module, None)`` or ``(None, reason)``."""
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            return None, f"{name} failed to load ({type(e).__name__}: {e})"
+        return None, (
+            f"{name} was not built (install with `pip install --no-build-isolation -e .` "
+            "after installing torch; ESGDM_BUILD_EXTENSION=0 skips it on purpose)"
+        )
+    except (ImportError, OSError) as e:
+        return None, (
+            f"{name} failed to load ({type(e).__name__}: {e}); it was probably built against "
+            f"another torch than {torch.__version__}: reinstall esgdm to rebuild it"
+        )
+    return module, None
+
+
+_C, LOAD_ERROR = load_extension()
+
+
+def build_info() -> Optional[dict]:
+    """What the extension was compiled with (``None`` if it is not loaded)."""
+    return None if _C is None else dict(_C.build_info())
+
+
+def cuda_archs(info: Optional[dict] = None) -> list[str]:
+    """Architectures in the extension, e.g. ``['sm_75', 'sm_80', 'sm_90', 'compute_90']``."""
+    info = build_info() if info is None else info
+    if not info or not info.get("cuda"):
+        return []
+    return [a for a in info.get("cuda_archs", "").split("+") if a]
+
+
+def runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
+    """Whether a kernel built for ``archs`` can run on a GPU of ``capability``.
+
+    A cubin ``sm_XY`` runs on devices of the same major version and a minor version of
+    at least Y (``sm_XYa`` only on XY itself); PTX ``compute_XY`` is compiled by the
+    driver for any device of capability XY or newer.
+    """
+    major, minor = capability
+    for arch in archs:
+        kind, _, num = arch.partition("_")
+        specific = num.endswith(("a", "f"))
+        digits = num.rstrip("af")
+        if not digits.isdigit():
+            continue
+        a_major, a_minor = int(digits[:-1]), int(digits[-1])
+        if kind == "sm":
+            if a_major == major and (a_minor == minor if specific else a_minor <= minor):
+                return True
+        elif kind == "compute" and not specific and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars) -> None:
+    torch.ops.esgdm.fused_step_(
+        list(params), list(grads), list(exp_avgs), list(exp_avg_ds),
+        None if hvps is None else list(hvps), scalars,
+    )
+
+
+class _CompiledBackend(Backend):
+    device_type = "?"
+
+    def _common_why_not(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+        if _C is None:
+            return LOAD_ERROR
+        if device.type != self.device_type:
+            return f"it runs on {self.device_type} tensors only, not on {device.type}"
+        if dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+            return f"it steps {names} parameters, not {dtype}"
+        return None
+
+    def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars):
+        _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
+
+
+class CpuBackend(_CompiledBackend):
+    """One pass per tensor on CPU, parallel over ``torch.get_num_threads()`` threads."""
+
+    name = "cpu"
+    device_type = "cpu"
+
+    def why_not(self, device, dtype):
+        return self._common_why_not(device, dtype)
+
+    def describe(self):
+        info = build_info()
+        if info is None:
+            return LOAD_ERROR
+        threads = "OpenMP" if info["openmp"] else "one thread (built without OpenMP)"
+        return (f"{EXTENSION} C++ kernel: {info['cpu_isa']}, {threads}, "
+                f"compiled by {info['compiler']}")
+
+
+class CudaBackend(_CompiledBackend):
+    """Multi-tensor apply: one CUDA kernel launch per bucket, on the current stream."""
+
+    name = "cuda"
+    device_type = "cuda"
+
+    def why_not(self, device, dtype):
+        reason = self._common_why_not(device, dtype)
+        if reason is not None:
+            return reason
+        info = build_info()
+        if not info["cuda"]:
+            return (f"{EXTENSION} was built without its CUDA kernel (it needs a CUDA build of "
+                    "torch and nvcc at install time, and ESGDM_BUILD_CUDA not set to 0)")
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        capability = torch.cuda.get_device_capability(device)
+        archs = cuda_archs(info)
+        if not runs_on(archs, capability):
+            return (f"{EXTENSION} was built for {', '.join(archs)}, which cannot run on this "
+                    f"sm_{capability[0]}{capability[1]} GPU: reinstall with "
+                    f"TORCH_CUDA_ARCH_LIST={capability[0]}.{capability[1]}")
+        return None
+
+    def describe(self):
+        info = build_info()
+        if info is None:
+            return LOAD_ERROR
+        if not info["cuda"]:
+            return f"{EXTENSION} was built without its CUDA kernel"
+        return (f"{EXTENSION} CUDA kernel for {', '.join(cuda_archs(info))} "
+                f"(CUDA {info['cuda_version']})")
+
+
+CPU_BACKEND = CpuBackend()
+CUDA_BACKEND = CudaBackend()
+
+__all__ = ["CPU_BACKEND", "CUDA_BACKEND", "build_info", "cuda_archs", "load_extension", "runs_on"]
