@@ -57,8 +57,8 @@ def report() -> str:
             lines.append(f"          {b.describe()}")
         for d in devices():
             reason = b.why_not(d, torch.float32)
-            if reason and name in backends.candidates(d):
-                lines.append(f"          on {d}: {reason}")
+            if reason:
+                lines.append(f"          not on {d}: {reason}")
     lines += ["", "backend 'auto' picks:"]
     for d in devices():
         lines.append(f"  {device_name(d)}")
