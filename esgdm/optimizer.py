@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import numbers
+import operator
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -53,6 +54,11 @@ def _check_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
     return int(value)
+
+
+_dtype_of = operator.attrgetter("dtype")
+_grad_of = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
 
 
 def _same_layout(t: Tensor, shape, strides) -> bool:
@@ -145,7 +151,7 @@ class ESGDM(Optimizer):
         self.steps = 0
         self.steps_since_d = 0
         self._buckets: list[Bucket] = []
-        self._signature: Optional[tuple] = None
+        self._signature: Optional[list] = None
         self._chosen: dict[tuple, backends.Backend] = {}
         super().__init__(params, defaults)
 
@@ -181,17 +187,29 @@ class ESGDM(Optimizer):
 
     # ----------------------------------------------------------------- buckets
 
-    def _current_signature(self) -> tuple:
-        return tuple(
-            (id(p), gi, p.device, p.dtype)
-            for gi, group in enumerate(self.param_groups)
-            for p in group["params"]
-        )
+    def _layout_changed(self) -> bool:
+        """Whether the buckets no longer describe the parameters: a parameter was added,
+        removed or moved between groups, or one changed dtype or device in place
+        (``model.to(...)`` swaps ``p.data`` and keeps the Parameter object).
+
+        Runs every step, so it sticks to C-level ``map`` calls (about 0.1 µs per tensor).
+        """
+        if self._signature is None:
+            return True
+        ids = [list(map(id, group["params"])) for group in self.param_groups]
+        if ids != self._signature:
+            return True
+        for b in self._buckets:
+            if set(map(_dtype_of, b.params)) != {b.dtype}:
+                return True
+            if set(map(Tensor.get_device, b.params)) != {b.device_index}:
+                return True
+        return False
 
     def buckets(self) -> list[Bucket]:
         """The (device, dtype) buckets, rebuilt when the parameter set has changed."""
-        signature = self._current_signature()
-        if signature != self._signature:
+        if self._layout_changed():
+            signature = [list(map(id, group["params"])) for group in self.param_groups]
             old = {p: self.state[p] for p in list(self.state)} if self._signature is not None else {}
             new = build_buckets(self.param_groups)
             chosen = {}
@@ -235,11 +253,13 @@ class ESGDM(Optimizer):
         (torch itself guarantees that a gradient has its parameter's shape, dtype and
         device, so only the layout is checked here.)
         """
-        grads = [p.grad for p in b.params]
-        idx = [i for i, g in enumerate(grads) if g is not None]
-        if len(idx) != len(grads):
+        grads = list(map(_grad_of, b.params))
+        if any(g is None for g in grads):
+            idx = [i for i, g in enumerate(grads) if g is not None]
             grads = [grads[i] for i in idx]
-        if any(g.is_sparse for g in grads):
+        else:
+            idx = list(range(len(grads)))
+        if any(map(_is_sparse, grads)):
             shape = next(tuple(b.params[i].shape) for i, g in zip(idx, grads) if g.is_sparse)
             raise RuntimeError(f"ESGDM does not support sparse gradients (parameter of shape {shape})")
         return idx, grads
@@ -313,6 +333,15 @@ class ESGDM(Optimizer):
         self.steps += 1
         self.steps_since_d += 1
 
+    @staticmethod
+    def _match_layout(b: Bucket, idx: list[int], tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors`` with the strides of their parameters' state (copied where not)."""
+        want = b.strides if len(idx) == len(b) else [b.strides[i] for i in idx]
+        if list(map(Tensor.stride, tensors)) == want:
+            return tensors  # the usual case, checked at C speed
+        return [t if t.stride() == st else _as_layout(t, b.params[i], st)
+                for i, t, st in zip(idx, tensors, want)]
+
     def _signs(self, work) -> list[Tensor]:
         """Rademacher vectors for the active tensors, one flat draw per bucket."""
         out = []
@@ -349,25 +378,22 @@ class ESGDM(Optimizer):
 
     def _apply(self, b: Bucket, backend, idx, grads, hvps, scalars) -> None:
         """Runs the backend on bucket ``b``'s active tensors, laid out as it expects."""
-        strides = b.strides
-        gs = [g if g.stride() == strides[i] else _as_layout(g, b.params[i], strides[i])
-              for i, g in zip(idx, grads)]
-        hs = None
-        if hvps is not None:
-            hs = [h if h.stride() == strides[i] else _as_layout(h, b.params[i], strides[i])
-                  for i, h in zip(idx, hvps)]
-        params = [b.params[i] for i in idx]
+        gs = self._match_layout(b, idx, grads)
+        hs = None if hvps is None else self._match_layout(b, idx, hvps)
+        full = len(idx) == len(b)
+        params = list(b.params) if full else [b.params[i] for i in idx]
         writeback = []
         if not b.all_dense:  # strided slices: step a dense copy, then write it back
             for k, i in enumerate(idx):
                 if not b.dense[i]:
                     params[k] = params[k].contiguous()
                     writeback.append((b.params[i], params[k]))
-        backend.step(
-            params, gs,
-            [b.exp_avg_views[i] for i in idx], [b.exp_avg_d_views[i] for i in idx],
-            hs, scalars,
-        )
+        if full:
+            exp_avgs, exp_avg_ds = b.exp_avg_views, b.exp_avg_d_views
+        else:
+            exp_avgs = [b.exp_avg_views[i] for i in idx]
+            exp_avg_ds = [b.exp_avg_d_views[i] for i in idx]
+        backend.step(params, gs, exp_avgs, exp_avg_ds, hs, scalars)
         for p, work in writeback:
             p.copy_(work)
 

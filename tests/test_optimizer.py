@@ -423,3 +423,22 @@ def test_squared_hvp_estimates_diag_of_h_squared():
     # for Rademacher v, |(Av)_i| <= sum_j |A_ij| always, which a Gaussian v breaks
     # many times in 4000 draws of 12 coordinates.
     assert torch.all(largest.sqrt() <= A.double().abs().sum(1) * (1 + 1e-5))
+
+
+def test_parameters_converted_in_place_move_their_state():
+    """model.to(dtype) swaps p.data and keeps the Parameter: the buckets follow."""
+    model = torch.nn.Linear(3, 2)
+    opt = esgdm.ESGDM(model.parameters(), lr=0.3, backend="torch")
+    x = torch.randn(5, 3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward(create_graph=opt.should_create_graph())
+        opt.step()
+    m_before = opt.state[model.weight]["exp_avg"].clone()
+    model.to(torch.float64)
+    assert opt.buckets()[0].dtype == torch.float64
+    assert torch.equal(opt.state[model.weight]["exp_avg"], m_before.double())
+    opt.zero_grad()
+    model(x.double()).pow(2).sum().backward(create_graph=opt.should_create_graph())
+    opt.step()
+    assert model.weight.dtype == torch.float64 and opt.steps == 4
