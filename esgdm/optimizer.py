@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -141,6 +142,7 @@ class ESGDM(Optimizer):
         self.d_warmup = _check_count("d_warmup", d_warmup)
         self.backend = backends.check_name(backend if backend is not None else backends.default_name())
         self.generator = generator
+        self.sign_seed: Optional[int] = None  # shared by all ranks of a distributed run
         if hvp not in ("autograd", "finite_difference"):
             raise ValueError(f"Invalid hvp: {hvp!r}; choose 'autograd' or 'finite_difference'")
         if fd_scheme not in FD_SCHEMES:
@@ -346,9 +348,26 @@ class ESGDM(Optimizer):
         """Rademacher vectors for the active tensors, one flat draw per bucket."""
         out = []
         for b, idx, _ in work:
-            v = b.signs(self.generator)
+            v = b.signs(self._sign_generator(b.device))
             out += [v[i] for i in idx]
         return out
+
+    def _sign_generator(self, device: torch.device) -> Optional[torch.Generator]:
+        """Where the sign vectors come from: the user's generator if given; in a
+        distributed run, a generator seeded alike on every rank (from rank 0's seed and
+        the step count), so that all ranks probe the same direction; else the global RNG.
+        """
+        if self.generator is not None:
+            return self.generator
+        if self.sign_seed is None:
+            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+                return None
+            seed = [int(torch.randint(0, 2**62, ()).item())]
+            dist.broadcast_object_list(seed, src=0)
+            self.sign_seed = seed[0]
+        gen = torch.Generator(device=device)
+        gen.manual_seed((self.sign_seed + 1_000_003 * self.steps) % 2**63)
+        return gen
 
     def _hvps(self, work, closure, rng) -> list[list[Tensor]]:
         """Hessian-vector products of every active tensor, split back by bucket.
@@ -407,6 +426,8 @@ class ESGDM(Optimizer):
             "steps": self.steps,
             "steps_since_d": self.steps_since_d,
         }
+        if self.sign_seed is not None:
+            global_state["sign_seed"] = self.sign_seed
         return {"global_state": global_state, **super().state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -427,6 +448,7 @@ class ESGDM(Optimizer):
                 "d_warmup": _check_count("d_warmup", glob["d_warmup"]),
                 "steps": int(glob["steps"]),
                 "steps_since_d": int(glob["steps_since_d"]),
+                "sign_seed": glob.get("sign_seed"),
             }
         except KeyError as e:
             raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {e}") from None
