@@ -5,11 +5,15 @@ library source (on disk wherever Python is), with fused attention
 (``F.scaled_dot_product_attention``).  For each method this measures, in a fresh
 process so that peak memory is its own:
 
-* time per step (median over repeats) and peak resident memory above the model's
-  baseline, for: a plain ESGD-M step, a D-step with ``hvp="autograd"`` (which needs
+* time per step (median over repeats) and peak memory, for: a plain ESGD-M step, a D-step with ``hvp="autograd"`` (which needs
   the math attention backend: fused attention has no double backward), a D-step with
   ``hvp="finite_difference"`` (forward and central), and a ``torch.optim.AdamW`` step;
 * the training loss after a fixed number of steps with each method.
+
+Peak memory is given two ways: the high-water mark of the torch allocations made
+during one step, above what was allocated when it began (from the profiler's memory
+events: exact, and what the optimizer controls), and the process's peak resident
+set above its baseline (what the operating system saw, allocator caching included).
 
     python benchmarks/bench_hvp.py            # the full run (a few minutes on 2 cores)
     python benchmarks/bench_hvp.py --quick    # smaller model and fewer steps
@@ -111,6 +115,21 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
+def peak_step_allocation(step) -> int:
+    """Bytes: high-water mark of torch's CPU allocations during ``step()``, above the
+    amount allocated when it began (from the profiler's memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    current = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        current += e.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
 def run_method(name: str, size: str, lr: float, adamw_lr: float, seed: int = 0) -> dict:
     """Times one method's steps and trains with it (run inside a fresh process)."""
     cfg = SIZES[size]
@@ -172,8 +191,10 @@ def run_method(name: str, size: str, lr: float, adamw_lr: float, seed: int = 0) 
         times.append(time.perf_counter() - t0)
     peak = peak_rss_bytes() - base
     ms = 1000 * statistics.median(times[1:])  # the first includes lazy set-up
+    alloc = peak_step_allocation(lambda: one_step(opt, x, y))
 
     row = dict(method=name, params=n_params, ms_per_step=ms, peak_mib=peak / 2**20,
+               alloc_mib=alloc / 2**20,
                final_loss=float("nan"), nonfinite=0, train_s=float("nan"), steps=0)
     if name == "esgdm plain step":
         return row  # plain steps alone are not a way to train; the D-step rows are
@@ -191,14 +212,16 @@ def run_method(name: str, size: str, lr: float, adamw_lr: float, seed: int = 0) 
     return row
 
 
-def markdown(rows, plain_ms, plain_peak) -> str:
-    out = ["| method | ms/step | × plain step | peak MiB above baseline | × plain peak | "
-           "loss after training | non-finite losses | train wall s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|"]
+def markdown(rows, plain_ms, plain_peak, plain_alloc) -> str:
+    out = ["| method | ms/step | × plain step | peak alloc in step MiB | × plain | "
+           "peak RSS above baseline MiB | × plain | loss after training | non-finite losses | "
+           "train wall s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         trained = r["steps"] > 0
         out.append(
             f"| {r['method']} | {r['ms_per_step']:.1f} | {r['ms_per_step'] / plain_ms:.2f} | "
+            f"{r['alloc_mib']:.1f} | {r['alloc_mib'] / plain_alloc:.2f} | "
             f"{r['peak_mib']:.1f} | {r['peak_mib'] / plain_peak:.2f} | "
             + (f"{r['final_loss']:.3f} | {r['nonfinite']} | {r['train_s']:.1f} |" if trained else "- | - | - |")
         )
@@ -212,6 +235,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--lr", type=float, default=0.5, help="ESGD-M learning rate")
     parser.add_argument("--adamw-lr", type=float, default=3e-3)
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--markdown", help="write the table, with the machine and command, here")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one method, print JSON
     args = parser.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
@@ -232,11 +256,23 @@ def main(argv=None) -> list[dict]:
             raise SystemExit(f"{name} failed:\n{done.stderr}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"  {name:34s} {r['ms_per_step']:8.1f} ms/step  peak {r['peak_mib']:7.1f} MiB  "
+        print(f"  {name:34s} {r['ms_per_step']:8.1f} ms/step  alloc {r['alloc_mib']:7.1f} MiB  "
+              f"RSS {r['peak_mib']:7.1f} MiB  "
               f"loss {r['final_loss']:.3f} after {r['steps']} steps", flush=True)
     plain = next(r for r in rows if r["method"] == "esgdm plain step")
     print(f"\nmodel: {rows[0]['params']:,} parameters\n")
-    print(markdown(rows, plain["ms_per_step"], plain["peak_mib"]))
+    table = markdown(rows, plain["ms_per_step"], plain["peak_mib"], plain["alloc_mib"])
+    print(table)
+    if args.markdown:
+        import platform
+
+        command = " ".join(["python", "benchmarks/bench_hvp.py"] + sys.argv[1:])
+        Path(args.markdown).write_text(
+            f"Machine: {os.cpu_count()}-core {platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"torch {torch.__version__}  \nCommand: `{command}`  \n"
+            f"Model: char transformer LM, dim {cfg['dim']}, {cfg['layers']} layers, context {cfg['ctx']}, "
+            f"batch {cfg['batch']}, {rows[0]['params']:,} parameters; {cfg['steps']} training steps per "
+            f"method. Each method runs in its own process.\n\n{table}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows

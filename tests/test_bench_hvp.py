@@ -21,6 +21,6 @@ def test_bench_hvp_smoke(tmp_path):
         "esgdm D-step, finite difference", "esgdm D-step, central difference",
     ]
     for r in rows:
-        assert r["ms_per_step"] > 0 and r["peak_mib"] >= 0
+        assert r["ms_per_step"] > 0 and r["peak_mib"] >= 0 and r["alloc_mib"] > 0
         if r["steps"]:
             assert r["nonfinite"] == 0 and 0 < r["final_loss"] < 10
