@@ -36,9 +36,9 @@ def load_digits(device: torch.device, seed: int = 0):
 def make_model(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Linear(64, 256), torch.nn.Tanh(),
-        torch.nn.Linear(256, 128), torch.nn.Tanh(),
-        torch.nn.Linear(128, 10),
+        torch.nn.Linear(64, 512), torch.nn.Tanh(),
+        torch.nn.Linear(512, 256), torch.nn.Tanh(),
+        torch.nn.Linear(256, 10),
     )
 
 
@@ -127,7 +127,7 @@ def table(rows) -> str:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m esgdm", description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=25)
+    parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.5, help="ESGD-M learning rate")
     parser.add_argument("--adamw-lr", type=float, default=1e-3)
@@ -142,8 +142,9 @@ def main(argv=None) -> list[dict]:
     runs = [
         (f"ESGD-M (lr={args.lr})",
          lambda ps: esgdm.ESGDM(ps, lr=args.lr, weight_decay=1e-4, backend=args.backend)),
-        (f"AdamW (lr={args.adamw_lr})",
-         lambda ps: torch.optim.AdamW(ps, lr=args.adamw_lr, weight_decay=1e-2)),
+        (f"AdamW fused (lr={args.adamw_lr})",
+         lambda ps: torch.optim.AdamW(ps, lr=args.adamw_lr, weight_decay=1e-2,
+                                      fused=True if device.type in ("cpu", "cuda") else None)),
     ]
     rows = [train(name, make, train_set, test_set, args.epochs, args.batch_size, device, args.seed)
             for name, make in runs]
