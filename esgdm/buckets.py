@@ -47,6 +47,14 @@ def is_dense(t: Tensor) -> bool:
     return True
 
 
+def same_layout(t: Tensor, shape: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether ``t`` has ``shape`` and ``strides``, ignoring the strides of dimensions of
+    size 1 (they never move the address)."""
+    return tuple(t.shape) == tuple(shape) and all(
+        a == b or n <= 1 for n, a, b in zip(shape, t.stride(), strides)
+    )
+
+
 def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     strides, step = [], 1
     for size in reversed(shape):
@@ -167,4 +175,7 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
     return numel * per_elem
 
 
-__all__ = ["ALIGN_BYTES", "Bucket", "build_buckets", "bytes_moved", "is_dense", "state_dtype_for"]
+__all__ = [
+    "ALIGN_BYTES", "Bucket", "build_buckets", "bytes_moved", "is_dense", "same_layout",
+    "state_dtype_for",
+]

@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from esgdm.buckets import is_dense, same_layout
+
 #: Argument list shared by ``esgdm::triton_step_`` and the C++ ``esgdm::fused_step_``.
 #: ``scalars`` is the float64 CPU ``[n, 5]`` table of :mod:`esgdm.rule`.
 STEP_SCHEMA = (
@@ -35,27 +37,6 @@ TRITON_STEP = "triton_step_"
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # noqa: the C++ side owns the DEF
-
-
-def _layout_matches(t: Tensor, ref: Tensor) -> bool:
-    """Same strides as ``ref``, ignoring dimensions of size 1 (their stride is moot)."""
-    if t.stride() == ref.stride():
-        return True
-    return t.shape == ref.shape and all(
-        a == b or n <= 1 for n, a, b in zip(ref.shape, t.stride(), ref.stride())
-    )
-
-
-def _is_dense(t: Tensor) -> bool:
-    if t.is_contiguous():
-        return True
-    expected = 1
-    for size, stride in sorted(((s, st) for s, st in zip(t.shape, t.stride()) if s != 1),
-                               key=lambda x: x[1]):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
@@ -92,7 +73,7 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     device = params[0].get_device()
     shapes = [t.shape for t in params]
     strides = list(map(Tensor.stride, params))
-    ok = all(map(Tensor.is_contiguous, params)) or all(map(_is_dense, params))
+    ok = all(map(Tensor.is_contiguous, params)) or all(map(is_dense, params))
     for tensors, want in lists.values():
         if not ok:
             break
@@ -116,10 +97,10 @@ def _name_culprit(params, lists, device) -> None:
             if t.shape != p.shape:
                 raise ValueError(f"esgdm step: {name}[{i}] has shape {tuple(t.shape)}, "
                                  f"params[{i}] has shape {tuple(p.shape)}")
-            if not _layout_matches(t, p):
+            if not same_layout(t, p.shape, p.stride()):
                 raise ValueError(f"esgdm step: {name}[{i}] has strides {t.stride()}, "
                                  f"params[{i}] has strides {p.stride()}")
-        if not _is_dense(p):
+        if not is_dense(p):
             raise ValueError(f"esgdm step: params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) "
                              "is not dense; step a dense copy instead")
 

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from esgdm import backends
-from esgdm.buckets import Bucket, build_buckets
+from esgdm.buckets import Bucket, build_buckets, same_layout
 from esgdm.hvp import FD_SCHEMES, RngSnapshot, autograd_hvp, finite_difference_hvp
 from esgdm.rule import group_table, host_scalars
 
@@ -62,13 +62,9 @@ _grad_of = operator.attrgetter("grad")
 _is_sparse = operator.attrgetter("is_sparse")
 
 
-def _same_layout(t: Tensor, shape, strides) -> bool:
-    return all(s == st or size <= 1 for size, s, st in zip(shape, t.stride(), strides))
-
-
 def _as_layout(t: Tensor, p: Tensor, strides) -> Tensor:
     """``t`` itself if it already has the given strides, else a copy that has them."""
-    if _same_layout(t, p.shape, strides):
+    if same_layout(t, p.shape, strides):
         return t
     return torch.empty_strided(p.shape, strides, dtype=p.dtype, device=p.device).copy_(t)
 
