@@ -1,33 +1,42 @@
-"""Flat optimizer state for a set of parameters that share a device and a dtype.
+"""Device-resident optimizer state for a set of parameters that share a device and a dtype.
 
-A :class:`Bucket` owns two flat, contiguous buffers, ``exp_avg`` (the momentum ``m``)
-and ``exp_avg_d`` (the curvature estimate ``D``), plus two host-side float64 vectors
-with the per-parameter scalars ``bias`` and ``warm``.  Each parameter owns the slice
-``[offset, offset + numel)`` of the flat buffers, and every slice starts on a
-16-byte boundary so that kernels can use 128-bit loads.  The per-parameter state that
-``state_dict()`` shows is made of views into these buffers, so there is one copy of
-the state, never two.
+A :class:`Bucket` owns
 
-A later data-parallel version can shard a bucket by handing each rank a contiguous
-range of tensors (and therefore of the flat buffers); nothing here assumes that one
-process owns the whole bucket except :meth:`Bucket.signs`.
+* two flat, contiguous buffers, ``exp_avg`` (the momentum ``m``) and ``exp_avg_d`` (the
+  curvature estimate ``D``), in the bucket's state dtype.  Each parameter owns the
+  slice ``[offset, offset + numel)``; every slice starts on a 16-byte boundary so that
+  kernels can use 128-bit loads.  The per-parameter state that ``state_dict()`` shows
+  is made of views into these buffers: one copy of the state, never two;
+* ``scalars``, float64 ``[n, 4]`` on the bucket's device: each tensor's ``bias``,
+  ``warm``, ``steps`` and ``dscale`` (:data:`esgdm.rule.SCALAR_COLUMNS`), advanced by the
+  kernels themselves, so a step reads nothing back to the host;
+* the cached int32 ``index`` tables (slot, group row) of the active sets seen so far.
+
+Nothing here decides the schedule or runs a kernel.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
+
+from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM
 
 #: Every tensor's slice of a flat buffer starts on a multiple of this many bytes.
 ALIGN_BYTES = 16
 
+#: State dtypes a user may ask for (``state_dtype=``); float64 parameters keep float64.
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
-def state_dtype_for(dtype: torch.dtype) -> torch.dtype:
-    """Optimizer state is float32 at least (float64 parameters keep float64 state)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+
+def state_dtype_for(dtype: torch.dtype, requested: Optional[torch.dtype] = None) -> torch.dtype:
+    """Optimizer state is float32 by default, bfloat16 when asked, float64 for float64
+    parameters (whatever was asked: compact state would throw their precision away)."""
+    if dtype == torch.float64:
+        return torch.float64
+    return requested or torch.float32
 
 
 def is_dense(t: Tensor) -> bool:
@@ -63,37 +72,45 @@ def contiguous_strides(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def state_strides(p: Tensor) -> tuple[int, ...]:
+    """Strides of ``p``'s state: ``p``'s own when ``p`` is dense (so the kernels walk both
+    as flat arrays), else contiguous.  Empty tensors always get contiguous strides."""
+    if p.numel() == 0 or not is_dense(p):
+        return contiguous_strides(p.shape)
+    return tuple(p.stride())
+
+
 def _round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
 class Bucket:
-    """Parameters of one (device, dtype) with their state in flat buffers.
+    """Parameters of one (device, dtype) with their state in flat device buffers.
 
     Args:
         params: the parameters, in optimizer order (group by group).
         group_index: for each parameter, the index of its param group.
+        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for ``m`` and ``D``.
     """
 
-    def __init__(self, params: Sequence[Tensor], group_index: Sequence[int]):
+    def __init__(self, params: Sequence[Tensor], group_index: Sequence[int],
+                 state_dtype: Optional[torch.dtype] = None):
         if not params:
             raise ValueError("a bucket needs at least one parameter")
         self.params = list(params)
-        self.device = self.params[0].device
-        self.dtype = self.params[0].dtype
-        self.device_index = self.params[0].get_device()  # -1 on the CPU
-        self.state_dtype = state_dtype_for(self.dtype)
-        self.group_index = np.asarray(list(group_index), dtype=np.int64)
+        p0 = self.params[0]
+        self.device = p0.device
+        self.dtype = p0.dtype
+        self.device_index = p0.get_device()  # -1 on the CPU
+        self.state_dtype = state_dtype_for(self.dtype, state_dtype)
+        self.group_index = [int(g) for g in group_index]
         self.numels = [p.numel() for p in self.params]
         # Parameters that are not dense (a strided slice of something) are stepped
         # through a dense copy; everything else is stepped in place.
-        self.dense = [is_dense(p) for p in self.params]
+        self.dense = [p.numel() == 0 or is_dense(p) for p in self.params]
         self.all_dense = all(self.dense)
         #: Strides of each tensor's state, and of its gradient as the kernels see it.
-        self.strides = [
-            tuple(p.stride()) if dense else contiguous_strides(p.shape)
-            for p, dense in zip(self.params, self.dense)
-        ]
+        self.strides = [state_strides(p) for p in self.params]
 
         align = ALIGN_BYTES // self.state_dtype.itemsize
         self.offsets = []
@@ -105,18 +122,16 @@ class Bucket:
 
         self.exp_avg = torch.zeros(total, dtype=self.state_dtype, device=self.device)
         self.exp_avg_d = torch.zeros(total, dtype=self.state_dtype, device=self.device)
-        # Per-parameter scalars live on the host in float64 (the spec computes them there),
-        # in numpy arrays (cheap to update every step) that torch tensors share, so that
-        # state_dict() can show each parameter's value as a 0-d tensor view.
-        self.bias_np = np.ones(len(self.params))
-        self.warm_np = np.ones(len(self.params))
-        self.bias = torch.from_numpy(self.bias_np)
-        self.warm = torch.from_numpy(self.warm_np)
+        self.scalars = torch.zeros((len(self.params), len(SCALAR_COLUMNS)), dtype=torch.float64,
+                                   device=self.device)
+        self.scalars[:, BIAS] = 1.0
+        self.scalars[:, WARM] = 1.0
         #: Which tensors' state the optimizer shows (those that have had a gradient).
         self.exposed = [False] * len(self.params)
         self.all_exposed = False
         self.exp_avg_views = [self.view(self.exp_avg, i) for i in range(len(self.params))]
         self.exp_avg_d_views = [self.view(self.exp_avg_d, i) for i in range(len(self.params))]
+        self._index_cache: dict[tuple, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.params)
@@ -130,29 +145,49 @@ class Bucket:
         p = self.params[i]
         return flat.as_strided(p.shape, self.strides[i], flat.storage_offset() + self.offsets[i])
 
-    def signs(self, generator: torch.Generator | None = None) -> list[Tensor]:
-        """Rademacher (+1/-1) vectors for every tensor, drawn with one RNG call.
+    def scalar(self, i: int, column: int) -> Tensor:
+        """Tensor ``i``'s ``column`` of :attr:`scalars` as a 0-d view."""
+        return self.scalars[i, column]
 
-        The draw fills one flat buffer in the parameters' dtype; the returned
-        tensors are views into it, laid out like the parameters.
-        """
-        gen_device = generator.device if generator is not None else self.device
-        flat = torch.empty(self.total, dtype=self.dtype, device=gen_device)
-        flat.random_(0, 2, generator=generator)  # 0 or 1, equally likely (4x faster than bernoulli_ on CPU)
-        flat = flat.to(self.device).mul_(2).sub_(1)
-        return [self.view(flat, i) for i in range(len(self.params))]
+    def index(self, idx: Optional[Sequence[int]]) -> Tensor:
+        """The int32 ``[n, 2]`` (slot, group row) table for the active tensors ``idx``
+        (None: all), built and uploaded once per active set, then reused."""
+        key = None if idx is None else tuple(idx)
+        table = self._index_cache.get(key)
+        if table is None:
+            slots = range(len(self.params)) if idx is None else idx
+            host = torch.tensor([[s, self.group_index[s]] for s in slots], dtype=torch.int32)
+            table = host.reshape(-1, 2).to(self.device)
+            if len(self._index_cache) > 8:  # active sets rarely vary; keep a few
+                self._index_cache.pop(next(iter(self._index_cache)))
+            self._index_cache[key] = table
+        return table
+
+    def reset_state(self, i: Optional[int] = None) -> None:
+        """Zeroes tensor ``i``'s state (every tensor's when None)."""
+        targets = range(len(self)) if i is None else [i]
+        for j in targets:
+            self.exp_avg_views[j].zero_()
+            self.exp_avg_d_views[j].zero_()
+        rows = slice(None) if i is None else slice(i, i + 1)
+        self.scalars[rows, BIAS] = 1.0
+        self.scalars[rows, WARM] = 1.0
+        self.scalars[rows, STEPS] = 0.0
+        self.scalars[rows, DSCALE] = 0.0
 
     def nbytes(self) -> int:
-        return 2 * self.total * self.state_dtype.itemsize
+        """Bytes of optimizer state held (m, D and the per-tensor scalars)."""
+        return 2 * self.total * self.state_dtype.itemsize + self.scalars.numel() * 8
 
     def __repr__(self) -> str:
         return (
-            f"Bucket(device={self.device}, dtype={self.dtype}, tensors={len(self)}, "
-            f"elements={sum(self.numels)}, state={self.nbytes() / 2**20:.1f} MiB)"
+            f"Bucket(device={self.device}, dtype={self.dtype}, state={self.state_dtype}, "
+            f"tensors={len(self)}, elements={sum(self.numels)}, "
+            f"state={self.nbytes() / 2**20:.1f} MiB)"
         )
 
 
-def build_buckets(param_groups: Sequence[dict]) -> list[Bucket]:
+def build_buckets(param_groups: Sequence[dict], state_dtype: Optional[torch.dtype] = None) -> list[Bucket]:
     """Groups every parameter of ``param_groups`` into buckets by (device, dtype)."""
     members: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
     for gi, group in enumerate(param_groups):
@@ -160,14 +195,15 @@ def build_buckets(param_groups: Sequence[dict]) -> list[Bucket]:
             params, groups = members.setdefault((p.device, p.dtype), ([], []))
             params.append(p)
             groups.append(gi)
-    return [Bucket(params, groups) for params, groups in members.values()]
+    return [Bucket(params, groups, state_dtype) for params, groups in members.values()]
 
 
 def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int = 4) -> int:
-    """Bytes the fused step moves for ``numel`` elements (spec section 4).
+    """Bytes the fused step moves for ``numel`` elements.
 
     Plain step: read p, g, m, D and write p, m.  D-step: also read h and write D.
-    With fp32 everything this is 24 and 32 bytes per element.
+    With fp32 everything this is 24 and 32 bytes per element; bf16 parameters with
+    bf16 state move 12 and 16.
     """
     per_elem = 3 * param_bytes + 3 * state_bytes  # p (r+w), g (r); m (r+w), D (r)
     if d_step:
@@ -176,6 +212,6 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
 
 
 __all__ = [
-    "ALIGN_BYTES", "Bucket", "build_buckets", "bytes_moved", "is_dense", "same_layout",
-    "state_dtype_for",
+    "ALIGN_BYTES", "Bucket", "STATE_DTYPES", "build_buckets", "bytes_moved", "is_dense",
+    "same_layout", "state_dtype_for", "state_strides",
 ]

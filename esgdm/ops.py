@@ -1,17 +1,30 @@
-"""``torch.library`` operators of the ``esgdm`` namespace defined from Python.
+"""The ``esgdm::step_`` operator: one schema, one fake implementation, one kernel per device.
 
-``torch.ops.esgdm.triton_step_`` wraps one launch of the fused Triton kernel
-(:mod:`esgdm.kernels.esgdm_step`) so that ``torch.compile`` can trace a training
-step around ``opt.step()``: the schema declares which lists are written, and a fake
-(meta) implementation lets the compiler trace it without running it.  The C++
-extension owns the namespace (``TORCH_LIBRARY(esgdm, m)`` defines
-``esgdm::fused_step_`` with the same argument list, :data:`STEP_SCHEMA`); this module
-only adds a fragment to it, so it can be imported before or after the extension.
+``torch.ops.esgdm.step_`` steps the tensors of one bucket (one device, one parameter
+dtype) in place, as :mod:`esgdm.rule` says.  The schema is :data:`STEP_SCHEMA`; its
+arguments:
 
-Implementations: CUDA (compiled kernel) and CPU (the Triton interpreter, only when
-``TRITON_INTERPRET=1`` was set before the kernel module was imported; otherwise the
-CPU implementation raises a RuntimeError that says so).  The kernel module is
-imported on first use, not here.
+* ``params``, ``grads``, ``exp_avgs``, ``exp_avg_ds``, ``hvps`` (None on a plain step):
+  one entry per tensor; each tensor dense, with the same shape and strides as its
+  parameter.  ``exp_avgs``/``exp_avg_ds`` are float32 or bfloat16 (float64 for
+  float64 parameters), the rest are in the parameters' dtype.
+* ``scalars`` float64 ``[n_slots, 4]``: per-tensor ``bias, warm, steps, dscale``,
+  advanced in place; ``index`` int32 ``[n, 2]``: each tensor's slot in ``scalars`` and
+  row in ``hparams``; ``hparams`` float64 ``[n_groups, 6]``.  All on the parameters'
+  device.
+* ``grad_scale``, ``found_inf``: optional one-element float32 tensors on the device
+  (``torch.amp.GradScaler``); the step divides ``g`` and ``h`` by ``grad_scale`` and does
+  nothing at all when ``found_inf`` is nonzero.
+* ``flags``: :data:`esgdm.rule.FLAG_EXACT`, :data:`esgdm.rule.FLAG_STOCHASTIC_ROUNDING`;
+  ``seed``: keys the stochastic rounding.
+* ``kernel``: which implementation runs: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+
+The CPU and CUDA implementations are the same function, :func:`step_impl`: it checks
+the arguments (:func:`check_step_args`), runs the named kernel (the element-wise rule
+and the per-tensor scalars, all on the device, no host read), and on D-steps refreshes
+the tensors' curvature scale.  Eager calls from the optimizer go to :func:`step_impl`
+directly (no boxing of five tensor lists through the dispatcher); ``torch.compile``
+traces the operator through its fake implementation.  Either way the same checks run.
 """
 
 from __future__ import annotations
@@ -21,34 +34,56 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from esgdm import backends
 from esgdm.buckets import is_dense, same_layout
-
-#: Argument list shared by ``esgdm::triton_step_`` and the C++ ``esgdm::fused_step_``.
-#: ``scalars`` is the float64 CPU ``[n, 5]`` table of :mod:`esgdm.rule`.
-STEP_SCHEMA = (
-    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_ds, "
-    "Tensor[]? hvps, Tensor scalars) -> ()"
-)
+from esgdm.rule import FLAG_EXACT, HPARAM_COLUMNS, SCALAR_COLUMNS, update_dscale
 
 NAMESPACE = "esgdm"
-TRITON_STEP = "triton_step_"
+STEP = "step_"
 
-#: Parameter dtypes the Triton kernel steps (its state is float32).
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The operator's schema, written once.
+STEP_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_ds, "
+    "Tensor[]? hvps, Tensor(d!) scalars, Tensor index, Tensor hparams, Tensor? grad_scale, "
+    "Tensor? found_inf, int flags, int seed, str kernel) -> ()"
+)
 
-_lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # noqa: the C++ side owns the DEF
+#: Kernels each device type can run.
+KERNELS = {"cpu": ("cpu", "torch", "triton"), "cuda": ("triton", "cuda", "torch")}
+
+#: State dtypes accepted for each parameter dtype.
+STATE_DTYPES = {
+    torch.float32: (torch.float32, torch.bfloat16),
+    torch.bfloat16: (torch.float32, torch.bfloat16),
+    torch.float16: (torch.float32, torch.bfloat16),
+    torch.float64: (torch.float64,),
+}
+
+
+def _fail(message: str):
+    raise ValueError(f"esgdm::step_: {message}")
+
+
+def _check_table(name: str, t: Tensor, dtype: torch.dtype, width: int, device, rows=None) -> None:
+    if not isinstance(t, Tensor):
+        _fail(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype or t.dim() != 2 or t.shape[1] != width or (rows is not None and t.shape[0] != rows):
+        want = f"[{rows if rows is not None else 'n'}, {width}]"
+        _fail(f"{name} must be a {dtype} tensor of shape {want}, got {t.dtype} of shape {tuple(t.shape)}")
+    if t.device != device:
+        _fail(f"{name} is on {t.device}, the parameters on {device}")
+    if not t.is_contiguous():
+        _fail(f"{name} must be contiguous")
 
 
 def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                     exp_avg_ds: Sequence[Tensor], hvps: Optional[Sequence[Tensor]], scalars: Tensor,
-                    dtypes: Sequence[torch.dtype] = TRITON_DTYPES) -> None:
-    """Raises ValueError naming the first argument that breaks the backend contract
-    (see :mod:`esgdm.backends`): list lengths, dtypes, devices, shapes, density and
-    layout, and the scalar table's shape and dtype.
+                    index: Tensor, hparams: Tensor, grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor], kernel: str) -> None:
+    """Raises ValueError naming the first argument that breaks the operator's contract.
 
-    The common case (everything fine) is checked list-wise, which costs a few
-    attribute reads per tensor; only a failure walks the tensors one by one to name
-    the culprit.
+    The common case (everything fine) is checked list-wise, a few attribute reads per
+    tensor at C speed; only a failure walks the tensors one by one to name the culprit.
     """
     n = len(params)
     lengths = {"grads": len(grads), "exp_avgs": len(exp_avgs), "exp_avg_ds": len(exp_avg_ds)}
@@ -56,21 +91,33 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
         lengths["hvps"] = len(hvps)
     for name, length in lengths.items():
         if length != n:
-            raise ValueError(f"esgdm step: {name} has {length} tensors, params has {n}")
-    if scalars.dtype != torch.float64 or scalars.device.type != "cpu" or tuple(scalars.shape) != (n, 5):
-        raise ValueError(f"esgdm step: scalars must be a float64 CPU tensor of shape ({n}, 5), got "
-                         f"{scalars.dtype} on {scalars.device} with shape {tuple(scalars.shape)}")
+            _fail(f"{name} has {length} tensors, params has {n}")
     if n == 0:
         return
-    dtype = params[0].dtype
-    if dtype not in dtypes:
-        raise ValueError(f"esgdm step: parameters of dtype {dtype} are not supported here "
-                         f"(supported: {', '.join(str(d) for d in dtypes)})")
-    lists = {"params": (params, dtype), "grads": (grads, dtype), "exp_avgs": (exp_avgs, torch.float32),
-             "exp_avg_ds": (exp_avg_ds, torch.float32)}
+    p0 = params[0]
+    device = p0.device
+    if kernel not in KERNELS.get(device.type, ()):
+        _fail(f"kernel {kernel!r} cannot run on {device.type} tensors "
+              f"(choose one of {', '.join(KERNELS.get(device.type, ('torch',)))})")
+    _check_table("scalars", scalars, torch.float64, len(SCALAR_COLUMNS), device)
+    _check_table("index", index, torch.int32, 2, device, rows=n)
+    _check_table("hparams", hparams, torch.float64, len(HPARAM_COLUMNS), device)
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != device):
+            _fail(f"{name} must be a one-element float32 tensor on {device}, got {t.dtype} "
+                  f"with {t.numel()} elements on {t.device}")
+    dtype = p0.dtype
+    if dtype not in STATE_DTYPES:
+        _fail(f"parameters of dtype {dtype} are not supported "
+              f"(supported: {', '.join(str(d) for d in STATE_DTYPES)})")
+    state_dtype = exp_avgs[0].dtype
+    if state_dtype not in STATE_DTYPES[dtype]:
+        _fail(f"exp_avgs[0] has dtype {state_dtype}; state for {dtype} parameters must be "
+              f"{' or '.join(str(d) for d in STATE_DTYPES[dtype])}")
+    lists = {"params": (params, dtype), "grads": (grads, dtype), "exp_avgs": (exp_avgs, state_dtype),
+             "exp_avg_ds": (exp_avg_ds, state_dtype)}
     if hvps is not None:
         lists["hvps"] = (hvps, dtype)
-    device = params[0].get_device()
     shapes = [t.shape for t in params]
     strides = list(map(Tensor.stride, params))
     ok = all(map(Tensor.is_contiguous, params)) or all(map(is_dense, params))
@@ -78,7 +125,7 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
         if not ok:
             break
         ok = ({t.dtype for t in tensors} == {want}
-              and set(map(Tensor.get_device, tensors)) == {device}
+              and {t.device for t in tensors} == {device}
               and (tensors is params or ([t.shape for t in tensors] == shapes
                                          and list(map(Tensor.stride, tensors)) == strides)))
     if not ok:
@@ -91,67 +138,74 @@ def _name_culprit(params, lists, device) -> None:
         for name, (tensors, want) in lists.items():
             t = tensors[i]
             if t.dtype != want:
-                raise ValueError(f"esgdm step: {name}[{i}] has dtype {t.dtype}, expected {want}")
-            if t.get_device() != device:
-                raise ValueError(f"esgdm step: {name}[{i}] is on {t.device}, params[0] on {params[0].device}")
+                _fail(f"{name}[{i}] has dtype {t.dtype}, expected {want}")
+            if t.device != device:
+                _fail(f"{name}[{i}] is on {t.device}, params[0] on {device}")
             if t.shape != p.shape:
-                raise ValueError(f"esgdm step: {name}[{i}] has shape {tuple(t.shape)}, "
-                                 f"params[{i}] has shape {tuple(p.shape)}")
+                _fail(f"{name}[{i}] has shape {tuple(t.shape)}, params[{i}] has shape {tuple(p.shape)}")
             if not same_layout(t, p.shape, p.stride()):
-                raise ValueError(f"esgdm step: {name}[{i}] has strides {t.stride()}, "
-                                 f"params[{i}] has strides {p.stride()}")
+                _fail(f"{name}[{i}] has strides {t.stride()}, params[{i}] has strides {p.stride()}")
         if not is_dense(p):
-            raise ValueError(f"esgdm step: params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) "
-                             "is not dense; step a dense copy instead")
+            _fail(f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not dense; "
+                  "step a dense copy instead")
 
 
-def _kernels():
-    from esgdm.kernels import esgdm_step  # imported on first use (TRITON_INTERPRET is read then)
-
-    return esgdm_step
-
-
-def _triton_step_cuda(params, grads, exp_avgs, exp_avg_ds, hvps, scalars) -> None:
-    check_step_args(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
-    _kernels().fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
-
-
-def _triton_step_cpu(params, grads, exp_avgs, exp_avg_ds, hvps, scalars) -> None:
-    check_step_args(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
-    k = _kernels()
-    if not k.INTERPRET:
-        raise RuntimeError(
-            "esgdm::triton_step_ got CPU tensors, which the Triton kernel steps only in the "
-            "Triton interpreter: set TRITON_INTERPRET=1 before esgdm's Triton kernels are imported"
-        )
-    k.fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
+def step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+              grad_scale, found_inf, flags, seed, kernel) -> None:
+    """The operator's CPU and CUDA implementation (see the module docstring)."""
+    check_step_args(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                    grad_scale, found_inf, kernel)
+    if not params:
+        return
+    backends.get(kernel).step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                              grad_scale, found_inf, int(flags), int(seed))
+    if hvps is not None and not flags & FLAG_EXACT:
+        update_dscale(scalars, index[:, 0].long(), exp_avg_ds, found_inf)
 
 
-def _triton_step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars) -> None:
-    # In-place on its inputs and returns nothing: there is nothing to compute here.
+def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+               grad_scale, found_inf, flags, seed, kernel) -> None:
+    # In place on its inputs and returns nothing: nothing to compute for a fake tensor.
     return None
 
 
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # noqa: the namespace may be shared
+
+
 def _register() -> None:
-    if hasattr(getattr(torch.ops, NAMESPACE), TRITON_STEP):
+    if hasattr(getattr(torch.ops, NAMESPACE), STEP):
         return  # defined already (this module was reloaded)
-    _lib.define(TRITON_STEP + STEP_SCHEMA)
-    _lib.impl(TRITON_STEP, _triton_step_cuda, "CUDA")
-    _lib.impl(TRITON_STEP, _triton_step_cpu, "CPU")
-    qualname = f"{NAMESPACE}::{TRITON_STEP}"
+    _lib.define(STEP + STEP_SCHEMA)
+    _lib.impl(STEP, step_impl, "CPU")
+    _lib.impl(STEP, step_impl, "CUDA")
+    qualname = f"{NAMESPACE}::{STEP}"
     register_fake = getattr(torch.library, "register_fake", None)
     if register_fake is not None:  # torch >= 2.4
-        register_fake(qualname, _triton_step_fake, lib=_lib)
+        register_fake(qualname, _step_fake, lib=_lib)
     else:
-        torch.library.impl_abstract(qualname, _triton_step_fake, lib=_lib)
+        torch.library.impl_abstract(qualname, _step_fake, lib=_lib)
 
 
 _register()
 
 
-def triton_step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars) -> None:
-    """Calls ``torch.ops.esgdm.triton_step_`` (one fused kernel launch, in place)."""
-    torch.ops.esgdm.triton_step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False
 
 
-__all__ = ["NAMESPACE", "STEP_SCHEMA", "TRITON_DTYPES", "TRITON_STEP", "check_step_args", "triton_step_"]
+def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+          grad_scale=None, found_inf=None, flags=0, seed=0, kernel="torch") -> None:
+    """One ESGD-M step of one bucket: ``torch.ops.esgdm.step_`` under ``torch.compile``,
+    its implementation called directly in eager mode (the same checks either way)."""
+    if _is_compiling():
+        torch.ops.esgdm.step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                              grad_scale, found_inf, flags, seed, kernel)
+    else:
+        step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                  grad_scale, found_inf, flags, seed, kernel)
+
+
+__all__ = ["KERNELS", "NAMESPACE", "STATE_DTYPES", "STEP_SCHEMA", "check_step_args", "step_", "step_impl"]

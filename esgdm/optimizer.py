@@ -1,72 +1,108 @@
-"""``esgdm.ESGDM``: the ESGD-M optimizer as a ``torch.optim.Optimizer``."""
+"""``esgdm.ESGDM``: the ESGD-M optimizer as a ``torch.optim.Optimizer``.
+
+This class owns the torch.optim surface (param groups, argument checks, hooks) and the
+D-step schedule; the rule is :mod:`esgdm.rule`, the state lives in
+:mod:`esgdm.buckets`, curvature comes from :mod:`esgdm.hvp` with signs from
+:mod:`esgdm.signs`, checkpoints go through :mod:`esgdm.checkpoint`, and every bucket
+is stepped by one call of the ``esgdm::step_`` operator (:mod:`esgdm.ops`).
+"""
 
 from __future__ import annotations
 
-import copy
+import math
 import numbers
 import operator
+import warnings
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from esgdm import backends
-from esgdm.buckets import Bucket, build_buckets, same_layout
-from esgdm.hvp import FD_SCHEMES, RngSnapshot, autograd_hvp, finite_difference_hvp
-from esgdm.rule import group_table, host_scalars
+from esgdm import backends, checkpoint, ops
+from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, same_layout
+from esgdm.checkpoint import BIAS, EXP_AVG, EXP_AVG_D, STEP, WARM, check_count
+from esgdm.hvp import (
+    CREATE_GRAPH_HINT, FD_SCHEMES, RngSnapshot, autograd_hvp, finite_difference_hvp,
+    no_double_backward,
+)
+from esgdm.rule import (
+    BIAS as BIAS_COL, DSCALE, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, HPARAM_COLUMNS, STEPS,
+    WARM as WARM_COL, curvature_scale,
+)
+from esgdm.signs import rademacher
 
-# Per-parameter state keys; the same names the original ``esgd.ESGD`` used.
-EXP_AVG, EXP_AVG_D, BIAS, WARM = "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "lr_warmup_cumprod"
+HVP_MODES = ("autograd", "finite_difference", "auto")
+
+_grad_of = operator.attrgetter("grad")
 
 
-def _check_group(group: dict, where: str) -> None:
-    """Raises ValueError naming the first invalid hyper-parameter of ``group``."""
+def _check_lr(lr: Any, where: str) -> None:
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1 or not lr.dtype.is_floating_point:
+            raise ValueError(f"Invalid lr{where}: a tensor lr must hold one floating-point value, "
+                             f"got {lr.dtype} of shape {tuple(lr.shape)}")
+        return  # its value lives on the device: checked once, at construction
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"Invalid lr{where}: {lr!r} (must be a float or a one-element tensor)")
+    if not (0.0 <= lr and math.isfinite(lr)):
+        raise ValueError(f"Invalid lr{where}: {lr!r} (must be finite and >= 0)")
+
+
+def _real(name: str, value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {name}{where}: {value!r} (must be a float)")
+    return float(value)
+
+
+def check_group(group: dict, where: str = "") -> None:
+    """Raises ValueError (TypeError for a wrong type) naming the first invalid
+    hyper-parameter of ``group``."""
     missing = [k for k in ("lr", "betas", "lr_warmup", "eps", "weight_decay") if k not in group]
     if missing:
         raise ValueError(f"Missing hyper-parameters{where}: {', '.join(missing)}")
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"Invalid lr{where}: a tensor lr must hold one value, got shape {tuple(lr.shape)}")
-        lr = lr.item()
-    if not 0.0 <= lr:
-        raise ValueError(f"Invalid lr{where}: {lr!r} (must be >= 0)")
+    _check_lr(group["lr"], where)
     betas = group["betas"]
     try:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"Invalid betas{where}: {betas!r} (must be a pair of floats)") from None
+    b1, b2 = _real("beta parameter at index 0", b1, where), _real("beta parameter at index 1", b2, where)
     if not 0.0 <= b1 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0{where}: {b1!r} (must be in [0, 1))")
     if not 0.0 <= b2 <= 1.0:
         raise ValueError(f"Invalid beta parameter at index 1{where}: {b2!r} (must be in [0, 1])")
-    if not 0.0 <= group["lr_warmup"] < 1.0:
-        raise ValueError(f"Invalid lr_warmup{where}: {group['lr_warmup']!r} (must be in [0, 1))")
-    if not 0.0 <= group["eps"]:
-        raise ValueError(f"Invalid eps{where}: {group['eps']!r} (must be >= 0)")
-    if not 0.0 <= group["weight_decay"]:
-        raise ValueError(f"Invalid weight_decay{where}: {group['weight_decay']!r} (must be >= 0)")
+    w = _real("lr_warmup", group["lr_warmup"], where)
+    if not 0.0 <= w < 1.0:
+        raise ValueError(f"Invalid lr_warmup{where}: {w!r} (must be in [0, 1))")
+    eps = _real("eps", group["eps"], where)
+    if not (0.0 <= eps and math.isfinite(eps)):
+        raise ValueError(f"Invalid eps{where}: {eps!r} (must be finite and >= 0)")
+    wd = _real("weight_decay", group["weight_decay"], where)
+    if not (0.0 <= wd and math.isfinite(wd)):
+        raise ValueError(f"Invalid weight_decay{where}: {wd!r} (must be finite and >= 0)")
 
 
-def _check_count(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
-    return int(value)
+def _hparam_row(group: dict) -> tuple:
+    """The group's row of the device hyper-parameter table (a tensor lr contributes 0:
+    its value is copied on the device)."""
+    lr = group["lr"]
+    b1, b2 = group["betas"]
+    return (0.0 if isinstance(lr, Tensor) else float(lr), float(b1), float(b2),
+            float(group["lr_warmup"]), float(group["eps"]), float(group["weight_decay"]))
 
 
-_dtype_of = operator.attrgetter("dtype")
-_grad_of = operator.attrgetter("grad")
-_is_sparse = operator.attrgetter("is_sparse")
+def _hparam_key(group: dict) -> tuple:
+    lr = group["lr"]
+    b1, b2 = group["betas"]
+    return (("tensor", id(lr)) if isinstance(lr, Tensor) else lr, b1, b2, group["lr_warmup"],
+            group["eps"], group["weight_decay"])
 
 
-def _as_layout(t: Tensor, p: Tensor, strides) -> Tensor:
-    """``t`` itself if it already has the given strides, else a copy that has them."""
-    if same_layout(t, p.shape, strides):
-        return t
-    return torch.empty_strided(p.shape, strides, dtype=p.dtype, device=p.device).copy_(t)
+def _overlaps(p: Tensor) -> bool:
+    """Whether two elements of ``p`` share memory (an expanded tensor, stride 0)."""
+    return any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride()))
 
 
 class ESGDM(Optimizer):
@@ -78,14 +114,17 @@ class ESGDM(Optimizer):
     step by ``sqrt(D) + eps``.  The learning rate is invariant to rescaling the loss
     or the parameters.  The exact rule is in :mod:`esgdm.rule`.
 
-    On a D-step the gradients must carry a graph, so call::
+    On a D-step the gradients must carry a graph (``hvp="autograd"``), so call::
 
         loss.backward(create_graph=opt.should_create_graph())
         opt.step()
 
+    or give ``step`` a closure and use ``hvp="finite_difference"`` (or ``"auto"``).
+
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr (float or 0-d Tensor): step size (default 1.0; start near 0.5).
+        lr (float or 0-d Tensor): step size (default 1.0; start near 0.5).  A tensor lr
+            is read on the device by the kernels, never by the host.
         betas (tuple[float, float]): momentum decay and the inf-norm decay of the
             curvature estimate (default (0.9, 0.999)).
         lr_warmup (float): exponential warmup; the step size on a parameter's k-th
@@ -96,24 +135,38 @@ class ESGDM(Optimizer):
         update_d_every (int): curvature refresh period in steps (default 10).
         d_warmup (int): the first ``d_warmup`` steps always refresh curvature (default 20).
         backend (str, optional): ``"auto" | "triton" | "cuda" | "cpu" | "torch"``;
-            defaults to ``$ESGDM_BACKEND`` or ``"auto"``.  ``auto`` picks, per
-            (device, dtype) bucket, the fastest backend that can run there.
-        generator (torch.Generator, optional): source of the Rademacher vectors.
-        hvp (str): how D-steps get ``H v``. ``"autograd"`` (default) differentiates the
-            gradient (the backward pass needs ``create_graph=True``).
-            ``"finite_difference"`` needs ``step(closure)`` and takes
-            ``(g(θ + r v) - g(θ)) / r`` from one more gradient evaluation, with no
-            double backward: use it for models with fused kernels (e.g.
-            ``scaled_dot_product_attention``) that have no double backward.
+            defaults to ``$ESGDM_BACKEND`` or ``"auto"``.
+        generator (torch.Generator, optional): where the optimizer's seed is drawn from
+            (default: the global generator, once, at construction).
+        seed (int, optional): the seed of the sign vectors and stochastic rounding
+            (overrides ``generator``).  Saved in ``state_dict()``.
+        hvp (str): how D-steps get ``H v``: ``"autograd"`` (default; the backward pass
+            needs ``create_graph=True``), ``"finite_difference"`` (needs
+            ``step(closure)``; no double backward) or ``"auto"`` (autograd when the
+            gradients carry a graph, else finite differences with a closure; falls back
+            to finite differences, warning once, when an op has no double backward).
         fd_scheme (str): ``"forward"`` (default; one extra gradient per D-step) or
             ``"central"`` (two extra gradients, more accurate).
-        fd_radius (float, optional): the finite-difference step ``r``; by default
-            chosen from the parameter dtype and the size of θ (see :mod:`esgdm.hvp`).
+        fd_radius (float, optional): the finite-difference step ``r``.
+        exact (bool): compute the original ESGD-M rule bit for bit: coordinates whose
+            curvature was never observed (``D == 0``) step by ``g / eps``.  By default
+            they use the tensor's mean observed curvature instead (see README).
+        stochastic_rounding (bool, optional): round 16-bit parameters stochastically
+            when writing them back (default: True unless ``exact``).
+        state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
+            ``torch.bfloat16`` for ``exp_avg`` and ``exp_avg_d``; math stays float32.
+        capturable (bool): allow capturing ``step()`` in a CUDA graph: the step then
+            refuses host uploads during capture (set hyper-parameters before
+            capturing; change lr through a tensor lr).  The step never syncs with the
+            host either way.
 
-    State: each parameter's ``exp_avg`` (``m``) and ``exp_avg_d`` (``D``) are float32
-    views into flat per-(device, dtype) buffers; ``exp_avg_bias_corr`` (``bias``) and
-    ``lr_warmup_cumprod`` (``warm``) are float64 scalars.
+    State: each parameter's ``exp_avg`` (``m``) and ``exp_avg_d`` (``D``) are views into
+    flat per-(device, dtype) buffers; ``exp_avg_bias_corr`` (``bias``),
+    ``lr_warmup_cumprod`` (``warm``) and ``step`` are 0-d float64 tensors on the
+    parameter's device.
     """
+
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -128,29 +181,62 @@ class ESGDM(Optimizer):
         *,
         backend: Optional[str] = None,
         generator: Optional[torch.Generator] = None,
+        seed: Optional[int] = None,
         hvp: str = "autograd",
         fd_scheme: str = "forward",
         fd_radius: Optional[float] = None,
+        exact: bool = False,
+        stochastic_rounding: Optional[bool] = None,
+        state_dtype: Optional[torch.dtype] = None,
+        capturable: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ):
         defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
-        _check_group(defaults, "")
-        self.update_d_every = _check_count("update_d_every", update_d_every)
-        self.d_warmup = _check_count("d_warmup", d_warmup)
+        check_group(defaults)
+        if isinstance(lr, Tensor) and not lr.is_meta:
+            value = lr.item()  # construction may read it; steps never do
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"Invalid lr: {value!r} (must be finite and >= 0)")
+        self.update_d_every = check_count("update_d_every", update_d_every)
+        self.d_warmup = check_count("d_warmup", d_warmup)
         self.backend = backends.check_name(backend if backend is not None else backends.default_name())
-        self.generator = generator
-        self.sign_seed: Optional[int] = None  # shared by all ranks of a distributed run
-        if hvp not in ("autograd", "finite_difference"):
-            raise ValueError(f"Invalid hvp: {hvp!r}; choose 'autograd' or 'finite_difference'")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Invalid generator: {generator!r} (must be a torch.Generator)")
+        if seed is not None:
+            seed = check_count("seed", seed, 0)
+        if hvp not in HVP_MODES:
+            raise ValueError(f"Invalid hvp: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
         if fd_scheme not in FD_SCHEMES:
             raise ValueError(f"Invalid fd_scheme: {fd_scheme!r}; choose one of {', '.join(FD_SCHEMES)}")
-        if fd_radius is not None and not fd_radius > 0:
-            raise ValueError(f"Invalid fd_radius: {fd_radius!r} (must be > 0)")
+        if fd_radius is not None and not (isinstance(fd_radius, numbers.Real) and fd_radius > 0
+                                          and math.isfinite(fd_radius)):
+            raise ValueError(f"Invalid fd_radius: {fd_radius!r} (must be finite and > 0)")
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r} (choose torch.float32 or torch.bfloat16)")
+        for name, value in (("foreach", foreach), ("fused", fused)):
+            if value is False:
+                raise ValueError(f"{name}=False is not supported: ESGDM always steps each bucket "
+                                 "with one fused kernel (pick a kernel with backend=...)")
         self.hvp, self.fd_scheme, self.fd_radius = hvp, fd_scheme, fd_radius
-        self.steps = 0
-        self.steps_since_d = 0
+        self.exact = bool(exact)
+        self.stochastic_rounding = (not self.exact) if stochastic_rounding is None else bool(stochastic_rounding)
+        self.state_dtype = state_dtype
+        self.capturable = bool(capturable)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), generator=generator).item())
+            self._seed_shared = False  # ranks of a distributed run agree on it at first use
+        else:
+            self._seed_shared = True
+        self.seed = seed
+        self._schedule = _Schedule()
+        self._fd_fallback = False
         self._buckets: list[Bucket] = []
-        self._signature: Optional[list] = None
-        self._chosen: dict[tuple, backends.Backend] = {}
+        self._signature: Optional[tuple] = None
+        self._chosen: dict[tuple, tuple] = {}
+        self._param_keys: dict[int, int] = {}
+        self._hparams: dict[torch.device, Tensor] = {}
+        self._hparam_key: Optional[tuple] = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -158,80 +244,107 @@ class ESGDM(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """Adds a group; its hyper-parameters are checked and nothing changes on error."""
         n_before = len(self.param_groups)
-        super().add_param_group(param_group)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # torch's duplicate warning: we raise
+            super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_group(group, f" in param group {n_before}")
+            check_group(group, f" in param group {n_before}")
+            ids = [id(p) for p in group["params"]]
+            if len(set(ids)) != len(ids) or seen.intersection(ids):
+                raise ValueError(f"param group {n_before} repeats a parameter (the same tensor passed "
+                                 "twice would be stepped twice): pass each parameter once")
             for p in group["params"]:
                 if not p.dtype.is_floating_point:
                     raise ValueError(f"ESGDM optimizes floating-point parameters only, got one of dtype {p.dtype}")
-        except ValueError:
+                if _overlaps(p):
+                    raise ValueError(f"a parameter of shape {tuple(p.shape)} has strides {p.stride()}: "
+                                     "its elements share memory (an expanded tensor), which an optimizer "
+                                     "cannot step; pass a tensor that owns its elements (p.contiguous())")
+        except (ValueError, TypeError):
             self.param_groups.pop()
             raise
+        self._hparam_key = None
 
     def should_create_graph(self) -> bool:
-        """Whether the next ``step()`` takes a Hessian-vector product, so the backward
-        pass before it needs ``create_graph=True``::
+        """Whether the next ``step()`` takes a Hessian-vector product by double backward,
+        so the backward pass before it needs ``create_graph=True``::
 
             loss.backward(create_graph=opt.should_create_graph())
 
-        Always False with ``hvp="finite_difference"``, which needs no graph.
+        False with ``hvp="finite_difference"``, which needs no graph, and with
+        ``hvp="auto"`` after it fell back to finite differences.
         """
-        return self.hvp == "autograd" and self.is_d_step()
+        if self.hvp == "finite_difference" or (self.hvp == "auto" and self._fd_fallback):
+            return False
+        return self.is_d_step()
 
     def is_d_step(self) -> bool:
         """Whether the next ``step()`` refreshes the curvature estimate."""
+        self._settle()
         return self.steps < self.d_warmup or self.steps_since_d >= self.update_d_every
 
     # ----------------------------------------------------------------- buckets
 
-    def _layout_changed(self) -> bool:
-        """Whether the buckets no longer describe the parameters: a parameter was added,
-        removed or moved between groups, or one changed dtype or device in place
-        (``model.to(...)`` swaps ``p.data`` and keeps the Parameter object).
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
 
-        Runs every step, so it sticks to C-level ``map`` calls (about 0.1 µs per tensor).
-        """
-        if self._signature is None:
-            return True
-        ids = [list(map(id, group["params"])) for group in self.param_groups]
-        if ids != self._signature:
-            return True
-        for b in self._buckets:
-            if set(map(_dtype_of, b.params)) != {b.dtype}:
-                return True
-            if set(map(Tensor.get_device, b.params)) != {b.device_index}:
-                return True
-        return False
+    def _layout(self) -> tuple:
+        """What the buckets were built for: the parameters (and their groups), and each
+        one's dtype, device, shape and strides (``model.to(...)`` and ``p.data = t`` keep
+        the Parameter object but change these).  C-level maps: ~0.3 µs per tensor."""
+        ids = tuple(tuple(map(id, group["params"])) for group in self.param_groups)
+        params = self._all_params()
+        return (ids, tuple(map(Tensor.stride, params)), tuple(p.shape for p in params),
+                tuple(p.dtype for p in params), tuple(p.device for p in params))
 
     def buckets(self) -> list[Bucket]:
-        """The (device, dtype) buckets, rebuilt when the parameter set has changed."""
-        if self._layout_changed():
-            signature = [list(map(id, group["params"])) for group in self.param_groups]
-            old = {p: self.state[p] for p in list(self.state)} if self._signature is not None else {}
-            new = build_buckets(self.param_groups)
-            chosen = {}
-            for b in new:
-                backend, note = backends.resolve(self.backend, b.device, b.dtype)
-                chosen[b.key] = (backend, note)
-            # Nothing above mutated anything; now move existing state across.
-            self.state.clear()
-            self._buckets, self._signature, self._chosen = new, signature, chosen
-            for b in new:
-                for i, p in enumerate(b.params):
-                    if p in old and old[p]:
-                        self._adopt_state(b, i, old[p])
+        """The (device, dtype) buckets, rebuilt (moving the state along) when the
+        parameters changed.  Raises before changing anything when state cannot follow."""
+        layout = self._layout()
+        if layout == self._signature:
+            return self._buckets
+        old = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
+        for p in self._all_params():
+            if _overlaps(p):
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} now has strides {p.stride()}: "
+                                 "its elements share memory (an expanded tensor), which cannot be stepped")
+            b, i = old.get(id(p), (None, 0))
+            if b is not None and p in self.state and self.state[p]:
+                if tuple(b.exp_avg_views[i].shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"a parameter changed shape from {tuple(b.exp_avg_views[i].shape)} to "
+                        f"{tuple(p.shape)} (p.data = ... with another shape): its optimizer state "
+                        "cannot follow; reset it with opt.state[p] = {} first")
+        new = build_buckets(self.param_groups, self.state_dtype)
+        chosen = {b.key: backends.resolve(self.backend, b.device, b.dtype) for b in new}
+        # Nothing above mutated anything; now move the existing state across.
+        saved = {p: self._read_state(p) for p in list(self.state) if self.state[p]}
+        self.state.clear()
+        self._buckets, self._signature, self._chosen = new, layout, chosen
+        self._param_keys = {id(p): k for k, p in enumerate(self._all_params())}
+        self._hparam_key = None
+        for b in new:
+            for i, p in enumerate(b.params):
+                if p in saved:
+                    self._write_state(b, i, saved[p])
         return self._buckets
 
     def backend_for(self, bucket: Bucket) -> backends.Backend:
         return self._chosen[bucket.key][0]
 
-    def _adopt_state(self, b: Bucket, i: int, saved: dict) -> None:
+    def _read_state(self, p: Tensor) -> dict:
+        """One parameter's state as the user sees it (what was assigned wins)."""
+        return dict(self.state[p])
+
+    def _write_state(self, b: Bucket, i: int, saved: dict) -> None:
         """Copies one parameter's state into bucket ``b`` and exposes it as views."""
         b.exp_avg_views[i].copy_(saved[EXP_AVG])
         b.exp_avg_d_views[i].copy_(saved[EXP_AVG_D])
-        b.bias[i] = float(saved[BIAS])
-        b.warm[i] = float(saved[WARM])
+        for col, key in ((BIAS_COL, BIAS), (WARM_COL, WARM), (STEPS, STEP)):
+            b.scalars[i, col] = torch.as_tensor(saved.get(key, 0.0), dtype=torch.float64).to(b.device)
+        b.scalars[i, DSCALE] = curvature_scale([b.exp_avg_d_views[i]])[0].to(b.device)
         self._expose_state(b, i)
 
     def _expose_state(self, b: Bucket, i: int) -> None:
@@ -239,271 +352,393 @@ class ESGDM(Optimizer):
         self.state[b.params[i]] = {
             EXP_AVG: b.exp_avg_views[i],
             EXP_AVG_D: b.exp_avg_d_views[i],
-            BIAS: b.bias[i],
-            WARM: b.warm[i],
+            BIAS: b.scalar(i, BIAS_COL),
+            WARM: b.scalar(i, WARM_COL),
+            STEP: b.scalar(i, STEPS),
         }
+
+    def _sync_user_state(self, buckets: list[Bucket]) -> None:
+        """Follows what users do to ``opt.state`` as with any torch.optim optimizer:
+        ``opt.state[p] = {}`` (or deleting it) resets that parameter's state, and
+        assigning a new tensor to a state key copies it in."""
+        for b in buckets:
+            for i, p in enumerate(b.params):
+                if not b.exposed[i]:
+                    continue
+                entry = self.state.get(p)
+                if entry is not None and entry.get(EXP_AVG) is b.exp_avg_views[i] \
+                        and entry.get(EXP_AVG_D) is b.exp_avg_d_views[i] and entry.get(BIAS) is not None \
+                        and len(entry) == 5:
+                    continue
+                if not entry:  # reset
+                    b.reset_state(i)
+                    b.exposed[i] = False
+                    b.all_exposed = False
+                    self.state.pop(p, None)
+                    continue
+                merged = {EXP_AVG: b.exp_avg_views[i], EXP_AVG_D: b.exp_avg_d_views[i],
+                          BIAS: b.scalar(i, BIAS_COL), WARM: b.scalar(i, WARM_COL),
+                          STEP: b.scalar(i, STEPS), **entry}
+                for key in (EXP_AVG, EXP_AVG_D):
+                    checkpoint.state_tensor(f"opt.state[p][{key!r}]", merged[key], p.shape)
+                for key in (BIAS, WARM, STEP):
+                    checkpoint.scalar(f"opt.state[p][{key!r}]", merged[key])
+                self._write_state(b, i, {k: v.clone() if isinstance(v, Tensor) else v
+                                         for k, v in merged.items()})
+
+    # ---------------------------------------------------------- hyper-params
+
+    def _device_hparams(self, buckets: list[Bucket]) -> dict:
+        """The float64 ``[n_groups, 6]`` hyper-parameter table on each bucket's device.
+
+        Uploaded only when a group's values changed (an LR scheduler that assigns a
+        Python float costs one small non-blocking copy); a tensor lr is copied on the
+        device every step, never read by the host."""
+        key = tuple(_hparam_key(g) for g in self.param_groups)
+        devices = {b.device for b in buckets}
+        if key != self._hparam_key or not devices.issubset(self._hparams):
+            for gi, group in enumerate(self.param_groups):
+                check_group(group, f" in param group {gi}")
+            rows = torch.tensor([_hparam_row(g) for g in self.param_groups], dtype=torch.float64)
+            rows = rows.reshape(-1, len(HPARAM_COLUMNS))
+            if self.capturable and _capturing():
+                raise RuntimeError("ESGDM hyper-parameters changed during CUDA graph capture: set them "
+                                   "before capturing (use a tensor lr to change lr between replays)")
+            for device in devices:
+                table = self._hparams.get(device)
+                if table is None or table.shape != rows.shape:
+                    self._hparams[device] = rows.to(device)
+                elif device.type == "cuda":
+                    table.copy_(rows.pin_memory(), non_blocking=True)  # same address: graphs see it
+                else:
+                    table.copy_(rows)
+            self._hparam_key = key
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                for device in devices:
+                    self._hparams[device][gi, 0].copy_(lr.reshape(()), non_blocking=True)
+        return self._hparams
 
     # -------------------------------------------------------------------- step
 
-    def _gather(self, b: Bucket) -> tuple[list[int], list[Tensor]]:
-        """Indices and gradients of the tensors of ``b`` that have a gradient.
-
-        (torch itself guarantees that a gradient has its parameter's shape, dtype and
-        device, so only the layout is checked here.)
-        """
-        grads = list(map(_grad_of, b.params))
+    def _gather(self, b: Bucket) -> tuple[Optional[list[int]], list[Tensor]]:
+        """Indices (None: all) and gradients of the tensors of ``b`` that have one, laid
+        out like their state.  Raises before anything is written."""
+        grads = [p.grad for p in b.params] if ops._is_compiling() else list(map(_grad_of, b.params))
+        idx = None
         if any(g is None for g in grads):
             idx = [i for i, g in enumerate(grads) if g is not None]
             grads = [grads[i] for i in idx]
-        else:
-            idx = list(range(len(grads)))
-        if any(map(_is_sparse, grads)):
-            shape = next(tuple(b.params[i].shape) for i, g in zip(idx, grads) if g.is_sparse)
-            raise RuntimeError(f"ESGDM does not support sparse gradients (parameter of shape {shape})")
-        return idx, grads
+        for k, g in enumerate(grads):
+            if g.is_sparse:
+                i = k if idx is None else idx[k]
+                raise RuntimeError(
+                    f"ESGDM does not support sparse gradients (parameter of shape {tuple(b.params[i].shape)})")
+        return idx, self._match_layout(b, idx, grads)
+
+    @staticmethod
+    def _match_layout(b: Bucket, idx: Optional[list[int]], tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors`` with the strides of their parameters' state (copied where not)."""
+        want = b.strides if idx is None else [b.strides[i] for i in idx]
+        if list(map(Tensor.stride, tensors)) == list(want):
+            return tensors  # the usual case, checked at C speed
+        out = []
+        for k, (t, st) in enumerate(zip(tensors, want)):
+            i = k if idx is None else idx[k]
+            p = b.params[i]
+            if tuple(t.shape) != tuple(p.shape):
+                raise RuntimeError(f"a gradient has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+            if not same_layout(t, p.shape, st):
+                t = torch.empty_strided(p.shape, st, dtype=t.dtype, device=t.device).copy_(t)
+            out.append(t)
+        return out
+
+    def _flags(self) -> int:
+        return (FLAG_EXACT if self.exact else 0) | (FLAG_STOCHASTIC_ROUNDING if self.stochastic_rounding else 0)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
         """Performs one optimization step.
 
         Args:
-            closure (callable, optional): re-evaluates the model and returns the loss.
+            closure (callable, optional): re-evaluates the model (zeroing the gradients
+                and calling ``backward()``) and returns the loss.  Needed on D-steps
+                with ``hvp="finite_difference"``.
 
         If anything raises before the update is applied (a missing graph, a sparse
-        gradient, an invalid hyper-parameter, an unavailable backend), parameters and
-        optimizer state are left exactly as they were.
+        gradient, an invalid hyper-parameter, an unavailable backend, a layout that
+        cannot be stepped), parameters, optimizer state and counters are left exactly
+        as they were.  With ``torch.amp.GradScaler`` (``scaler.step(opt)``) the kernels
+        unscale the gradients and skip the whole step on the device when an inf was found.
         """
         d_step = self.is_d_step()
-        finite_difference = d_step and self.hvp == "finite_difference"
-        if finite_difference and closure is None:
+        fd_possible = d_step and closure is not None and self.hvp != "autograd"
+        if d_step and self.hvp == "finite_difference" and closure is None:
             raise RuntimeError(
                 "hvp='finite_difference' needs opt.step(closure) on D-steps: a closure that "
-                "zeroes the gradients, computes the loss on the batch and calls loss.backward()"
-            )
+                "zeroes the gradients, computes the loss on the batch and calls loss.backward()")
         loss = None
-        rng = RngSnapshot() if finite_difference else None
+        rng = RngSnapshot() if fd_possible else None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
 
         buckets = self.buckets()
-        for gi, group in enumerate(self.param_groups):
-            _check_group(group, f" in param group {gi}")
-        table = group_table(self.param_groups)
-
-        work = []  # (bucket, active indices, grads)
+        self._sync_user_state(buckets)
+        hparams = self._device_hparams(buckets)
+        work = []  # (bucket, active indices, grads): every check runs before any write
         for b in buckets:
             idx, grads = self._gather(b)
-            if idx:
+            if grads:
                 work.append((b, idx, grads))
-
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         hvps_by_bucket: list[Optional[list[Tensor]]] = [None] * len(work)
         if d_step and work:
-            hvps_by_bucket = self._hvps(work, closure if finite_difference else None, rng)
+            hvps_by_bucket = self._hvps(work, closure, rng)
 
         # Everything that can fail on bad input has run; from here on we write.
+        flags = self._flags()
         for (b, idx, grads), hvps in zip(work, hvps_by_bucket):
-            index = np.asarray(idx)
-            new_bias, new_warm, scalars = host_scalars(
-                table[b.group_index[index]], b.bias_np[index], b.warm_np[index], d_step
-            )
             backend, note = self._chosen[b.key]
             if note is not None:
                 backends.warn_once(note)
-            self._apply(b, backend, idx, grads, hvps, torch.from_numpy(scalars))
-            b.bias_np[index] = new_bias
-            b.warm_np[index] = new_warm
+            self._apply(b, backend.name, idx, grads, hvps, hparams[b.device], grad_scale, found_inf, flags)
             if not b.all_exposed:  # first gradient of some tensor: show its state
-                for i in idx:
+                for i in (range(len(b)) if idx is None else idx):
                     if not b.exposed[i]:
                         self._expose_state(b, i)
                 b.all_exposed = all(b.exposed)
-
-        self._count_step(d_step)
+        self._count_step(d_step, found_inf)
         return loss
 
-    @torch.compiler.disable
-    def _count_step(self, d_step: bool) -> None:
-        """Advances the step counters.  Kept out of torch.compile graphs: Dynamo drops
-        attribute writes on Optimizer objects made inside a compiled step()."""
+    def _count_step(self, d_step: bool, found_inf: Optional[Tensor]) -> None:
+        """Advances the schedule's counters.  A step that GradScaler found an inf in
+        does not count; that is known on the device only, so it is settled lazily, the
+        next time the schedule is asked (one read of a value computed long before)."""
+        self._settle()
+        sched = self._schedule
+        if found_inf is not None:
+            sched.pending_inf = (found_inf, sched.steps, sched.since_d)
         if d_step:
-            self.steps_since_d = 0
-        self.steps += 1
-        self.steps_since_d += 1
+            sched.since_d = 0
+        sched.steps += 1
+        sched.since_d += 1
 
-    @staticmethod
-    def _match_layout(b: Bucket, idx: list[int], tensors: list[Tensor]) -> list[Tensor]:
-        """``tensors`` with the strides of their parameters' state (copied where not)."""
-        want = b.strides if len(idx) == len(b) else [b.strides[i] for i in idx]
-        if list(map(Tensor.stride, tensors)) == want:
-            return tensors  # the usual case, checked at C speed
-        return [t if t.stride() == st else _as_layout(t, b.params[i], st)
-                for i, t, st in zip(idx, tensors, want)]
+    def _settle(self) -> None:
+        pending = self._schedule.pending_inf
+        if pending is not None:
+            self._schedule.pending_inf = None
+            found_inf, steps, since = pending
+            if float(found_inf) != 0:
+                self._schedule.steps, self._schedule.since_d = steps, since
 
-    def _signs(self, work) -> list[Tensor]:
-        """Rademacher vectors for the active tensors, one flat draw per bucket."""
-        out = []
-        for b, idx, _ in work:
-            v = b.signs(self._sign_generator(b.device))
-            out += [v[i] for i in idx]
-        return out
+    @property
+    def steps(self) -> int:
+        """Calls of ``step()`` so far (a step GradScaler skipped does not count)."""
+        self._settle()
+        return self._schedule.steps
 
-    def _sign_generator(self, device: torch.device) -> Optional[torch.Generator]:
-        """Where the sign vectors come from: the user's generator if given; in a
-        distributed run, a generator seeded alike on every rank (from rank 0's seed and
-        the step count), so that all ranks probe the same direction; else the global RNG.
-        """
-        if self.generator is not None:
-            return self.generator
-        if self.sign_seed is None:
-            if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-                return None
-            seed = [int(torch.randint(0, 2**62, ()).item())]
-            dist.broadcast_object_list(seed, src=0)
-            self.sign_seed = seed[0]
-        gen = torch.Generator(device=device)
-        gen.manual_seed((self.sign_seed + 1_000_003 * self.steps) % 2**63)
-        return gen
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._settle()
+        self._schedule.steps = value
 
-    def _hvps(self, work, closure, rng) -> list[list[Tensor]]:
-        """Hessian-vector products of every active tensor, split back by bucket.
+    @property
+    def steps_since_d(self) -> int:
+        """Steps since the last D-step."""
+        self._settle()
+        return self._schedule.since_d
 
-        With a closure they come from finite differences, else from autograd.  The
-        sign vectors are handed over without a reference kept here, so the finite
-        difference can free them before its probe runs.
-        """
-        params = [b.params[i] for b, idx, _ in work for i in idx]
-        grads = [g for _, _, gs in work for g in gs]
-        if closure is not None:
-            idle = [p for b in self._buckets for p in b.params if p.grad is None]
-            try:
-                hvps = finite_difference_hvp(
-                    params, grads, self._signs(work), closure, rng, self.fd_scheme, self.fd_radius
-                )
-            finally:
-                for p in idle:  # the probe must not leave gradients behind
-                    p.grad = None
-        else:
-            hvps = autograd_hvp(params, grads, self._signs(work))
-        out, start = [], 0
-        for _, idx, _ in work:
-            out.append(hvps[start:start + len(idx)])
-            start += len(idx)
-        return out
+    @steps_since_d.setter
+    def steps_since_d(self, value: int) -> None:
+        self._settle()
+        self._schedule.since_d = value
 
-    def _apply(self, b: Bucket, backend, idx, grads, hvps, scalars) -> None:
-        """Runs the backend on bucket ``b``'s active tensors, laid out as it expects."""
-        gs = self._match_layout(b, idx, grads)
-        hs = None if hvps is None else self._match_layout(b, idx, hvps)
-        full = len(idx) == len(b)
+    def _apply(self, b: Bucket, kernel: str, idx, grads, hvps, hparams, grad_scale, found_inf, flags) -> None:
+        """Runs the op on bucket ``b``'s active tensors, laid out as it expects."""
+        full = idx is None
         params = list(b.params) if full else [b.params[i] for i in idx]
         writeback = []
         if not b.all_dense:  # strided slices: step a dense copy, then write it back
-            for k, i in enumerate(idx):
+            for k, i in enumerate(range(len(b)) if full else idx):
                 if not b.dense[i]:
                     params[k] = params[k].contiguous()
                     writeback.append((b.params[i], params[k]))
-        if full:
-            exp_avgs, exp_avg_ds = b.exp_avg_views, b.exp_avg_d_views
-        else:
-            exp_avgs = [b.exp_avg_views[i] for i in idx]
-            exp_avg_ds = [b.exp_avg_d_views[i] for i in idx]
-        backend.step(params, gs, exp_avgs, exp_avg_ds, hs, scalars)
+        exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
+        exp_avg_ds = b.exp_avg_d_views if full else [b.exp_avg_d_views[i] for i in idx]
+        if hvps is not None:
+            hvps = self._match_layout(b, idx, hvps)
+        ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
+                  grad_scale, found_inf, flags, self.seed, kernel)
         for p, work in writeback:
             p.copy_(work)
+
+    # --------------------------------------------------------------- curvature
+
+    def _shared_seed(self) -> int:
+        """The seed, agreed on by every rank of a distributed run (rank 0's) at first use."""
+        if not self._seed_shared:
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                seed = [self.seed]
+                dist.broadcast_object_list(seed, src=0)
+                self.seed = int(seed[0])
+            self._seed_shared = True
+        return self.seed
+
+    def _signs(self, params: list[Tensor]) -> list[Tensor]:
+        """The Rademacher vectors of this step, one per parameter, from the keyed
+        generator of :mod:`esgdm.signs` (the global RNG is not touched)."""
+        seed = self._shared_seed()
+        return [draw_signs(seed, self.steps, self._param_keys[id(p)], p) for p in params]
+
+    @torch.compiler.disable
+    def _hvps(self, work, closure, rng) -> list[list[Tensor]]:
+        """Hessian-vector products of every active tensor, split back by bucket.
+
+        Kept out of torch.compile graphs: autograd.grad and the closure break the graph
+        anyway, and the sign keys are host integers that must not be traced."""
+        params = [b.params[i] for b, idx, _ in work for i in (range(len(b)) if idx is None else idx)]
+        grads = [g for _, _, gs in work for g in gs]
+        use_fd = self.hvp == "finite_difference" or (self.hvp == "auto" and self._fd_fallback)
+        if self.hvp == "auto" and not use_fd and not any(g.grad_fn is not None for g in grads):
+            if closure is None:
+                raise RuntimeError(
+                    "ESGD-M needs a Hessian-vector product on this step and the gradients carry no graph. "
+                    "Either call loss.backward(create_graph=opt.should_create_graph()) before "
+                    "opt.step(), or pass a closure, opt.step(closure), to take it by finite differences")
+            use_fd = True
+        if use_fd:
+            hvps = self._fd_hvps(params, grads, closure, rng)
+        else:
+            try:
+                hvps = autograd_hvp(params, grads, self._signs(params), fd_available=self.hvp == "auto")
+            except RuntimeError as e:
+                if not no_double_backward(e):
+                    raise
+                if not (self.hvp == "auto" and closure is not None):
+                    raise RuntimeError(
+                        f"the double backward for the Hessian-vector product failed: {str(e).splitlines()[0]} "
+                        "Take it by finite differences instead: construct ESGDM(..., hvp='auto') (or "
+                        "hvp='finite_difference') and call opt.step(closure) with a closure that zeroes "
+                        "the gradients, computes the loss and calls loss.backward()") from e
+                warnings.warn(f"esgdm: the double backward failed ({str(e).splitlines()[0]}); "
+                              "hvp='auto' takes Hessian-vector products by finite differences from now on",
+                              RuntimeWarning, stacklevel=3)
+                self._fd_fallback = True
+                hvps = self._fd_hvps(params, grads, closure, rng)
+        out, start = [], 0
+        for _, _, gs in work:
+            out.append(hvps[start:start + len(gs)])
+            start += len(gs)
+        return out
+
+    def _fd_hvps(self, params, grads, closure, rng) -> list[Tensor]:
+        if closure is None:
+            raise RuntimeError("finite-difference curvature needs opt.step(closure) on D-steps")
+        idle = [p for b in self._buckets for p in b.params if p.grad is None]
+        grads = [g.detach() for g in grads]
+        try:
+            return finite_difference_hvp(params, grads, self._signs(params), closure, rng,
+                                         self.fd_scheme, self.fd_radius)
+        finally:
+            for p in idle:  # the probe must not leave gradients behind
+                p.grad = None
 
     # ------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict:
         """The optimizer state, with a ``global_state`` entry as the original ``esgd.ESGD``."""
+        self._settle()
+        self.buckets()
         global_state = {
             "update_d_every": self.update_d_every,
             "d_warmup": self.d_warmup,
             "steps": self.steps,
             "steps_since_d": self.steps_since_d,
+            "seed": self.seed,
+            "state_dtype": str(self.state_dtype or torch.float32).replace("torch.", ""),
         }
-        if self.sign_seed is not None:
-            global_state["sign_seed"] = self.sign_seed
         return {"global_state": global_state, **super().state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint written by :meth:`state_dict` or by the original ``esgd.ESGD``.
 
-        State is copied into this optimizer's buffers (any device, any dtype the
-        values can be cast from); everything is checked before anything changes.
+        State is copied into this optimizer's buffers (any device, any state dtype);
+        everything is checked before anything changes.
         """
         for hook in getattr(self, "_optimizer_load_state_dict_pre_hooks", {}).values():
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-
-        try:
-            glob = state_dict["global_state"]
-            counters = {
-                "update_d_every": _check_count("update_d_every", glob["update_d_every"]),
-                "d_warmup": _check_count("d_warmup", glob["d_warmup"]),
-                "steps": int(glob["steps"]),
-                "steps_since_d": int(glob["steps_since_d"]),
-                "sign_seed": glob.get("sign_seed"),
-            }
-        except KeyError as e:
-            raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {e}") from None
-
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"loaded state dict has {len(saved_groups)} parameter groups, the optimizer has {len(self.param_groups)}"
-            )
-        id_to_param = {}
-        new_groups = []
-        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            if len(group["params"]) != len(saved["params"]):
-                raise ValueError(
-                    f"param group {gi} has {len(group['params'])} parameters, the loaded state dict has {len(saved['params'])}"
-                )
-            id_to_param.update(zip(saved["params"], group["params"]))
-            new = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
-            new["params"] = group["params"]
-            _check_group(new, f" in loaded param group {gi}")
-            new_groups.append(new)
-
-        per_param = {}
-        for key, entry in state_dict["state"].items():
-            if key not in id_to_param:
-                raise ValueError(f"loaded state dict has state for unknown parameter id {key!r}")
-            p = id_to_param[key]
-            missing = [k for k in (EXP_AVG, EXP_AVG_D, BIAS, WARM) if k not in entry]
-            if missing:
-                raise ValueError(f"state of parameter id {key!r} lacks {missing}")
-            for k in (EXP_AVG, EXP_AVG_D):
-                if tuple(entry[k].shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"state {k!r} of parameter id {key!r} has shape {tuple(entry[k].shape)}, "
-                        f"the parameter has shape {tuple(p.shape)}"
-                    )
-            per_param[p] = entry
+        loaded = checkpoint.validate(state_dict, self.param_groups, check_group)
+        self.buckets()  # raises (before any write) if the parameters cannot be bucketed
 
         # All checked: now write.
-        for group, new in zip(self.param_groups, new_groups):
+        for group, new in zip(self.param_groups, loaded["groups"]):
             group.clear()
             group.update(new)
+        counters = loaded["counters"]
+        seed = counters.pop("seed")
+        self._schedule = _Schedule(counters.pop("steps"), counters.pop("steps_since_d"))
         self.__dict__.update(counters)
-        self._signature = None
+        if seed is not None:
+            self.seed, self._seed_shared = seed, True
+        self._hparam_key = None
         self.state.clear()
-        for b in self.buckets():
-            b.exp_avg.zero_()
-            b.exp_avg_d.zero_()
-            b.bias.fill_(1.0)
-            b.warm.fill_(1.0)
+        for b in self._buckets:
+            b.reset_state()
+            b.exposed = [False] * len(b)
+            b.all_exposed = False
             for i, p in enumerate(b.params):
-                if p in per_param:
-                    self._adopt_state(b, i, per_param[p])
+                if p in loaded["state"]:
+                    self._write_state(b, i, loaded["state"][p])
+            b.all_exposed = all(b.exposed)
 
         for hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
             hook(self)
+
+    # -------------------------------------------------------------- copies
+
+    def __getstate__(self) -> dict:
+        # Buckets hold views and device tables: rebuilt from ``state`` after a copy.
+        self._settle()
+        self.buckets()
+        state = dict(self.__dict__)
+        state["state"] = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
+                          for p, s in self.state.items()}
+        for key in ("_buckets", "_chosen", "_hparams"):
+            state[key] = [] if key == "_buckets" else {}
+        state["_signature"] = None
+        state["_hparam_key"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+
+
+class _Schedule:
+    """The host counters of the D-step schedule.  A plain object, not attributes of the
+    optimizer: torch.compile replays writes to it after a compiled step (writes to
+    Optimizer attributes made inside a compiled step() are dropped)."""
+
+    def __init__(self, steps: int = 0, since_d: int = 0):
+        self.steps = steps
+        self.since_d = since_d
+        self.pending_inf: Optional[tuple] = None  # (found_inf, steps, since_d) to settle
+
+
+def draw_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
+    """The signs of parameter ``p`` (optimizer-order index ``key``) at ``step``."""
+    return rademacher(seed, step, key, p.shape, dtype=p.dtype, device=p.device)
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 #: The name of the original implementation's class.
 ESGD = ESGDM
 
-__all__ = ["ESGD", "ESGDM"]
+__all__ = ["ESGD", "ESGDM", "check_group"]

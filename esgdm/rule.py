@@ -1,4 +1,4 @@
-"""The ESGD-M update rule, in one place.
+"""The ESGD-M update rule, in one place: what every backend computes.
 
 For every parameter ``p`` with gradient ``g`` (and, on a D-step, Hessian-vector
 product ``h``), with its group's hyper-parameters::
@@ -14,67 +14,313 @@ product ``h``), with its group's hyper-parameters::
     p     <- p * (1 - weight_decay * alpha) # decoupled weight decay
     p     <- p - (alpha / c) * mhat / (sqrt(D) + eps)
 
-The per-parameter scalars (``bias``, ``warm``, ``alpha``, ``c``) are computed here on
-the host in float64 by :func:`host_scalars`, which folds them into two numbers per
-tensor: ``step_scale = alpha / c`` and ``decay = 1 - weight_decay * alpha``.  The
-element-wise part (the lines that touch ``m``, ``D`` and ``p``) is what the backends
-implement, each in its own language, always in float32 or wider:
+This module is the contract of the ``esgdm::step_`` operator (:mod:`esgdm.ops`) and
+holds the reference implementation (:func:`reference_step`) that the "torch" backend
+runs and every fused kernel is tested against:
 
-* ``esgdm/backends/torch_impl.py``   -- PyTorch foreach ops (``"torch"``)
-* ``kernels/esgdm_step.py``          -- the fused Triton kernel (``"triton"``)
-* ``csrc/esgdm_update.h``            -- shared by the C++ CPU and CUDA kernels
-                                        (``"cpu"``, ``"cuda"``)
+* ``kernels/esgdm_step.py``  -- the fused Triton kernel (``"triton"``)
+* ``csrc/esgdm_update.h``    -- shared by the C++ CPU and CUDA kernels (``"cpu"``, ``"cuda"``)
 
-Every backend receives the per-tensor scalars as a float64 CPU tensor of shape
-``[n_tensors, 5]`` whose columns are :data:`SCALAR_COLUMNS`.
+Everything below lives on the parameters' device; the host decides only *which* work
+runs (is this a D-step, which tensors have a gradient), never numbers.
+
+Per-tensor state: ``scalars``, float64 ``[n_slots, 4]`` (:data:`SCALAR_COLUMNS`)
+-------------------------------------------------------------------------------
+``bias`` (``b1**k``), ``warm`` (``lr_warmup**j``), ``steps`` (steps this tensor took,
+an integer held in float64) and ``dscale`` (the tensor's curvature scale, below).  A
+call steps the tensors listed in ``index`` (int32 ``[n, 2]``: row ``i`` holds the
+slot of tensor ``i`` in ``scalars`` and its group's row in ``hparams``) and advances
+their rows in place.  ``hparams`` is float64 ``[n_groups, 6]`` (:data:`HPARAM_COLUMNS`).
+
+Per tensor, in float64 (found_inf set: nothing at all changes, see below)::
+
+    bias'  = bias * b1
+    warm'  = warm * lr_warmup   on a D-step, else warm
+    steps' = steps + 1
+    alpha  = lr * (1 - warm')
+    c      = 1 - bias' * b1
+    step_scale = alpha / c            -> float32
+    decay      = 1 - weight_decay * alpha   -> float32
+    w          = 1 - b1               -> float32 (lerp weight)
+    beta2, eps                        -> float32
+
+Per element, in float32 (float64 for float64 parameters); ``S`` is ``grad_scale``
+(1 when absent)::
+
+    g = g_raw / S                      # the division, not a multiply by 1/S
+    if g is not finite: the element is left alone (p, m, D unchanged)
+    m = lerp(m, g, w)                  # torch.lerp's formula (see _lerp)
+    if D-step:
+        h  = h_raw / S
+        h2 = h * h if h is finite else 0   # a non-finite observation is dropped
+        D  = nan_max(beta2 * D, h2)
+    mhat  = lerp(m, g, w)
+    denom = sqrt(D) + eps
+    if not EXACT and D == 0:           # curvature never observed here
+        denom = dscale + eps, or the step is 0 where dscale == 0
+    p = p * decay - step_scale * (mhat / denom)
+    store p: round to nearest, or stochastically (16-bit p with STOCHASTIC_ROUNDING)
+
+``FLAG_EXACT`` computes section-2 ESGD-M bit for bit (``D == 0`` divides by ``eps``).
+Without it, coordinates whose curvature was never observed (``D == 0``: e.g. weights
+into ReLU units that were dead on every probe) are preconditioned by ``dscale``, the
+mean of ``sqrt(D)`` over the tensor's observed coordinates as of its last D-step
+(computed by the op after the kernel on D-steps; 0 until some curvature is seen, when
+such coordinates do not move).  ``dscale`` scales like ``sqrt(D)``, so the rule stays
+invariant to rescaling the loss and the parameters.
+
+``found_inf`` (float32 scalar tensor, nonzero = skip): nothing is written, counters
+and per-tensor scalars included, exactly as if the step had not been called.
+
+Stochastic rounding (``FLAG_STOCHASTIC_ROUNDING``, 16-bit parameters only): the
+float32 result ``x`` is rounded to one of its two neighbours in the parameter dtype
+with probabilities that make the expected value ``x``.  The random bits are a
+counter-based hash, identical on every backend::
+
+    key  = mix32(mix32(mix32(seed32) ^ slot32) ^ steps32')   # steps' = new step count
+    r    = mix32(key ^ index32)                              # index: element index in the tensor
+    bf16: bits(x) + (r >> 16), low 16 bits cleared            (x finite)
+    fp16: ulp = 2**(max(exponent(x), -14) - 10);  q = x / ulp
+          x' = (floor(q) + (u < q - floor(q))) * ulp,  u = (r >> 8) * 2**-24   (x finite)
+
+with ``mix32`` the 32-bit integer hash :func:`mix32` and ``seed32`` the low 32 bits of
+the op's ``seed``.  Non-finite ``x`` rounds to nearest.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from typing import Optional, Sequence
+
+import torch
 from torch import Tensor
 
-#: Columns of the per-tensor scalar table handed to every backend.
-SCALAR_COLUMNS = ("beta1", "beta2", "eps", "step_scale", "decay")
-BETA1, BETA2, EPS, STEP_SCALE, DECAY = range(len(SCALAR_COLUMNS))
+#: Columns of the per-tensor scalar state.
+SCALAR_COLUMNS = ("bias", "warm", "steps", "dscale")
+BIAS, WARM, STEPS, DSCALE = range(len(SCALAR_COLUMNS))
 
-#: Columns of the per-group hyper-parameter table built at each step.
-GROUP_COLUMNS = ("lr", "beta1", "beta2", "lr_warmup", "eps", "weight_decay")
+#: Columns of the per-group hyper-parameter table.
+HPARAM_COLUMNS = ("lr", "beta1", "beta2", "lr_warmup", "eps", "weight_decay")
+LR, BETA1, BETA2, LR_WARMUP, EPS, WEIGHT_DECAY = range(len(HPARAM_COLUMNS))
 
+#: Bits of the op's ``flags`` argument.
+FLAG_EXACT = 1
+FLAG_STOCHASTIC_ROUNDING = 2
 
-def group_table(param_groups) -> np.ndarray:
-    """float64 ``[n_groups, 6]`` table of each group's hyper-parameters (GROUP_COLUMNS)."""
-    rows = []
-    for g in param_groups:
-        lr = g["lr"]
-        lr = float(lr.item() if isinstance(lr, Tensor) else lr)
-        b1, b2 = g["betas"]
-        rows.append((lr, float(b1), float(b2), float(g["lr_warmup"]), float(g["eps"]),
-                     float(g["weight_decay"])))
-    return np.array(rows, dtype=np.float64).reshape(-1, len(GROUP_COLUMNS))
+#: Constants of mix32 ("lowbias32", a well-mixing 32-bit integer hash).
+MIX_M1 = 0x7FEB352D
+MIX_M2 = 0x846CA68B
+MASK32 = 0xFFFFFFFF
 
 
-def host_scalars(
-    hparams: np.ndarray, bias: np.ndarray, warm: np.ndarray, d_step: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Advances the per-tensor scalars by one step, without writing anything.
+# ------------------------------------------------------------------ per tensor
 
-    Args:
-        hparams: ``[n, 6]`` float64, each tensor's group row of :func:`group_table`.
-        bias, warm: ``[n]`` float64, the tensors' current ``bias`` and ``warm``.
-        d_step: whether this step refreshes the curvature estimate.
+def derive(scalars: Tensor, index: Tensor, hparams: Tensor, d_step: bool):
+    """Per-tensor quantities of one step (float64, on the device; nothing written).
 
-    Returns:
-        ``(new_bias, new_warm, scalars)`` where ``scalars`` is the ``[n, 5]`` table
-        (SCALAR_COLUMNS) that the backends consume (as a tensor, via torch.from_numpy).
+    Returns ``(new_rows, coeffs)``: ``new_rows`` float64 ``[n, 4]`` are the advanced
+    rows of ``scalars`` for the tensors of ``index``; ``coeffs`` is a dict of float64
+    ``[n]`` tensors ``w, beta2, eps, step_scale, decay, dscale, steps``.
     """
-    lr, b1, b2, lr_warmup, eps, wd = hparams.T
-    new_bias = bias * b1
-    new_warm = warm * lr_warmup if d_step else warm.copy()
-    alpha = lr * (1 - new_warm)
-    c = 1 - new_bias * b1
-    scalars = np.stack([b1, b2, eps, alpha / c, 1 - wd * alpha], axis=1)
-    return new_bias, new_warm, scalars
+    slot, group = index[:, 0].long(), index[:, 1].long()
+    rows = scalars[slot]
+    hp = hparams[group]
+    b1 = hp[:, BETA1]
+    bias = rows[:, BIAS] * b1
+    warm = rows[:, WARM] * hp[:, LR_WARMUP] if d_step else rows[:, WARM]
+    steps = rows[:, STEPS] + 1
+    alpha = hp[:, LR] * (1 - warm)
+    c = 1 - bias * b1
+    new_rows = torch.stack([bias, warm, steps, rows[:, DSCALE]], dim=1)
+    coeffs = dict(w=1 - b1, beta2=hp[:, BETA2], eps=hp[:, EPS], step_scale=alpha / c,
+                  decay=1 - hp[:, WEIGHT_DECAY] * alpha, dscale=rows[:, DSCALE], steps=steps,
+                  slot=slot)
+    return new_rows, coeffs
 
 
-__all__ = ["SCALAR_COLUMNS", "GROUP_COLUMNS", "group_table", "host_scalars"]
+# ------------------------------------------------------------------ per element
+
+def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
+    """``torch.lerp(a, b, w)``: ``a + w*(b - a)`` for ``|w| < 0.5``, else
+    ``b - (1 - w)*(b - a)`` (the backends agree with torch to the bit)."""
+    return torch.lerp(a, b, w)
+
+
+def update_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Optional[Tensor], *,
+                    w, beta2, eps, step_scale, decay, dscale, exact: bool,
+                    grad_scale: Optional[Tensor] = None):
+    """The element-wise rule on float32 (or float64) tensors; returns ``(p, m, d)`` new.
+
+    The scalars are Python floats or 0-d tensors, already rounded to the math dtype.
+    """
+    if grad_scale is not None:
+        g = g / grad_scale
+    ok = torch.isfinite(g)
+    g0 = torch.where(ok, g, torch.zeros_like(g))
+    m_new = _lerp(m, g0, w)
+    d_new = d
+    if h is not None:
+        if grad_scale is not None:
+            h = h / grad_scale
+        h2 = torch.where(torch.isfinite(h), h * h, torch.zeros_like(h))
+        d_new = torch.maximum(d * beta2, h2)
+    mhat = _lerp(m_new, g0, w)
+    denom = d_new.sqrt() + eps
+    q = mhat / denom
+    if not exact:
+        dscale = torch.as_tensor(dscale, dtype=q.dtype, device=q.device)
+        fallback = torch.where(dscale > 0, mhat / (dscale + eps), torch.zeros_like(q))
+        q = torch.where(d_new == 0, fallback, q)
+    p_new = p * decay - step_scale * q
+    p_new = torch.where(ok, p_new, p)
+    m_new = torch.where(ok, m_new, m)
+    d_new = torch.where(ok, d_new, d)
+    return p_new, m_new, d_new
+
+
+# ------------------------------------------------------------- random rounding
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32), without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + ((x * hi) & 0xFFFF) * 65536) & MASK32
+
+
+def mix32(x: Tensor) -> Tensor:
+    """The 32-bit integer hash every backend uses for stochastic rounding, on int64
+    tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX_M1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX_M2)
+    return x ^ (x >> 16)
+
+
+def mix32_int(x: int) -> int:
+    """:func:`mix32` of one Python int."""
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * MIX_M1) & MASK32
+    x ^= x >> 15
+    x = (x * MIX_M2) & MASK32
+    return x ^ (x >> 16)
+
+
+def random_bits(seed: int, slot, steps, numel: int, device=None) -> Tensor:
+    """int64 tensor of the 32-bit random numbers ``r`` of one tensor's elements.
+
+    ``slot`` and ``steps`` (the tensor's new step count) are ints or 0-d tensors on the
+    device (then nothing is read back to the host)."""
+    if isinstance(slot, Tensor) or isinstance(steps, Tensor):
+        slot = torch.as_tensor(slot, device=device).long() & MASK32
+        steps = torch.as_tensor(steps, device=device).long() & MASK32
+        key = mix32(mix32(mix32_int(seed) ^ slot) ^ steps)
+    else:
+        key = mix32_int(mix32_int(mix32_int(seed) ^ (slot & MASK32)) ^ (steps & MASK32))
+    idx = torch.arange(numel, dtype=torch.int64, device=device) & MASK32
+    return mix32(idx ^ key)
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, r: Tensor) -> Tensor:
+    """Rounds float32 ``x`` to ``dtype`` (bf16 or fp16) with random bits ``r`` (int64)."""
+    x = x.float()
+    finite = torch.isfinite(x)
+    if dtype == torch.bfloat16:
+        bits = x.view(torch.int32).long() & MASK32
+        bits = ((bits + (r >> 16)) & 0xFFFF0000) & MASK32
+        bits = torch.where(bits >= 2**31, bits - 2**32, bits).int()
+        y = bits.view(torch.float32)
+    elif dtype == torch.float16:
+        expo = (x.view(torch.int32).long() >> 23) & 0xFF
+        e = torch.clamp(expo - 127, min=-14)
+        ulp = torch.pow(2.0, (e - 10).float())
+        q = x / ulp
+        f = torch.floor(q)
+        u = (r >> 8).float() * 2.0**-24
+        y = (f + (u < q - f).float()) * ulp
+    else:
+        raise ValueError(f"stochastic rounding is for bfloat16 and float16, not {dtype}")
+    return torch.where(finite, y, x).to(dtype)
+
+
+# ------------------------------------------------------------------ reference
+
+def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                   exp_avg_ds: Sequence[Tensor], hvps: Optional[Sequence[Tensor]],
+                   scalars: Tensor, index: Tensor, hparams: Tensor,
+                   grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                   flags: int, seed: int) -> None:
+    """The whole op, one tensor at a time in torch ops: the readable reference.
+
+    Reads host values of the scalars (``.tolist()``): for tests, not for speed.
+    """
+    n = len(params)
+    if n == 0 or (found_inf is not None and float(found_inf) != 0):
+        return
+    new_rows, co = derive(scalars, index, hparams, hvps is not None)
+    exact = bool(flags & FLAG_EXACT)
+    sr = bool(flags & FLAG_STOCHASTIC_ROUNDING)
+    for i in range(n):
+        p = params[i]
+        state_dtype = exp_avgs[i].dtype
+        math = torch.float64 if p.dtype == torch.float64 else torch.float32
+
+        def f(name):  # a per-tensor scalar rounded to the math dtype, as a Python float
+            return torch.tensor(co[name][i].item(), dtype=torch.float64).to(math).item()
+
+        gs = None if grad_scale is None else grad_scale.to(math)
+        pn, mn, dn = update_elements(
+            p.to(math), grads[i].to(math), exp_avgs[i].to(math), exp_avg_ds[i].to(math),
+            None if hvps is None else hvps[i].to(math),
+            w=f("w"), beta2=f("beta2"), eps=f("eps"), step_scale=f("step_scale"), decay=f("decay"),
+            dscale=f("dscale"), exact=exact, grad_scale=gs)
+        if sr and p.dtype in (torch.bfloat16, torch.float16):
+            r = random_bits(seed, int(co["slot"][i]), int(co["steps"][i]), p.numel(), p.device)
+            flat = pn.reshape(-1) if pn.is_contiguous() else pn.contiguous().view(-1)
+            rounded = stochastic_round(flat, p.dtype, r)
+            # element index = position in the tensor's memory order (dense tensors)
+            p.copy_(_from_memory_order(rounded, p))
+        else:
+            p.copy_(pn)
+        exp_avgs[i].copy_(mn)
+        if hvps is not None:
+            exp_avg_ds[i].copy_(dn)
+    scalars[co["slot"]] = new_rows
+    if hvps is not None and not exact:
+        update_dscale(scalars, co["slot"], exp_avg_ds)
+
+
+def _from_memory_order(flat: Tensor, like: Tensor) -> Tensor:
+    """Inverse of walking ``like``'s memory: element ``k`` of ``flat`` goes to the
+    element stored at offset ``k`` (``like`` dense; contiguous is the identity)."""
+    if like.is_contiguous():
+        return flat.view(like.shape)
+    out = torch.empty_like(like)
+    out.as_strided((like.numel(),), (1,)).copy_(flat)
+    return out
+
+
+def curvature_scale(exp_avg_ds: Sequence[Tensor]) -> Tensor:
+    """float64 ``[n]``: mean of ``sqrt(D)`` over each tensor's coordinates with ``D > 0``
+    (0 where there are none), from two foreach reductions and no host read."""
+    if not exp_avg_ds:
+        return torch.zeros(0, dtype=torch.float64)
+    root_sum = torch.stack(torch._foreach_norm(exp_avg_ds, 0.5)).double()  # (sum sqrt D)^2
+    count = torch.stack(torch._foreach_norm(exp_avg_ds, 0)).double()       # #(D != 0)
+    return torch.where(count > 0, root_sum.sqrt() / count.clamp(min=1), torch.zeros_like(count))
+
+
+def update_dscale(scalars: Tensor, slot: Tensor, exp_avg_ds: Sequence[Tensor],
+                  found_inf: Optional[Tensor] = None) -> None:
+    """Writes each stepped tensor's :func:`curvature_scale` into ``scalars[:, DSCALE]``."""
+    new = curvature_scale(exp_avg_ds).to(scalars.device)
+    if found_inf is not None:
+        new = torch.where(found_inf.to(scalars.device) != 0, scalars[slot, DSCALE], new)
+    scalars[slot, DSCALE] = new
+
+
+__all__ = [
+    "BETA1", "BETA2", "BIAS", "DSCALE", "EPS", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING",
+    "HPARAM_COLUMNS", "LR", "LR_WARMUP", "SCALAR_COLUMNS", "STEPS", "WARM", "WEIGHT_DECAY",
+    "curvature_scale", "derive", "mix32", "mix32_int", "random_bits", "reference_step",
+    "stochastic_round", "update_dscale", "update_elements",
+]

@@ -7,7 +7,7 @@ import torch
 from reference import ReferenceESGDM
 
 import esgdm
-from esgdm.buckets import Bucket
+import esgdm.optimizer
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -51,8 +51,8 @@ def signs_for(step: int, index: int, like: torch.Tensor) -> torch.Tensor:
 class InjectedSigns:
     """Makes ``esgdm.ESGDM`` and the reference draw the same sign vectors.
 
-    Patches :meth:`Bucket.signs` (the only place the package draws them) so that each
-    parameter gets ``signs_for(step, its index in order)``.
+    Patches :func:`esgdm.optimizer.draw_signs` (the only place the package draws them)
+    so that each parameter gets ``signs_for(step, its index in optimizer order)``.
     """
 
     def __init__(self, monkeypatch, opt_params, ref_params):
@@ -62,11 +62,10 @@ class InjectedSigns:
         self.ref = None
         injector = self
 
-        def fake_signs(bucket, generator=None):
-            step = injector.opt.steps
-            return [signs_for(step, injector.opt_index[id(p)], p) for p in bucket.params]
+        def fake_signs(seed, step, key, p):
+            return signs_for(step, injector.opt_index[id(p)], p)
 
-        monkeypatch.setattr(Bucket, "signs", fake_signs)
+        monkeypatch.setattr(esgdm.optimizer, "draw_signs", fake_signs)
 
     def ref_signs(self, p):
         return signs_for(self.ref.steps, self.ref_index[id(p)], p)

@@ -277,7 +277,7 @@ def test_buckets_group_by_device_and_dtype_with_aligned_views():
     assert sorted(str(b.dtype) for b in buckets) == ["torch.bfloat16", "torch.float32", "torch.float64"]
     fp32 = next(b for b in buckets if b.dtype == torch.float32)
     assert fp32.params == [ps[0], ps[2]]
-    assert fp32.group_index.tolist() == [0, 1]
+    assert fp32.group_index == [0, 1]
     for b in buckets:
         for i, view in enumerate(b.exp_avg_views):
             assert view.data_ptr() % ALIGN_BYTES == 0
@@ -293,17 +293,33 @@ def test_buckets_group_by_device_and_dtype_with_aligned_views():
     assert torch.allclose(view, torch.full_like(view, 0.1))
 
 
-def test_signs_are_rademacher_from_one_flat_draw():
-    p = torch.zeros(10000, requires_grad=True)
-    q = torch.zeros(3, 7, requires_grad=True)
-    opt = esgdm.ESGDM([p, q], backend="torch")
-    (b,) = opt.buckets()
-    v = b.signs(torch.Generator().manual_seed(0))
-    assert v[0].shape == p.shape and v[1].shape == q.shape
-    assert v[0].untyped_storage().data_ptr() == v[1].untyped_storage().data_ptr()
-    values = torch.cat([t.flatten() for t in v])
-    assert set(values.unique().tolist()) == {-1.0, 1.0}
-    assert abs(values.mean().item()) < 0.05  # +1 and -1 equally likely
+def test_signs_are_rademacher_and_keyed_by_seed_step_parameter_and_index():
+    from esgdm.signs import rademacher
+
+    v = rademacher(7, 3, 1, (100, 100), dtype=torch.float32, device="cpu")
+    assert set(v.unique().tolist()) == {-1.0, 1.0}
+    assert abs(v.mean().item()) < 0.05  # +1 and -1 equally likely
+    # Same key, same signs; any other seed, step or parameter key, other signs.
+    assert torch.equal(v, rademacher(7, 3, 1, (100, 100), dtype=torch.float32, device="cpu"))
+    for other in ((8, 3, 1), (7, 4, 1), (7, 3, 2)):
+        w = rademacher(*other, (100, 100), dtype=torch.float32, device="cpu")
+        assert 0.4 < (v != w).float().mean().item() < 0.6
+    # A shard of rows [30, 70) draws exactly the full tensor's rows: sharding-invariant.
+    shard = rademacher(7, 3, 1, (40, 100), dtype=torch.float32, device="cpu", start=30 * 100)
+    assert torch.equal(shard, v[30:70])
+
+
+def test_d_steps_do_not_touch_the_global_rng():
+    p = torch.randn(50, requires_grad=True)
+    opt = esgdm.ESGDM([p], backend="torch")
+    torch.manual_seed(123)
+    for _ in range(3):
+        opt.zero_grad()
+        (p ** 4).sum().backward(create_graph=opt.should_create_graph())
+        opt.step()
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(after, torch.rand(3))
 
 
 def test_adding_a_param_group_keeps_existing_state():

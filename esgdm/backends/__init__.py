@@ -1,17 +1,20 @@
 """The backend seam: named implementations of the fused element-wise step.
 
-Every backend implements one function with one signature (see :class:`Backend`):
-it updates ``params``, ``exp_avgs`` and, on a D-step, ``exp_avg_ds`` in place from
-``grads`` (and ``hvps``) and the per-tensor scalar table of :mod:`esgdm.rule`.
-The front-end hands every backend the same inputs:
+Every backend implements one function with one signature (see :class:`Backend`),
+the kernel behind the ``esgdm::step_`` operator (:mod:`esgdm.ops`, which has checked
+the arguments first): it updates ``params``, ``exp_avgs`` and, on a D-step,
+``exp_avg_ds`` in place from ``grads`` (and ``hvps``), and advances the ``bias``,
+``warm`` and ``steps`` columns of the stepped tensors' rows of ``scalars``, all as
+:mod:`esgdm.rule` says, on the device, without reading anything back to the host:
 
 * all lists have one entry per tensor that has a gradient this step;
 * ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_ds[i]`` (and ``hvps[i]``)
   have the same shape, the same strides and are dense, so a kernel may walk all of
-  them as flat arrays of ``numel`` elements;
-* ``exp_avgs``/``exp_avg_ds`` are float32 (float64 for float64 parameters), the rest
-  are in the parameters' dtype;
-* ``scalars`` is a float64 CPU tensor ``[n, 5]`` (:data:`esgdm.rule.SCALAR_COLUMNS`).
+  them as flat arrays of ``numel`` elements (element ``k`` = memory offset ``k``);
+* ``exp_avgs``/``exp_avg_ds`` are float32 or bfloat16 (float64 for float64
+  parameters), the rest are in the parameters' dtype;
+* ``scalars``, ``index``, ``hparams``, ``grad_scale``, ``found_inf`` are on the
+  parameters' device (see :mod:`esgdm.ops`).
 
 Backends are loaded lazily.  A backend that cannot run somewhere says why in one
 sentence (:meth:`Backend.why_not`); asking for it by name there raises
@@ -73,6 +76,12 @@ class Backend:
         exp_avg_ds: Sequence[Tensor],
         hvps: Optional[Sequence[Tensor]],
         scalars: Tensor,
+        index: Tensor,
+        hparams: Tensor,
+        grad_scale: Optional[Tensor],
+        found_inf: Optional[Tensor],
+        flags: int,
+        seed: int,
     ) -> None:
         raise NotImplementedError
 

@@ -1,9 +1,15 @@
 """The ``"cpu"`` and ``"cuda"`` backends: the compiled extension ``esgdm._C``.
 
-Importing ``esgdm._C`` registers the operator ``torch.ops.esgdm.fused_step_`` (sources
-under ``csrc/``): a one-pass CPU kernel, parallel over ATen's threads, and, when the
-extension was built with CUDA, a multi-tensor-apply CUDA kernel that steps a whole
-bucket in one launch.  Both share the per-element update in ``csrc/esgdm_update.h``.
+``esgdm._C.step`` (sources under ``csrc/``) is the kernel behind the ``esgdm::step_``
+operator (:mod:`esgdm.ops`) for these two backends: a one-pass CPU kernel, parallel
+over ATen's threads, and, when the extension was built with CUDA, a multi-tensor-apply
+CUDA kernel that steps a whole bucket in one launch (plus one tiny launch that advances
+the per-tensor scalars), reading everything it needs -- the per-tensor scalars,
+``grad_scale``, ``found_inf`` -- from device memory and its address table from a cache,
+so that it neither synchronises with the host nor copies anything to the device in
+steady state (a CUDA graph can capture it).  Both share the rule of
+:mod:`esgdm.rule`, written once in ``csrc/esgdm_update.h``.  The extension defines no
+dispatcher operator of its own.
 
 This module always imports.  If the extension is missing (not built, or built against
 another torch) both backends say so through :meth:`Backend.why_not`, so that ``auto``
@@ -19,11 +25,20 @@ import torch
 
 from esgdm.backends import Backend
 
-#: Parameter dtypes the kernels step (state is float32, float64 for float64).
+#: Parameter dtypes the kernels step.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
+#: State (exp_avg, exp_avg_d) dtypes the kernels take for each parameter dtype.
+STATE_DTYPES = {
+    torch.float32: (torch.float32, torch.bfloat16),
+    torch.float16: (torch.float32, torch.bfloat16),
+    torch.bfloat16: (torch.float32, torch.bfloat16),
+    torch.float64: (torch.float64,),
+}
+
 EXTENSION = "esgdm._C"
-OP_NAME = "esgdm::fused_step_"
+
+_SEED_MASK = 0xFFFFFFFF
 
 
 def load_extension(name: str = EXTENSION):
@@ -42,6 +57,9 @@ def load_extension(name: str = EXTENSION):
             f"{name} failed to load ({type(e).__name__}: {e}); it was probably built against "
             f"another torch than {torch.__version__}: reinstall esgdm to rebuild it"
         )
+    if not callable(getattr(module, "step", None)):
+        return None, (f"{name} is out of date (it has no step function): reinstall esgdm "
+                      "to rebuild it")
     return module, None
 
 
@@ -84,11 +102,12 @@ def runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
     return False
 
 
-def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars) -> None:
-    torch.ops.esgdm.fused_step_(
-        list(params), list(grads), list(exp_avgs), list(exp_avg_ds),
-        None if hvps is None else list(hvps), scalars,
-    )
+def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+          grad_scale, found_inf, flags, seed) -> None:
+    # Only the low 32 bits of the seed key the rounding: masked here so that any
+    # Python int fits the extension's int64 argument.
+    _C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+            grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK)
 
 
 class _CompiledBackend(Backend):
@@ -104,8 +123,10 @@ class _CompiledBackend(Backend):
             return f"it steps {names} parameters, not {dtype}"
         return None
 
-    def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars):
-        _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
+    def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+             grad_scale, found_inf, flags, seed):
+        _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+              grad_scale, found_inf, flags, seed)
 
 
 class CpuBackend(_CompiledBackend):
@@ -163,4 +184,5 @@ class CudaBackend(_CompiledBackend):
 CPU_BACKEND = CpuBackend()
 CUDA_BACKEND = CudaBackend()
 
-__all__ = ["CPU_BACKEND", "CUDA_BACKEND", "build_info", "cuda_archs", "load_extension", "runs_on"]
+__all__ = ["CPU_BACKEND", "CUDA_BACKEND", "STATE_DTYPES", "SUPPORTED_DTYPES", "build_info",
+           "cuda_archs", "load_extension", "runs_on"]

@@ -1,130 +1,97 @@
-"""The ``"torch"`` backend: the element-wise step in plain PyTorch foreach ops.
+"""The ``"torch"`` backend: the rule of :mod:`esgdm.rule` in plain PyTorch ops.
 
-It runs wherever PyTorch does (any device, any floating dtype) and is the reference
-the fused kernels are tested against.  The rule is the one in :mod:`esgdm.rule`;
-here it costs five passes over memory on a plain step (six with weight decay):
-``lerp_`` into ``m``, the look-ahead ``mhat``, ``sqrt(D)``, ``+ eps``, and one
-``addcdiv_`` into ``p``.
-
-Work goes in runs of at most :data:`CHUNK_ELEMENTS` elements (a large tensor is cut
-into 1-D pieces of its memory; the contract makes every list share one layout, so
-piece k of ``p`` lines up with piece k of ``g``, ``m``, ``D``).  The temporaries then
-stay small enough to be reused from the allocator's cache run after run, instead of
-fresh pages being faulted in for every step, and they stay warm in cache.
+It runs wherever PyTorch does (any device, fp32/bf16/fp16/fp64 parameters, fp32 or
+bf16 state) and is the portable fallback.  Everything stays on the device: the
+per-tensor scalars are derived with tensor ops (:func:`esgdm.rule.derive`), a set
+``found_inf`` selects the old values back instead of branching on the host, and
+nothing is read back, so it too can be captured in a CUDA graph.  It is not fast: a
+dozen ops per tensor; the fused kernels do it in one pass.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
-
 import torch
-from torch import Tensor
 
 from esgdm.backends import Backend
-from esgdm.rule import BETA1, BETA2, EPS, SCALAR_COLUMNS, STEP_SCALE, DECAY
+from esgdm.rule import (
+    BIAS, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, STEPS, WARM, derive, random_bits,
+    stochastic_round, update_elements,
+)
 
-#: Upper bound on the elements held by each temporary (mhat, denominator) at once:
-#: 256K elements (1 MiB in fp32) keeps a run's six arrays near the caches; measured
-#: 1.5x faster than 1M on 20M elements in 60 tensors on the 2-core dev machine.
-CHUNK_ELEMENTS = 1 << 18
-
-
-def _pieces(t: Tensor, limit: int) -> list[Tensor]:
-    """``t``'s memory as 1-D pieces of at most ``limit`` elements (``t`` is dense)."""
-    n = t.numel()
-    flat = t.as_strided((n,), (1,), t.storage_offset())
-    return [flat[s:s + limit] for s in range(0, n, limit)]
+_SR_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _runs(sizes: Sequence[int], limit: int):
-    """Splits ``range(len(sizes))`` into consecutive runs of at most ``limit`` elements."""
-    start, total = 0, 0
-    for i, n in enumerate(sizes):
-        if i > start and total + n > limit:
-            yield start, i
-            start, total = i, 0
-        total += n
-    if start < len(sizes):
-        yield start, len(sizes)
+def _flat(t):
+    """``t``'s memory as a 1-D view (``t`` is dense): element k = memory offset k."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
 
 
-def _step_same_betas(ps, gs, ms, ds, hs, beta1, beta2, eps, scales, decays):
-    """The element-wise rule for tensors that share (beta1, beta2, eps)."""
-    torch._foreach_lerp_(ms, gs, 1 - beta1)  # m <- b1*m + (1-b1)*g
-    if hs is not None:
-        h2 = torch._foreach_mul(hs, hs)
-        torch._foreach_mul_(ds, beta2)
-        torch._foreach_maximum_(ds, h2)  # D <- max(b2*D, h*h)
-        del h2
-    mhat = torch._foreach_lerp(ms, gs, 1 - beta1)  # Nesterov look-ahead
-    denom = torch._foreach_sqrt(ds)
-    torch._foreach_add_(denom, eps)
-    if any(d != 1.0 for d in decays):
-        torch._foreach_mul_(ps, decays)  # decoupled weight decay
-    torch._foreach_addcdiv_(ps, mhat, denom, [-s for s in scales])
-
-
-def torch_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_ds: Sequence[Tensor],
-    hvps: Optional[Sequence[Tensor]],
-    scalars: Tensor,
-) -> None:
+def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+               grad_scale, found_inf, flags, seed) -> None:
     """One ESGD-M step over aligned lists (see :mod:`esgdm.backends` for the contract)."""
-    if not params:
+    n = len(params)
+    if n == 0:
         return
-    assert scalars.shape == (len(params), len(SCALAR_COLUMNS)), scalars.shape
-    rows = scalars.tolist()
-    state_dtype = exp_avgs[0].dtype
-    # Tensors sharing (beta1, beta2, eps) -- usually all of them -- go through foreach
-    # together; the per-tensor step size and decay ride along as scalar lists.
-    by_betas: dict[tuple[float, float, float], list[int]] = {}
-    for i, row in enumerate(rows):
-        by_betas.setdefault((row[BETA1], row[BETA2], row[EPS]), []).append(i)
-    lists = [params, grads, exp_avgs, exp_avg_ds] + ([hvps] if hvps is not None else [])
-    for (beta1, beta2, eps), members in by_betas.items():
-        # Cut big tensors into pieces; small ones stay whole (as_strided is not free).
-        pieces = [[] for _ in lists]
-        scales, decays = [], []
-        for i in members:
-            n = params[i].numel()
-            if n == 0:
-                continue
-            for out, tensors in zip(pieces, lists):
-                out.extend(_pieces(tensors[i], CHUNK_ELEMENTS) if n > CHUNK_ELEMENTS else [tensors[i]])
-            k = -(-n // CHUNK_ELEMENTS)
-            scales += [rows[i][STEP_SCALE]] * k
-            decays += [rows[i][DECAY]] * k
-        for a, b in _runs([t.numel() for t in pieces[0]], CHUNK_ELEMENTS):
-            ps, gs, ms, ds = (pieces[j][a:b] for j in range(4))
-            hs = pieces[4][a:b] if hvps is not None else None
-            low_precision = ps[0].dtype != state_dtype
-            work = ps
-            if low_precision:  # fp32 math on copies, rounded back once at the end
-                work = [p.to(state_dtype) for p in ps]
-                gs = [g.to(state_dtype) for g in gs]
-                hs = None if hs is None else [h.to(state_dtype) for h in hs]
-            _step_same_betas(work, gs, ms, ds, hs, beta1, beta2, eps, scales[a:b], decays[a:b])
-            if low_precision:
-                for p, w in zip(ps, work):
-                    p.copy_(w)
+    d_step = hvps is not None
+    new_rows, co = derive(scalars, index, hparams, d_step)
+    p_dtype = params[0].dtype
+    math = torch.float64 if p_dtype == torch.float64 else torch.float32
+    # Per-tensor scalars as 0-d tensors in the math dtype (rounded from float64 once).
+    per = {k: co[k].to(math).unbind() for k in ("w", "beta2", "eps", "step_scale", "decay", "dscale")}
+    exact = bool(flags & FLAG_EXACT)
+    sr = bool(flags & FLAG_STOCHASTIC_ROUNDING) and p_dtype in _SR_DTYPES
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+    gs = None if grad_scale is None else grad_scale.reshape(()).to(math)
+    slots = co["slot"].unbind() if sr else None
+    steps = co["steps"].unbind() if sr else None
+    for i in range(n):
+        p, m, d = _flat(params[i]), _flat(exp_avgs[i]), _flat(exp_avg_ds[i])
+        if p.numel() == 0:
+            continue
+        h = _flat(hvps[i]).to(math) if d_step else None
+        p_new, m_new, d_new = update_elements(
+            p.to(math), _flat(grads[i]).to(math), m.to(math), d.to(math), h,
+            w=per["w"][i], beta2=per["beta2"][i], eps=per["eps"][i],
+            step_scale=per["step_scale"][i], decay=per["decay"][i], dscale=per["dscale"][i],
+            exact=exact, grad_scale=gs)
+        if sr:
+            r = random_bits(seed, slots[i], steps[i], p.numel(), p.device)
+            p_new = stochastic_round(p_new, p_dtype, r)
+        else:
+            p_new = p_new.to(p_dtype)
+        m_new = m_new.to(m.dtype)
+        if skip is not None:  # found_inf: keep the old values, decided on the device
+            p_new = torch.where(skip, p, p_new)
+            m_new = torch.where(skip, m, m_new)
+            d_new = torch.where(skip, d, d_new.to(d.dtype))
+        p.copy_(p_new)
+        m.copy_(m_new)
+        if d_step:
+            d.copy_(d_new)
+    slot = co["slot"]
+    rows = new_rows[:, [BIAS, WARM, STEPS]]
+    if skip is not None:
+        rows = torch.where(skip, scalars[slot][:, [BIAS, WARM, STEPS]], rows)
+    scalars[slot, BIAS] = rows[:, 0]
+    scalars[slot, WARM] = rows[:, 1]
+    scalars[slot, STEPS] = rows[:, 2]
 
 
 class TorchBackend(Backend):
     name = "torch"
 
     def why_not(self, device, dtype):
-        if not dtype.is_floating_point:
-            return f"parameters must be floating point, got {dtype}"
+        if dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return f"it steps float32, float64, bfloat16 and float16 parameters, not {dtype}"
         return None
 
-    def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars):
-        torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
+    def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+             grad_scale, found_inf, flags, seed):
+        torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                   grad_scale, found_inf, flags, seed)
 
     def describe(self):
-        return "PyTorch foreach ops; runs on every device"
+        return "PyTorch ops, one tensor at a time; runs on every device"
 
 
 BACKEND = TorchBackend()

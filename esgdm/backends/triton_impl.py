@@ -1,13 +1,14 @@
 """The ``"triton"`` backend: one fused multi-tensor Triton kernel launch per bucket.
 
-The step goes through the ``torch.ops.esgdm.triton_step_`` operator (:mod:`esgdm.ops`)
-so that ``torch.compile`` sees one opaque, in-place op; the operator launches the
-kernel of :mod:`esgdm.kernels.esgdm_step`.
+:meth:`TritonBackend.step` is the kernel behind the ``esgdm::step_`` operator
+(:mod:`esgdm.ops` checks the arguments, and ``torch.compile`` traces that operator); it
+calls :func:`esgdm.kernels.esgdm_step.fused_step`, which steps the whole bucket and
+advances its per-tensor scalars in one launch, without reading anything back.
 
 Where it runs: CUDA tensors whenever Triton imports (``"auto"`` picks it first there);
 CPU tensors only in the Triton interpreter, i.e. when ``TRITON_INTERPRET=1`` was set
 before the kernel module was imported (that is how CI tests it).  Parameter dtypes:
-float32, bfloat16, float16 (state and arithmetic in float32).
+float32, bfloat16, float16, with float32 or bfloat16 state (arithmetic in float32).
 """
 
 from __future__ import annotations
@@ -17,18 +18,14 @@ from typing import Optional
 import torch
 
 from esgdm.backends import Backend
-from esgdm.ops import TRITON_DTYPES
 
 #: Oldest CUDA compute capability Triton generates code for.
 MIN_CAPABILITY = (7, 0)
 
-
-def _is_compiling() -> bool:
-    """True while torch.compile (Dynamo) traces this call."""
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return bool(getattr(torch._dynamo, "is_compiling", lambda: False)())
+#: Parameter and state dtypes the kernel handles (kept here too so that why_not does
+#: not have to import Triton to refuse a dtype; the kernel module holds the same lists).
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _triton_error() -> Optional[str]:
@@ -44,14 +41,21 @@ def _triton_error() -> Optional[str]:
     return None
 
 
+def _names(dtypes) -> str:
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
+
+
 class TritonBackend(Backend):
     name = "triton"
 
-    def why_not(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    def why_not(self, device: torch.device, dtype: torch.dtype,
+                state_dtype: Optional[torch.dtype] = None) -> Optional[str]:
         device = torch.device(device)
-        if dtype not in TRITON_DTYPES:
-            return (f"the Triton kernel steps float32, bfloat16 and float16 parameters, "
-                    f"not {dtype}")
+        if dtype not in DTYPES:
+            return f"the Triton kernel steps {_names(DTYPES)} parameters, not {dtype}"
+        if state_dtype is not None and state_dtype not in STATE_DTYPES:
+            return f"the Triton kernel keeps {_names(STATE_DTYPES)} state, not {state_dtype}"
         if device.type not in ("cuda", "cpu"):
             return f"the Triton kernel runs on CUDA devices, not {device.type}"
         error = _triton_error()
@@ -77,19 +81,14 @@ class TritonBackend(Backend):
                         f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer")
         return None
 
-    def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars):
+    def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+             grad_scale, found_inf, flags, seed):
         if not params:
             return
-        if _is_compiling():
-            # torch.compile traces the operator (schema + fake implementation).
-            torch.ops.esgdm.triton_step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
-        else:
-            # Eager: the front-end has already arranged the inputs as the backend contract
-            # says, so skip the dispatcher's boxing of five tensor lists and the operator's
-            # per-tensor checks (together ~1 ms per step for 200 tensors on a slow host).
-            from esgdm.kernels import esgdm_step
+        from esgdm.kernels import esgdm_step
 
-            esgdm_step.fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars)
+        esgdm_step.fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                              grad_scale, found_inf, flags, seed)
 
     def describe(self) -> str:
         error = _triton_error()
@@ -100,11 +99,9 @@ class TritonBackend(Backend):
 
         mode = "interpreter (TRITON_INTERPRET=1)" if esgdm_step.INTERPRET else "compiled"
         config = esgdm_step.CONFIGS[torch.float32]
-        return (f"Triton {triton.__version__}, {mode}; one fused kernel per bucket, "
-                f"BLOCK={config['BLOCK']}, num_warps={config['num_warps']}")
+        return (f"Triton {triton.__version__}, {mode}; one fused kernel per bucket "
+                f"(elements and per-tensor scalars), BLOCK={config['BLOCK']}, "
+                f"num_warps={config['num_warps']}")
 
-
-# Importing esgdm.ops defines torch.ops.esgdm.triton_step_.
-import esgdm.ops  # noqa: E402,F401
 
 BACKEND = TritonBackend()

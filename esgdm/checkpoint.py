@@ -1,0 +1,126 @@
+"""Checkpoint glue: ``state_dict`` in the original ``esgd.ESGD`` format, checked before any write.
+
+Per-parameter state keys are the original's (``exp_avg``, ``exp_avg_d``,
+``exp_avg_bias_corr``, ``lr_warmup_cumprod``) plus ``step`` (the steps the parameter
+took, which keys stochastic rounding); the top level holds ``global_state`` with the
+original's counters plus this implementation's ``seed`` and ``state_dtype``.
+Checkpoints of the original (no ``step``, no ``seed``) load too.
+
+:func:`validate` turns a state dict into plain values (or raises ``ValueError``
+naming the bad entry) without touching the optimizer, so that a failed load changes
+nothing; the optimizer then writes them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+EXP_AVG, EXP_AVG_D, BIAS, WARM, STEP = (
+    "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "lr_warmup_cumprod", "step")
+STATE_KEYS = (EXP_AVG, EXP_AVG_D, BIAS, WARM)
+
+
+def check_count(name: str, value: Any, minimum: int = 1) -> int:
+    """An integer ``>= minimum`` (bools, floats and strings are refused)."""
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {minimum})")
+    return int(value)
+
+
+def scalar(name: str, value: Any) -> float:
+    """A finite real number from a float, an int or a one-element tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold one value, got a tensor of shape {tuple(value.shape)}")
+        if value.is_meta:
+            raise ValueError(f"{name} is a tensor on the meta device (it holds no value)")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return value
+
+
+def state_tensor(name: str, value: Any, shape) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
+    if value.is_meta:
+        raise ValueError(f"{name} is a tensor on the meta device (it holds no values)")
+    if not value.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {value.dtype}")
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(value.shape)}, the parameter has shape {tuple(shape)}")
+    return value
+
+
+def validate(state_dict: dict, param_groups: list, check_group) -> dict:
+    """Everything :meth:`ESGDM.load_state_dict` needs, checked; raises ``ValueError``.
+
+    Returns ``{"counters": {...}, "groups": [...], "state": {param: {...}}}``.
+    """
+    if not isinstance(state_dict, dict) or "global_state" not in state_dict:
+        raise ValueError("loaded state dict is not an ESGD-M checkpoint: missing 'global_state'")
+    glob = state_dict["global_state"]
+    try:
+        counters = {
+            "update_d_every": check_count("update_d_every", glob["update_d_every"]),
+            "d_warmup": check_count("d_warmup", glob["d_warmup"]),
+            "steps": check_count("steps", glob["steps"], 0),
+            "steps_since_d": check_count("steps_since_d", glob["steps_since_d"], 0),
+        }
+    except KeyError as e:
+        raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {e}") from None
+    seed = glob.get("seed", glob.get("sign_seed"))
+    counters["seed"] = None if seed is None else check_count("seed", seed, 0)
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {key!r}")
+
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
+                         f"the optimizer has {len(param_groups)}")
+    id_to_param, groups = {}, []
+    for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(f"param group {gi} has {len(group['params'])} parameters, "
+                             f"the loaded state dict has {len(saved['params'])}")
+        id_to_param.update(zip(saved["params"], group["params"]))
+        new = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+        new["params"] = group["params"]
+        check_group(new, f" in loaded param group {gi}")
+        groups.append(new)
+
+    per_param = {}
+    for key, entry in state_dict["state"].items():
+        if key not in id_to_param:
+            raise ValueError(f"loaded state dict has state for unknown parameter id {key!r}")
+        p = id_to_param[key]
+        if not entry:
+            continue  # a parameter whose state was reset
+        missing = [k for k in STATE_KEYS if k not in entry]
+        if missing:
+            raise ValueError(f"state of parameter id {key!r} lacks {missing}")
+        where = f"state {{}} of parameter id {key!r}"
+        per_param[p] = {
+            EXP_AVG: state_tensor(where.format(repr(EXP_AVG)), entry[EXP_AVG], p.shape),
+            EXP_AVG_D: state_tensor(where.format(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape),
+            BIAS: scalar(where.format(repr(BIAS)), entry[BIAS]),
+            WARM: scalar(where.format(repr(WARM)), entry[WARM]),
+            STEP: scalar(where.format(repr(STEP)), entry.get(STEP, 0.0)),
+        }
+    return {"counters": counters, "groups": groups, "state": per_param}
+
+
+__all__ = ["BIAS", "EXP_AVG", "EXP_AVG_D", "STATE_KEYS", "STEP", "WARM", "check_count", "scalar",
+           "validate"]

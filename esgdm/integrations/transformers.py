@@ -1,0 +1,318 @@
+"""ESGD-M in Hugging Face ``transformers.Trainer``: :class:`ESGDMTrainer`.
+
+``transformers.Trainer`` calls ``backward()`` without ``create_graph`` and steps the
+optimizer without a closure, so neither way ESGD-M takes curvature works with it.
+:class:`ESGDMTrainer` is a drop-in subclass that does both::
+
+    from esgdm.integrations.transformers import ESGDMTrainer
+
+    trainer = ESGDMTrainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                           optimizer_cls_and_kwargs=(esgdm.ESGDM, {"lr": 0.5, "hvp": "auto"}))
+    trainer.train()
+
+On a D-step (a step that takes a Hessian-vector product ``H v``):
+
+* **autograd** (``opt.should_create_graph()`` is true): every micro-batch's backward
+  runs with ``create_graph=True`` (the gradient that ``H v`` differentiates is the sum
+  over the accumulated micro-batches, so each one must carry its graph);
+* **finite differences** (``hvp="finite_difference"``, or ``hvp="auto"`` when the
+  gradients carry no graph or the double backward failed): the step gets a closure.
+  The micro-batches' gradients at θ come from the ordinary training loop; the probe
+  at θ + r·v re-runs every micro-batch of the step with the random-number state each
+  one saw (so dropout draws the same masks), then puts the probe gradient in the
+  units of the gradient the optimizer holds (undoing the loss scale of fp16 training,
+  and the clipping: ``max_grad_norm`` scales the gradient of the update, not the
+  curvature, exactly as in autograd mode).
+
+Gradient accumulation, ``max_grad_norm``, bf16 autocast and the learning-rate
+scheduler all behave as with ``Trainer``.  With fp16 (a ``GradScaler``) the trainer
+gives the curvature steps to finite differences (``hvp="auto"`` or
+``"finite_difference"``): the scaler unscales the gradients in place before the step,
+which an autograd graph cannot follow.
+
+Optimizer choice.  ``TrainingArguments(optim=...)`` takes only the names transformers
+knows, so ESGD-M is chosen in one of three ways:
+
+* ``ESGDMTrainer(..., optimizer_cls_and_kwargs=(esgdm.ESGDM, {"lr": 0.5}))`` --
+  transformers' own hook: the Trainer builds the two parameter groups (weight decay
+  ``args.weight_decay`` on weights, none on biases and norms);
+* nothing: ``ESGDMTrainer`` then builds that same ESGD-M with ``lr=args.learning_rate``,
+  ``weight_decay=args.weight_decay`` and the keywords in ``args.optim_args``
+  (``"hvp=finite_difference,update_d_every=10,beta1=0.9,beta2=0.999"``);
+* ``optimizers=(esgdm.ESGDM(groups, lr=0.5), None)``: any optimizer you built.
+
+With an optimizer that is not ESGD-M, ``ESGDMTrainer`` behaves exactly as ``Trainer``.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import types
+import warnings
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+try:
+    from transformers import Trainer
+except ImportError as e:  # pragma: no cover - exercised only without transformers
+    raise ImportError(
+        "esgdm.integrations.transformers needs transformers and accelerate: "
+        "pip install 'esgdm[transformers]'"
+    ) from e
+
+from esgdm.hvp import RngSnapshot
+from esgdm.integrations import quiet_create_graph, unwrap_optimizer
+from esgdm.optimizer import ESGDM
+
+__all__ = ["ESGDMTrainer", "esgdm_kwargs_from_args"]
+
+#: TrainingArguments' default learning rate: an AdamW value, far too small for ESGD-M.
+_TRAINING_ARGS_DEFAULT_LR = 5e-5
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        low = text.lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low == "none":
+            return None
+        return text
+
+
+def esgdm_kwargs_from_args(args: Any) -> dict:
+    """The :class:`esgdm.ESGDM` keywords for ``TrainingArguments`` ``args``.
+
+    ``lr`` is ``args.learning_rate``; ``weight_decay`` is set per parameter group by the
+    Trainer; ``args.optim_args`` (``"key=value,key=value"``) adds any ESGDM keyword,
+    with ``beta1``/``beta2`` for ``betas`` and ``state_dtype=bfloat16`` for a dtype.
+    """
+    kwargs: dict[str, Any] = {"lr": float(args.learning_rate)}
+    text = getattr(args, "optim_args", None) or ""
+    betas = [0.9, 0.999]
+    betas_given = False
+    for item in text.replace(" ", "").split(","):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ValueError(f"optim_args: expected key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        if key in ("beta1", "beta2"):
+            betas[key == "beta2"] = float(value)
+            betas_given = True
+        elif key == "state_dtype":
+            kwargs[key] = getattr(torch, value.replace("torch.", ""))
+        elif key in ("lr", "weight_decay"):
+            raise ValueError(f"optim_args: set {key} through TrainingArguments "
+                             f"({'learning_rate' if key == 'lr' else 'weight_decay'}=...)")
+        else:
+            kwargs[key] = _literal(value)
+    if betas_given:
+        kwargs["betas"] = tuple(betas)
+    return kwargs
+
+
+@dataclasses.dataclass
+class _MicroBatch:
+    inputs: Any
+    args: tuple
+    kwargs: dict
+    rng: RngSnapshot
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a finite-difference D-step needs to re-run its micro-batches."""
+
+    step: int
+    model: Any = None
+    micro: list = dataclasses.field(default_factory=list)
+    losses: list = dataclasses.field(default_factory=list)
+    clip: Optional[Tensor] = None  # the clipping factor applied to the gradients
+
+
+def _hooked_step(opt: ESGDM, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+    """``opt.step`` while an :class:`ESGDMTrainer` trains: adds the finite-difference
+    closure on the steps that need one (the Trainer calls ``step()`` without any)."""
+    hook = opt.__dict__.get("_esgdm_trainer_hook")
+    if closure is None and hook is not None:
+        trainer = hook[0]()
+        if trainer is not None:
+            closure = trainer._esgdm_closure(opt)
+    previous = hook[1] if hook is not None else types.MethodType(type(opt).step, opt)
+    if closure is None:
+        return previous(**kwargs)
+    return previous(closure, **kwargs)
+
+
+class ESGDMTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with :class:`esgdm.ESGDM` in both
+    Hessian-vector-product modes (see the module docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._esgdm_plan: Optional[_Plan] = None
+        self._esgdm_probing = False
+
+    # ----------------------------------------------------------- optimizer
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: Any = None) -> tuple[Any, Any]:
+        """ESGD-M, configured from ``args`` (see :func:`esgdm_kwargs_from_args`)."""
+        kwargs = esgdm_kwargs_from_args(args)
+        if kwargs["lr"] == _TRAINING_ARGS_DEFAULT_LR:
+            warnings.warn(
+                f"ESGDMTrainer: learning_rate is TrainingArguments' default {_TRAINING_ARGS_DEFAULT_LR}, "
+                "an AdamW value; ESGD-M's step sizes are around 0.1-1 (e.g. learning_rate=0.5)",
+                UserWarning, stacklevel=2)
+        return ESGDM, kwargs
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+        opt = unwrap_optimizer(optimizer)
+        if opt is not None:
+            self._esgdm_install(opt)
+        return optimizer
+
+    def _esgdm(self) -> Optional[ESGDM]:
+        return unwrap_optimizer(self.optimizer)
+
+    def _esgdm_install(self, opt: ESGDM) -> None:
+        """Routes ``opt.step`` through :func:`_hooked_step` (once; chains whatever
+        wrapper -- an LR scheduler's, accelerate's -- was there before)."""
+        hook = opt.__dict__.get("_esgdm_trainer_hook")
+        if hook is not None:
+            if hook[0]() is self:
+                return
+            opt._esgdm_trainer_hook = (weakref.ref(self), hook[1])  # a new trainer, same optimizer
+            return
+        if self.accelerator.scaler is not None and opt.hvp == "autograd":
+            raise ValueError(
+                "ESGDMTrainer: fp16 training unscales the gradients in place before the step, which "
+                "a double-backward graph cannot follow; use esgdm.ESGDM(..., hvp='auto') or "
+                "hvp='finite_difference' (the trainer passes the closure), or bf16")
+        previous = opt.step  # bound method, or a wrapper an LR scheduler installed
+        opt._esgdm_trainer_hook = (weakref.ref(self), previous)
+        opt.step = types.MethodType(_hooked_step, opt)
+
+    # ------------------------------------------------------------ training
+
+    def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
+        opt = self._esgdm()
+        if opt is None or self._esgdm_probing:
+            return super().training_step(model, inputs, *args, **kwargs)
+        self._esgdm_install(opt)
+        d_step = opt.is_d_step()
+        scaler = self.accelerator.scaler
+        create_graph = d_step and opt.should_create_graph() and scaler is None
+        plan = None
+        if d_step and opt.hvp != "autograd":
+            plan = self._esgdm_plan
+            if plan is None or plan.step != opt.steps:
+                plan = self._esgdm_plan = _Plan(step=opt.steps)
+            plan.model = model
+            saved = dict(inputs) if isinstance(inputs, dict) else inputs
+            plan.micro.append(_MicroBatch(saved, args, dict(kwargs), RngSnapshot()))
+        if create_graph:
+            with self._esgdm_backward_kwargs(create_graph=True), quiet_create_graph():
+                loss = super().training_step(model, inputs, *args, **kwargs)
+        else:
+            loss = super().training_step(model, inputs, *args, **kwargs)
+        if plan is not None:
+            plan.losses.append(loss.detach())
+        return loss
+
+    @contextlib.contextmanager
+    def _esgdm_backward_kwargs(self, **extra: Any):
+        """Adds ``extra`` to the keywords of ``self.accelerator.backward`` (the call
+        ``Trainer.training_step`` makes) for the duration of the block."""
+        acc = self.accelerator
+        had_own = "backward" in acc.__dict__
+        own = acc.__dict__.get("backward")
+        original = acc.backward
+
+        def backward(loss, **kwargs):
+            return original(loss, **{**kwargs, **extra})
+
+        acc.backward = backward
+        try:
+            yield
+        finally:
+            if had_own:
+                acc.backward = own
+            else:
+                del acc.backward
+
+    def _clip_grad_norm(self, model: Any) -> Any:
+        norm = super()._clip_grad_norm(model)
+        plan = self._esgdm_plan
+        opt = self._esgdm()
+        if plan is not None and opt is not None and plan.step == opt.steps and isinstance(norm, Tensor):
+            # torch.nn.utils.clip_grad_norm_ multiplies the gradients by this factor
+            max_norm = float(self.args.max_grad_norm)
+            plan.clip = torch.clamp(max_norm / (norm.detach().float() + 1e-6), max=1.0)
+        return norm
+
+    def _esgdm_closure(self, opt: ESGDM) -> Optional[Callable[[], Any]]:
+        """The closure of a finite-difference D-step, or None on other steps."""
+        plan = self._esgdm_plan
+        if plan is None or plan.step != opt.steps or not opt.is_d_step() or not plan.micro:
+            self._esgdm_plan = None
+            return None
+        self._esgdm_plan = None
+        params = [p for group in opt.param_groups for p in group["params"]]
+        base = [p.grad for p in params]  # the gradients the optimizer steps with
+        scaler = self.accelerator.scaler
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            total = torch.stack([loss.float() for loss in plan.losses]).sum()
+            if calls[0] == 1:
+                return total  # the training loop has computed the gradients at θ already
+            self._esgdm_probe(plan)
+            self._esgdm_match_units(params, base, plan.clip, scaler)
+            return total
+
+        return closure
+
+    def _esgdm_probe(self, plan: _Plan) -> None:
+        """Accumulates the gradients of the step's micro-batches at the current
+        parameters, each under the random-number state it was first run with."""
+        self._esgdm_probing = True
+        try:
+            last = len(plan.micro) - 1
+            for i, mb in enumerate(plan.micro):
+                mb.rng.restore()
+                sync = contextlib.nullcontext() if i == last else self.accelerator.no_sync(plan.model)
+                with sync:
+                    super().training_step(plan.model, mb.inputs, *mb.args, **mb.kwargs)
+        finally:
+            self._esgdm_probing = False
+
+    @staticmethod
+    @torch.no_grad()
+    def _esgdm_match_units(params, base, clip, scaler) -> None:
+        """Puts the probe gradients in the units of the step's gradients.
+
+        The step's gradient is ``c * g`` (``c``: the clipping factor, 1 without it;
+        fp16 gradients already unscaled); the probe's is ``S * g'`` (``S``: the loss
+        scale).  The finite difference must see ``g' - g``, so the probe gradient
+        becomes ``g' / 1 + (1 - 1/c) * (c * g)``.
+        """
+        grads = [p.grad for p in params if p.grad is not None]
+        if scaler is not None and grads:
+            torch._foreach_mul_(grads, 1.0 / float(scaler.get_scale()))
+        if clip is None:
+            return
+        factor = 1.0 - 1.0 / clip
+        for p, b in zip(params, base):
+            if p.grad is not None and b is not None:
+                p.grad.add_(b.detach() * factor.to(device=b.device, dtype=b.dtype))

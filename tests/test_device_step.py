@@ -1,0 +1,282 @@
+"""The device-resident step: GradScaler, found_inf, no host reads, torch.compile, capture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import esgdm
+from helpers import rel_err
+from conftest import requires_cuda
+
+BACKENDS = ["torch", "cpu"]
+
+
+def _backend_or_skip(name, device="cpu"):
+    from esgdm import backends
+
+    reason = backends.get(name).why_not(torch.device(device), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+    return name
+
+
+def _mlp(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
+
+
+def _data(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g)
+
+
+def _train(backend, steps, scaler=None, hvp="autograd", inject_inf_at=None, **kw):
+    net = _mlp()
+    x, y = _data()
+    opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend=backend, hvp=hvp, seed=5, **kw)
+    for t in range(steps):
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            if scaler is not None:
+                scaler.scale(loss).backward(create_graph=opt.should_create_graph())
+            else:
+                loss.backward(create_graph=opt.should_create_graph())
+            if t == inject_inf_at:
+                next(net.parameters()).grad.view(-1)[0] = float("inf")
+            return loss
+
+        if scaler is None:
+            opt.step(closure) if hvp == "finite_difference" else (closure(), opt.step())
+        elif hvp == "finite_difference":
+            closure()  # GradScaler checks the gradients for infs before the step
+            scaler.step(opt, closure)
+            scaler.update()
+        else:
+            closure()
+            scaler.step(opt)
+            scaler.update()
+    return net, opt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_grad_scaler_follows_the_unscaled_run(backend, hvp):
+    """torch.amp.GradScaler: the kernels divide g and h by the scale (h carries it
+    too), so a scaled run follows the unscaled one."""
+    _backend_or_skip(backend)
+    plain, _ = _train(backend, 60, hvp=hvp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=10)
+    scaled, opt = _train(backend, 60, scaler=scaler, hvp=hvp)
+    assert scaler.get_scale() > 2.0**12  # it grew: no inf was found, every step was taken
+    assert opt.steps == 60
+    for a, b in zip(scaled.parameters(), plain.parameters()):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_with_inf_found_changes_nothing(backend):
+    """An inf in a gradient: GradScaler passes found_inf and the step changes nothing,
+    parameters, state and counters included (decided on the device)."""
+    _backend_or_skip(backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    net, opt = _train(backend, 5, scaler=scaler)
+    before = [p.detach().clone() for p in net.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(net.parameters())].items()}
+    counters = (opt.steps, opt.steps_since_d)
+    x, y = _data()
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(torch.nn.functional.cross_entropy(net(x), y)).backward(
+        create_graph=opt.should_create_graph())
+    next(net.parameters()).grad.view(-1)[0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert scaler.get_scale() == 2.0**9  # the scaler saw the inf
+    for a, b in zip(before, net.parameters()):
+        assert torch.equal(a, b)
+    for k, v in opt.state[next(net.parameters())].items():
+        assert torch.equal(v, state[k]), k
+    assert (opt.steps, opt.steps_since_d) == counters
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_parameters_train_with_grad_scaler(backend):
+    _backend_or_skip(backend)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    net = _mlp(dtype=torch.float16)
+    x, y = _data()
+    opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend=backend, seed=5)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(x.half()).float(), y)
+        scaler.scale(loss).backward(create_graph=opt.should_create_graph())
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    net32, _ = _train(backend, 60)
+    x, y = _data()
+    loss32 = torch.nn.functional.cross_entropy(net32(x), y).item()
+    loss16 = torch.nn.functional.cross_entropy(net(x.half()).float(), y).item()
+    assert loss16 < losses[0] - 0.2  # it trains
+    assert abs(loss16 - loss32) < 0.02 * loss32  # and follows fp32 training
+
+
+def test_plain_step_reads_nothing_back_to_the_host(monkeypatch):
+    """With a tensor lr, a plain step calls no .item(), .cpu(), .tolist() or .numpy()."""
+    net = _mlp()
+    x, y = _data()
+    lr = torch.tensor(0.3)
+    opt = esgdm.ESGDM(net.parameters(), lr=lr, backend="torch", d_warmup=1, update_d_every=1000)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward(create_graph=opt.should_create_graph())
+        opt.step()
+
+    def forbidden(name):
+        def call(*args, **kwargs):
+            raise AssertionError(f"host read: Tensor.{name}")
+        return call
+
+    for name in ("item", "cpu", "tolist", "numpy", "__float__", "__int__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step()
+        lr.mul_(0.5)  # a schedule on the tensor: picked up on the device
+
+
+def test_tensor_lr_changes_are_seen_without_a_host_read():
+    net_a, net_b = _mlp(), _mlp()
+    x, y = _data()
+    lr = torch.tensor(0.3)
+    opt_a = esgdm.ESGDM(net_a.parameters(), lr=lr, backend="torch", seed=1)
+    opt_b = esgdm.ESGDM(net_b.parameters(), lr=0.3, backend="torch", seed=1)
+    for t in range(25):
+        for net, opt in ((net_a, opt_a), (net_b, opt_b)):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward(create_graph=opt.should_create_graph())
+            opt.step()
+        lr.fill_(0.3 * 0.9 ** (t + 1))
+        opt_b.param_groups[0]["lr"] = 0.3 * 0.9 ** (t + 1)
+    for a, b in zip(net_a.parameters(), net_b.parameters()):
+        assert torch.equal(a, b)
+
+
+def _compiled_vs_eager(backend, fullgraph, steps=30, d_warmup=20, update_d_every=10):
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        net = _mlp()
+        x, y = _data()
+        opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend=backend, seed=3,
+                          d_warmup=d_warmup, update_d_every=update_d_every)
+        step = torch.compile(opt.step, fullgraph=fullgraph) if compiled else opt.step
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward(create_graph=opt.should_create_graph())
+            if compiled and opt.is_d_step() and fullgraph:
+                opt.step()  # D-steps break the graph (autograd.grad); plain steps must not
+            else:
+                step()
+        results.append([p.detach().clone() for p in net.parameters()])
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_step_equals_eager_including_d_steps(backend):
+    _backend_or_skip(backend)
+    eager, compiled = _compiled_vs_eager(backend, fullgraph=False)
+    for a, b in zip(eager, compiled):
+        assert rel_err(b, a) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plain_steps_compile_with_fullgraph(backend):
+    _backend_or_skip(backend)
+    eager, compiled = _compiled_vs_eager(backend, fullgraph=True, steps=12, d_warmup=2, update_d_every=100)
+    for a, b in zip(eager, compiled):
+        assert rel_err(b, a) < 1e-6
+
+
+# ------------------------------------------------------------------ GPU twins
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_cuda_graph_capture_and_replay_equals_eager(backend):
+    _backend_or_skip(backend, "cuda")
+    results = []
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10)).cuda()
+        x = torch.randn(128, 64, device="cuda")
+        y = torch.randint(0, 10, (128,), device="cuda")
+        lr = torch.tensor(0.3, device="cuda")
+        opt = esgdm.ESGDM(net.parameters(), lr=lr, backend=backend, seed=1, capturable=True,
+                          d_warmup=1, update_d_every=10**9)
+
+        def train_step():
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step()
+
+        opt.zero_grad(set_to_none=False)
+        torch.nn.functional.cross_entropy(net(x), y).backward(create_graph=True)
+        opt.step()  # the D-step, eager
+        for p in net.parameters():
+            p.grad = p.grad.detach().zero_()
+        if graphed:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    opt.zero_grad(set_to_none=False)
+                    train_step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            opt.zero_grad(set_to_none=False)
+            with torch.cuda.graph(g):
+                train_step()
+            for _ in range(10):
+                opt.zero_grad(set_to_none=False)
+                g.replay()
+        else:
+            for _ in range(13):
+                opt.zero_grad(set_to_none=False)
+                train_step()
+        torch.cuda.synchronize()
+        results.append([p.detach().clone() for p in net.parameters()])
+    for a, b in zip(*results):
+        assert rel_err(b, a) < 1e-5
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_plain_steps_do_not_sync_with_the_host(backend):
+    _backend_or_skip(backend, "cuda")
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 10)).cuda()
+    x = torch.randn(128, 64, device="cuda")
+    y = torch.randint(0, 10, (128,), device="cuda")
+    opt = esgdm.ESGDM(net.parameters(), lr=torch.tensor(0.3, device="cuda"), backend=backend,
+                      d_warmup=1, update_d_every=10**9)
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(net(x), y).backward(create_graph=opt.should_create_graph())
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
