@@ -6,9 +6,8 @@
 >>> opt.step()
 """
 
+from esgdm._version import __version__
 from esgdm.backends import BackendUnavailableError
 from esgdm.optimizer import ESGD, ESGDM
-
-__version__ = "0.1.0"
 
 __all__ = ["ESGD", "ESGDM", "BackendUnavailableError", "__version__"]

@@ -24,6 +24,20 @@ from torch import Tensor
 
 from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM
 
+try:  # torch >= 2.5 (FSDP2's sharded parameters)
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch or a build without distributed
+    DTensor = None
+
+
+def is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """What this process holds of ``t``: a DTensor's local shard (same storage), else ``t``."""
+    return t._local_tensor if is_dtensor(t) else t
+
 #: Every tensor's slice of a flat buffer starts on a multiple of this many bytes.
 ALIGN_BYTES = 16
 
@@ -98,19 +112,25 @@ class Bucket:
         if not params:
             raise ValueError("a bucket needs at least one parameter")
         self.params = list(params)
-        p0 = self.params[0]
+        #: Whether some parameter is a DTensor (FSDP2): then the kernels step each one's
+        #: local shard, and the state is exposed as DTensors sharded like the parameter.
+        self.dtensor = [is_dtensor(p) for p in self.params]
+        self.any_dtensor = any(self.dtensor)
+        #: The tensors the kernels step: the parameters, or their local shards.
+        self.tensors = [local(p) for p in self.params] if self.any_dtensor else self.params
+        p0 = self.tensors[0]
         self.device = p0.device
         self.dtype = p0.dtype
         self.device_index = p0.get_device()  # -1 on the CPU
         self.state_dtype = state_dtype_for(self.dtype, state_dtype)
         self.group_index = [int(g) for g in group_index]
-        self.numels = [p.numel() for p in self.params]
+        self.numels = [t.numel() for t in self.tensors]
         # Parameters that are not dense (a strided slice of something) are stepped
         # through a dense copy; everything else is stepped in place.
-        self.dense = [p.numel() == 0 or is_dense(p) for p in self.params]
+        self.dense = [t.numel() == 0 or is_dense(t) for t in self.tensors]
         self.all_dense = all(self.dense)
         #: Strides of each tensor's state, and of its gradient as the kernels see it.
-        self.strides = [state_strides(p) for p in self.params]
+        self.strides = [state_strides(t) for t in self.tensors]
 
         align = ALIGN_BYTES // self.state_dtype.itemsize
         self.offsets = []
@@ -141,9 +161,19 @@ class Bucket:
         return (self.device, self.dtype)
 
     def view(self, flat: Tensor, i: int) -> Tensor:
-        """Tensor ``i``'s slice of ``flat``, shaped (and strided) like the parameter."""
+        """Tensor ``i``'s slice of ``flat``, shaped (and strided) like the parameter
+        (like its local shard, for a DTensor)."""
+        t = self.tensors[i]
+        return flat.as_strided(t.shape, self.strides[i], flat.storage_offset() + self.offsets[i])
+
+    def exposed_view(self, view: Tensor, i: int) -> Tensor:
+        """``view`` as the user sees state: a DTensor sharded like parameter ``i`` if
+        that is a DTensor (so a sharded optimizer's state dict is a sharded state dict)."""
+        if not self.dtensor[i]:
+            return view
         p = self.params[i]
-        return flat.as_strided(p.shape, self.strides[i], flat.storage_offset() + self.offsets[i])
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+                                  shape=p.shape, stride=p.stride())
 
     def scalar(self, i: int, column: int) -> Tensor:
         """Tensor ``i``'s ``column`` of :attr:`scalars` as a 0-d view."""
@@ -192,7 +222,7 @@ def build_buckets(param_groups: Sequence[dict], state_dtype: Optional[torch.dtyp
     members: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
     for gi, group in enumerate(param_groups):
         for p in group["params"]:
-            params, groups = members.setdefault((p.device, p.dtype), ([], []))
+            params, groups = members.setdefault((local(p).device, p.dtype), ([], []))
             params.append(p)
             groups.append(gi)
     return [Bucket(params, groups, state_dtype) for params, groups in members.values()]
@@ -213,5 +243,5 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
 
 __all__ = [
     "ALIGN_BYTES", "Bucket", "STATE_DTYPES", "build_buckets", "bytes_moved", "is_dense",
-    "same_layout", "state_dtype_for", "state_strides",
+    "is_dtensor", "local", "same_layout", "state_dtype_for", "state_strides",
 ]

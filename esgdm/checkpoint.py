@@ -25,6 +25,10 @@ EXP_AVG, EXP_AVG_D, BIAS, WARM, STEP = (
     "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "lr_warmup_cumprod", "step")
 STATE_KEYS = (EXP_AVG, EXP_AVG_D, BIAS, WARM)
 
+#: Each saved param group carries a copy of ``global_state`` under this key, because
+#: torch.distributed.checkpoint keeps only ``state`` and ``param_groups``.
+GROUP_KEY = "esgdm_global_state"
+
 
 def check_count(name: str, value: Any, minimum: int = 1) -> int:
     """An integer ``>= minimum`` (bools, floats and strings are refused)."""
@@ -68,9 +72,14 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
 
     Returns ``{"counters": {...}, "groups": [...], "state": {param: {...}}}``.
     """
-    if not isinstance(state_dict, dict) or "global_state" not in state_dict:
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"loaded state dict is not a dict: {type(state_dict).__name__}")
+    glob = state_dict.get("global_state")
+    if glob is None:  # a checkpoint that went through torch.distributed.checkpoint
+        groups = state_dict.get("param_groups") or [{}]
+        glob = groups[0].get(GROUP_KEY) if isinstance(groups[0], dict) else None
+    if not isinstance(glob, dict):
         raise ValueError("loaded state dict is not an ESGD-M checkpoint: missing 'global_state'")
-    glob = state_dict["global_state"]
     try:
         counters = {
             "update_d_every": check_count("update_d_every", glob["update_d_every"]),
@@ -96,7 +105,7 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
             raise ValueError(f"param group {gi} has {len(group['params'])} parameters, "
                              f"the loaded state dict has {len(saved['params'])}")
         id_to_param.update(zip(saved["params"], group["params"]))
-        new = {k: copy.deepcopy(v) for k, v in saved.items() if k != "params"}
+        new = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", GROUP_KEY)}
         new["params"] = group["params"]
         check_group(new, f" in loaded param group {gi}")
         groups.append(new)
@@ -122,5 +131,5 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
     return {"counters": counters, "groups": groups, "state": per_param}
 
 
-__all__ = ["BIAS", "EXP_AVG", "EXP_AVG_D", "STATE_KEYS", "STEP", "WARM", "check_count", "scalar",
+__all__ = ["BIAS", "EXP_AVG", "GROUP_KEY", "EXP_AVG_D", "STATE_KEYS", "STEP", "WARM", "check_count", "scalar",
            "validate"]

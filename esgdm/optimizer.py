@@ -21,10 +21,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from esgdm import backends, checkpoint, ops
-from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, same_layout
+from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, is_dtensor, local, same_layout
 from esgdm.checkpoint import BIAS, EXP_AVG, EXP_AVG_D, STEP, WARM, check_count
 from esgdm.hvp import (
-    CREATE_GRAPH_HINT, FD_SCHEMES, RngSnapshot, autograd_hvp, finite_difference_hvp,
+    FD_SCHEMES, ComputePrecision, RngSnapshot, autograd_hvp, finite_difference_hvp,
     no_double_backward,
 )
 from esgdm.rule import (
@@ -229,9 +229,11 @@ class ESGDM(Optimizer):
         else:
             self._seed_shared = True
         self.seed = seed
+        self._precision = None
         self._schedule = _Schedule()
         self._fd_fallback = False
         self._buckets: list[Bucket] = []
+        self._any_dtensor = False
         self._signature: Optional[tuple] = None
         self._chosen: dict[tuple, tuple] = {}
         self._param_keys: dict[int, int] = {}
@@ -296,12 +298,16 @@ class ESGDM(Optimizer):
         the Parameter object but change these).  C-level maps: ~0.3 µs per tensor."""
         ids = tuple(tuple(map(id, group["params"])) for group in self.param_groups)
         params = self._all_params()
+        if self._any_dtensor:  # FSDP2: what matters is each rank's local shard
+            params = [local(p) for p in params]
+            ids = (ids, tuple(p.data_ptr() for p in params))
         return (ids, tuple(map(Tensor.stride, params)), tuple(p.shape for p in params),
                 tuple(p.dtype for p in params), tuple(p.device for p in params))
 
     def buckets(self) -> list[Bucket]:
         """The (device, dtype) buckets, rebuilt (moving the state along) when the
         parameters changed.  Raises before changing anything when state cannot follow."""
+        self._any_dtensor = any(map(is_dtensor, self._all_params()))
         layout = self._layout()
         if layout == self._signature:
             return self._buckets
@@ -312,11 +318,11 @@ class ESGDM(Optimizer):
                                  "its elements share memory (an expanded tensor), which cannot be stepped")
             b, i = old.get(id(p), (None, 0))
             if b is not None and p in self.state and self.state[p]:
-                if tuple(b.exp_avg_views[i].shape) != tuple(p.shape):
+                if tuple(b.exp_avg_views[i].shape) != tuple(local(p).shape):
                     raise ValueError(
                         f"a parameter changed shape from {tuple(b.exp_avg_views[i].shape)} to "
-                        f"{tuple(p.shape)} (p.data = ... with another shape): its optimizer state "
-                        "cannot follow; reset it with opt.state[p] = {} first")
+                        f"{tuple(local(p).shape)} (p.data = ... with another shape): its optimizer "
+                        "state cannot follow; reset it with opt.state[p] = {} first")
         new = build_buckets(self.param_groups, self.state_dtype)
         chosen = {b.key: backends.resolve(self.backend, b.device, b.dtype) for b in new}
         # Nothing above mutated anything; now move the existing state across.
@@ -336,12 +342,12 @@ class ESGDM(Optimizer):
 
     def _read_state(self, p: Tensor) -> dict:
         """One parameter's state as the user sees it (what was assigned wins)."""
-        return dict(self.state[p])
+        return {k: local(v) if isinstance(v, Tensor) else v for k, v in self.state[p].items()}
 
     def _write_state(self, b: Bucket, i: int, saved: dict) -> None:
         """Copies one parameter's state into bucket ``b`` and exposes it as views."""
-        b.exp_avg_views[i].copy_(saved[EXP_AVG])
-        b.exp_avg_d_views[i].copy_(saved[EXP_AVG_D])
+        b.exp_avg_views[i].copy_(_shard_of(saved[EXP_AVG], b.params[i]))
+        b.exp_avg_d_views[i].copy_(_shard_of(saved[EXP_AVG_D], b.params[i]))
         for col, key in ((BIAS_COL, BIAS), (WARM_COL, WARM), (STEPS, STEP)):
             b.scalars[i, col] = torch.as_tensor(saved.get(key, 0.0), dtype=torch.float64).to(b.device)
         b.scalars[i, DSCALE] = curvature_scale([b.exp_avg_d_views[i]])[0].to(b.device)
@@ -350,8 +356,8 @@ class ESGDM(Optimizer):
     def _expose_state(self, b: Bucket, i: int) -> None:
         b.exposed[i] = True
         self.state[b.params[i]] = {
-            EXP_AVG: b.exp_avg_views[i],
-            EXP_AVG_D: b.exp_avg_d_views[i],
+            EXP_AVG: b.exposed_view(b.exp_avg_views[i], i),
+            EXP_AVG_D: b.exposed_view(b.exp_avg_d_views[i], i),
             BIAS: b.scalar(i, BIAS_COL),
             WARM: b.scalar(i, WARM_COL),
             STEP: b.scalar(i, STEPS),
@@ -366,9 +372,8 @@ class ESGDM(Optimizer):
                 if not b.exposed[i]:
                     continue
                 entry = self.state.get(p)
-                if entry is not None and entry.get(EXP_AVG) is b.exp_avg_views[i] \
-                        and entry.get(EXP_AVG_D) is b.exp_avg_d_views[i] and entry.get(BIAS) is not None \
-                        and len(entry) == 5:
+                if entry is not None and len(entry) == 5 and _is_view(entry.get(EXP_AVG), b.exp_avg_views[i]) \
+                        and _is_view(entry.get(EXP_AVG_D), b.exp_avg_d_views[i]):
                     continue
                 if not entry:  # reset
                     b.reset_state(i)
@@ -380,7 +385,8 @@ class ESGDM(Optimizer):
                           BIAS: b.scalar(i, BIAS_COL), WARM: b.scalar(i, WARM_COL),
                           STEP: b.scalar(i, STEPS), **entry}
                 for key in (EXP_AVG, EXP_AVG_D):
-                    checkpoint.state_tensor(f"opt.state[p][{key!r}]", merged[key], p.shape)
+                    merged[key] = local(merged[key])
+                    checkpoint.state_tensor(f"opt.state[p][{key!r}]", merged[key], b.tensors[i].shape)
                 for key in (BIAS, WARM, STEP):
                     checkpoint.scalar(f"opt.state[p][{key!r}]", merged[key])
                 self._write_state(b, i, {k: v.clone() if isinstance(v, Tensor) else v
@@ -426,6 +432,8 @@ class ESGDM(Optimizer):
         """Indices (None: all) and gradients of the tensors of ``b`` that have one, laid
         out like their state.  Raises before anything is written."""
         grads = [p.grad for p in b.params] if ops._is_compiling() else list(map(_grad_of, b.params))
+        if b.any_dtensor:
+            grads = [None if g is None else local(g) for g in grads]
         idx = None
         if any(g is None for g in grads):
             idx = [i for i, g in enumerate(grads) if g is not None]
@@ -446,7 +454,7 @@ class ESGDM(Optimizer):
         out = []
         for k, (t, st) in enumerate(zip(tensors, want)):
             i = k if idx is None else idx[k]
-            p = b.params[i]
+            p = b.tensors[i]
             if tuple(t.shape) != tuple(p.shape):
                 raise RuntimeError(f"a gradient has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
             if not same_layout(t, p.shape, st):
@@ -474,15 +482,16 @@ class ESGDM(Optimizer):
         """
         d_step = self.is_d_step()
         fd_possible = d_step and closure is not None and self.hvp != "autograd"
-        if d_step and self.hvp == "finite_difference" and closure is None:
-            raise RuntimeError(
-                "hvp='finite_difference' needs opt.step(closure) on D-steps: a closure that "
-                "zeroes the gradients, computes the loss on the batch and calls loss.backward()")
         loss = None
         rng = RngSnapshot() if fd_possible else None
+        self._precision = ComputePrecision() if fd_possible else None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                if self._precision is not None:  # what the closure computes in sizes the probe
+                    with self._precision:
+                        loss = closure()
+                else:
+                    loss = closure()
 
         buckets = self.buckets()
         self._sync_user_state(buckets)
@@ -495,6 +504,17 @@ class ESGDM(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         hvps_by_bucket: list[Optional[list[Tensor]]] = [None] * len(work)
+        if d_step and closure is None and work and _state_init_call(work):
+            # torch.distributed.checkpoint creates optimizer state by stepping with zero
+            # gradients (and lr 0): show fresh state and change nothing else.
+            for b, idx, _ in work:
+                for i in (range(len(b)) if idx is None else idx):
+                    self._expose_state(b, i)
+            return loss
+        if d_step and self.hvp == "finite_difference" and closure is None and work:
+            raise RuntimeError(
+                "hvp='finite_difference' needs opt.step(closure) on D-steps: a closure that "
+                "zeroes the gradients, computes the loss on the batch and calls loss.backward()")
         if d_step and work:
             hvps_by_bucket = self._hvps(work, closure, rng)
 
@@ -559,17 +579,17 @@ class ESGDM(Optimizer):
     def _apply(self, b: Bucket, kernel: str, idx, grads, hvps, hparams, grad_scale, found_inf, flags) -> None:
         """Runs the op on bucket ``b``'s active tensors, laid out as it expects."""
         full = idx is None
-        params = list(b.params) if full else [b.params[i] for i in idx]
+        params = list(b.tensors) if full else [b.tensors[i] for i in idx]
         writeback = []
         if not b.all_dense:  # strided slices: step a dense copy, then write it back
             for k, i in enumerate(range(len(b)) if full else idx):
                 if not b.dense[i]:
                     params[k] = params[k].contiguous()
-                    writeback.append((b.params[i], params[k]))
+                    writeback.append((b.tensors[i], params[k]))
         exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
         exp_avg_ds = b.exp_avg_d_views if full else [b.exp_avg_d_views[i] for i in idx]
         if hvps is not None:
-            hvps = self._match_layout(b, idx, hvps)
+            hvps = self._match_layout(b, idx, [local(h) for h in hvps] if b.any_dtensor else hvps)
         ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
                   grad_scale, found_inf, flags, self.seed, kernel)
         for p, work in writeback:
@@ -591,7 +611,8 @@ class ESGDM(Optimizer):
         """The Rademacher vectors of this step, one per parameter, from the keyed
         generator of :mod:`esgdm.signs` (the global RNG is not touched)."""
         seed = self._shared_seed()
-        return [draw_signs(seed, self.steps, self._param_keys[id(p)], p) for p in params]
+        return [draw_signs(seed, self.steps, self._param_keys[id(p)], p) if not is_dtensor(p)
+                else _shard_signs(seed, self.steps, self._param_keys[id(p)], p) for p in params]
 
     @torch.compiler.disable
     def _hvps(self, work, closure, rng) -> list[list[Tensor]]:
@@ -602,6 +623,14 @@ class ESGDM(Optimizer):
         params = [b.params[i] for b, idx, _ in work for i in (range(len(b)) if idx is None else idx)]
         grads = [g for _, _, gs in work for g in gs]
         use_fd = self.hvp == "finite_difference" or (self.hvp == "auto" and self._fd_fallback)
+        if not use_fd and self._any_dtensor:
+            if self.hvp == "auto" and closure is not None:
+                use_fd = True
+            else:
+                raise RuntimeError(
+                    "sharded (DTensor, e.g. FSDP2 fully_shard) parameters cannot take a double backward: "
+                    "construct ESGDM(..., hvp='finite_difference') and call opt.step(closure) with a "
+                    "closure that zeroes the gradients, computes the loss and calls loss.backward()")
         if self.hvp == "auto" and not use_fd and not any(g.grad_fn is not None for g in grads):
             if closure is None:
                 raise RuntimeError(
@@ -638,10 +667,11 @@ class ESGDM(Optimizer):
         if closure is None:
             raise RuntimeError("finite-difference curvature needs opt.step(closure) on D-steps")
         idle = [p for b in self._buckets for p in b.params if p.grad is None]
-        grads = [g.detach() for g in grads]
+        # The probe restores each .grad: give it the parameters' own (DTensors under FSDP2).
+        grads = [p.grad.detach() if is_dtensor(p) else g.detach() for p, g in zip(params, grads)]
         try:
             return finite_difference_hvp(params, grads, self._signs(params), closure, rng,
-                                         self.fd_scheme, self.fd_radius)
+                                         self.fd_scheme, self.fd_radius, precision=self._precision)
         finally:
             for p in idle:  # the probe must not leave gradients behind
                 p.grad = None
@@ -660,7 +690,10 @@ class ESGDM(Optimizer):
             "seed": self.seed,
             "state_dtype": str(self.state_dtype or torch.float32).replace("torch.", ""),
         }
-        return {"global_state": global_state, **super().state_dict()}
+        out = {"global_state": global_state, **super().state_dict()}
+        for group in out["param_groups"]:  # torch.distributed.checkpoint keeps only these
+            group[checkpoint.GROUP_KEY] = dict(global_state)
+        return out
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint written by :meth:`state_dict` or by the original ``esgd.ESGD``.
@@ -688,12 +721,15 @@ class ESGDM(Optimizer):
         self._hparam_key = None
         self.state.clear()
         for b in self._buckets:
-            b.reset_state()
             b.exposed = [False] * len(b)
-            b.all_exposed = False
             for i, p in enumerate(b.params):
+                # The loaded values may be views of this very state (torch.distributed.
+                # checkpoint loads in place into what state_dict() returned): copy, then
+                # reset only what the checkpoint does not cover.
                 if p in loaded["state"]:
                     self._write_state(b, i, loaded["state"][p])
+                else:
+                    b.reset_state(i)
             b.all_exposed = all(b.exposed)
 
         for hook in getattr(self, "_optimizer_load_state_dict_post_hooks", {}).values():
@@ -732,6 +768,52 @@ class _Schedule:
 def draw_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
     """The signs of parameter ``p`` (optimizer-order index ``key``) at ``step``."""
     return rademacher(seed, step, key, p.shape, dtype=p.dtype, device=p.device)
+
+
+def _state_init_call(work) -> bool:
+    """Whether this D-step is torch.distributed.checkpoint's state initialisation: no
+    closure, no gradient with a graph, every gradient zero (read back only here)."""
+    grads = [g for _, _, gs in work for g in gs]
+    return all(g.grad_fn is None for g in grads) and not any(bool(g.any()) for g in grads)
+
+
+def _is_view(exposed: Any, view: Tensor) -> bool:
+    return exposed is view or (is_dtensor(exposed) and exposed._local_tensor is view)
+
+
+def _shard_of(value: Tensor, p: Tensor) -> Tensor:
+    """What of a state value belongs in ``p``'s local state: a DTensor's local shard
+    (sharded like ``p`` when it came from this optimizer), a plain tensor's slice for
+    ``p``'s shard when ``p`` is a DTensor and ``value`` is whole, else the value."""
+    if is_dtensor(value):
+        if is_dtensor(p) and value.placements == p.placements and value.device_mesh == p.device_mesh:
+            return value._local_tensor
+        value = value.full_tensor()
+    if is_dtensor(p) and tuple(value.shape) == tuple(p.shape):
+        return _local_block(value, p)
+    return value
+
+
+def _local_block(full: Tensor, p: Tensor) -> Tensor:
+    """The block of the whole tensor ``full`` that DTensor ``p``'s local shard holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def _shard_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
+    """The local shard's part of DTensor ``p``'s signs: exactly the elements an unsharded
+    run draws for them (drawn directly when the shard is a run of whole rows)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    device = p._local_tensor.device
+    if tuple(shape[1:]) == tuple(p.shape[1:]):  # rows [offset[0], offset[0] + shape[0])
+        row = math.prod(p.shape[1:])
+        return rademacher(seed, step, key, shape, dtype=p.dtype, device=device, start=offset[0] * row)
+    full = rademacher(seed, step, key, p.shape, dtype=p.dtype, device=device)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
 
 
 def _capturing() -> bool:

@@ -1,10 +1,21 @@
-"""Data-parallel training (DDP, two CPU processes over gloo on loopback).
+"""Past one process: DDP, FSDP2 (fully_shard / DTensor) and distributed checkpoints,
+on two CPU processes over gloo on loopback, each against one process on the whole batch.
 
-DDP cannot run the double backward that hvp="autograd" needs, so data-parallel
-ESGD-M uses hvp="finite_difference": both gradient evaluations of a D-step are
-all-reduced by DDP, and every rank must probe along the same sign vector.  The
-optimizer makes sure of that by seeding its sign draws alike on every rank.
+Neither DDP nor FSDP2 can run the double backward that hvp="autograd" needs, so these
+runs take curvature by finite differences.  The sign vectors come from a keyed
+generator (seed, step, parameter, element index in the full tensor), so a sharded run
+probes exactly the direction an unsharded one does, and the finite-difference radius
+uses the global norm of θ (all-reduced over the mesh).
+
+Everything is float64 so that the difference quotient does not magnify the rounding
+differences between an all-reduced mean of two half-batch gradients and a whole-batch
+gradient: trajectories agree to 1e-6 relative.  (In float32 the same comparison holds
+only to what finite differences allow: the quotient divides gradient rounding of
+order u·|g| by r ~ sqrt(u)·|θ|, so h differs by ~sqrt(u) ≈ 2e-4 relative between
+runs that sum the batch in another order.)
 """
+
+from __future__ import annotations
 
 import os
 import socket
@@ -18,53 +29,122 @@ import torch.nn.functional as F
 import esgdm
 from helpers import rel_err
 
-STEPS = 14  # D-steps (the first 4) and plain steps
+STEPS = 14  # D-steps (the first 4, then every 3rd) and plain steps
 WORLD = 2
+SEED = 11
+
+pytestmark = [
+    pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available"),
+    pytest.mark.slow,
+]
 
 
-# float64, so that the difference quotient does not magnify the rounding differences
-# between an all-reduced mean of two half-batch gradients and a whole-batch gradient.
-def make_model():
+def make_mlp():
+    torch.manual_seed(0)  # 7 and 3 rows: uneven shards over two ranks
+    return torch.nn.Sequential(torch.nn.Linear(6, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3)).double()
+
+
+def make_block():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    return torch.nn.Sequential(
+        # bias=False: softmax ignores the key projection's bias, whose gradient is then
+        # pure rounding noise that no two summation orders agree on.
+        torch.nn.TransformerEncoderLayer(d_model=6, nhead=2, dim_feedforward=10, dropout=0.0,
+                                         batch_first=True, bias=False),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 6, 3)).double()
 
 
-def data():
+def data(kind):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(STEPS, 8 * WORLD, 6, generator=g, dtype=torch.float64),
+    shape = (STEPS, 8 * WORLD, 6) if kind == "mlp" else (STEPS, 8 * WORLD, 4, 6)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64),
             torch.randint(0, 3, (STEPS, 8 * WORLD), generator=g))
 
 
-def make_opt(params):
+def make_opt(params, seed=SEED):
     return esgdm.ESGDM(params, lr=0.5, update_d_every=3, d_warmup=4, hvp="finite_difference",
-                       backend="torch")
+                       backend="torch", seed=seed)
 
 
-def train(model, opt, xs, ys):
+def train(model, opt, xs, ys, after_backward=None):
     for x, y in zip(xs, ys):
         def closure():
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             return loss
 
         opt.step(closure)
 
 
+def full(p):
+    return p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+
+
 def _worker(rank, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    shard = slice(8 * rank, 8 * (rank + 1))
     try:
-        model = make_model()
+        # DDP, with the seed drawn per rank and agreed on at first use (rank 0's).
+        model = make_mlp()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         torch.manual_seed(100 + rank)  # ranks' global RNGs differ, as they often do
-        opt = make_opt(model.parameters())
-        xs, ys = data()
-        shard = slice(8 * rank, 8 * (rank + 1))
+        opt = esgdm.ESGDM(model.parameters(), lr=0.5, update_d_every=3, d_warmup=4,
+                          hvp="finite_difference", backend="torch")
+        xs, ys = data("mlp")
         train(ddp, opt, xs[:, shard], ys[:, shard])
-        torch.save({"params": [p.detach() for p in model.parameters()],
-                    "sign_seed": opt.state_dict()["global_state"]["sign_seed"]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        out["ddp"] = [p.detach().clone() for p in model.parameters()]
+        out["ddp_seed"] = opt.seed
+
+        # FSDP2 over an MLP with uneven shards, and over a transformer block.
+        for kind, make in (("mlp", make_mlp), ("block", make_block)):
+            model = make()
+            for layer in model:
+                if any(True for _ in layer.parameters()):
+                    fully_shard(layer)
+            fully_shard(model)
+            opt = make_opt(model.parameters())
+            xs, ys = data(kind)
+            train(model, opt, xs[:, shard], ys[:, shard])
+            out[f"fsdp_{kind}"] = [full(p) for p in model.parameters()]
+            out[f"fsdp_{kind}_state_bytes"] = sum(b.nbytes() for b in opt.buckets())
+            assert all(hasattr(v, "placements") for v in opt.state[next(model.parameters())].values()
+                       if v.dim() > 0), "state of a sharded parameter is a DTensor"
+
+        # Mixed: the first layer sharded, the rest replicated (gradients averaged by hand).
+        model = make_mlp()
+        fully_shard(model[0])
+        plain = list(model[2].parameters())
+
+        def average():
+            for p in plain:
+                dist.all_reduce(p.grad)
+                p.grad /= WORLD
+
+        opt = make_opt(model.parameters())
+        xs, ys = data("mlp")
+        train(model, opt, xs[:, shard], ys[:, shard], after_backward=average)
+        out["mixed"] = [full(p) for p in model.parameters()]
+
+        # Distributed checkpoint after 7 steps on two ranks (loaded on one by the test).
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        model = make_mlp()
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        opt = make_opt(model.parameters())
+        train(model, opt, xs[:7, shard], ys[:7, shard])
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=os.path.join(out_dir, "dcp"))
+        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -75,35 +155,92 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_ddp_with_finite_differences_matches_one_process(tmp_path):
-    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True,
-                       start_method="spawn")
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-    # every rank took the same steps
-    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
-        assert torch.equal(a, b)
-    assert ranks[0]["sign_seed"] == ranks[1]["sign_seed"] is not None
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("dist")
+    mp.start_processes(_worker, args=(free_port(), str(path)), nprocs=WORLD, join=True, start_method="spawn")
+    return path, [torch.load(path / f"rank{r}.pt") for r in range(WORLD)]
 
-    # and they are the steps of one process on the whole batch, probing the same signs
-    def one_process(seed):
-        model = make_model()
-        opt = make_opt(model.parameters())
-        opt.sign_seed = seed
-        train(model, opt, *data())
-        return list(model.parameters())
 
-    same = one_process(ranks[0]["sign_seed"])
-    other = one_process(ranks[0]["sign_seed"] + 1)
-    for q, p, o in zip(ranks[0]["params"], same, other):
+def one_process(make, kind, seed=SEED, steps=STEPS):
+    model = make()
+    opt = make_opt(model.parameters(), seed=seed)
+    xs, ys = data(kind)
+    train(model, opt, xs[:steps], ys[:steps])
+    return model, opt
+
+
+def test_ddp_matches_one_process(ranks):
+    _, (r0, r1) = ranks
+    for a, b in zip(r0["ddp"], r1["ddp"]):
+        assert torch.equal(a, b)  # every rank took the same steps
+    assert r0["ddp_seed"] == r1["ddp_seed"]
+    same, _ = one_process(make_mlp, "mlp", seed=r0["ddp_seed"])
+    other, _ = one_process(make_mlp, "mlp", seed=r0["ddp_seed"] + 1)
+    for q, p, o in zip(r0["ddp"], same.parameters(), other.parameters()):
         assert rel_err(q, p) < 1e-6  # a sum split in two rounds differently; r magnifies it
         assert rel_err(q, o) > 1e-4  # other signs, other trajectory: the signs were shared
 
 
-def test_sign_seed_without_distributed_is_unused_until_set():
-    opt = make_opt(make_model().parameters())
-    assert opt._sign_generator(torch.device("cpu")) is None
-    opt.sign_seed = 7
-    a = torch.empty(5).random_(0, 2, generator=opt._sign_generator(torch.device("cpu")))
-    b = torch.empty(5).random_(0, 2, generator=opt._sign_generator(torch.device("cpu")))
-    assert torch.equal(a, b)  # a function of (seed, step): reproducible after a restart
+@pytest.mark.parametrize("kind,make", [("mlp", make_mlp), ("block", make_block)])
+def test_fsdp2_matches_one_process(ranks, kind, make):
+    _, (r0, r1) = ranks
+    single, opt = one_process(make, kind)
+    for a, b, p in zip(r0[f"fsdp_{kind}"], r1[f"fsdp_{kind}"], single.parameters()):
+        assert torch.equal(a, b)
+        assert rel_err(a, p) < 1e-6
+    # each rank holds about half of the state
+    assert r0[f"fsdp_{kind}_state_bytes"] < 0.75 * sum(b.nbytes() for b in opt.buckets())
+
+
+def test_some_parameters_sharded_some_replicated(ranks):
+    _, (r0, _) = ranks
+    single, _ = one_process(make_mlp, "mlp")
+    for a, p in zip(r0["mixed"], single.parameters()):
+        assert rel_err(a, p) < 1e-6
+
+
+def test_checkpoint_saved_on_two_ranks_continues_on_one(ranks):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    path, _ = ranks
+    model = make_mlp()
+    opt = make_opt(model.parameters(), seed=12345)  # the checkpoint's seed must win
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    assert opt.steps == 7 and opt.seed == SEED
+    xs, ys = data("mlp")
+    train(model, opt, xs[7:], ys[7:])
+    uninterrupted, _ = one_process(make_mlp, "mlp")
+    for a, p in zip(model.parameters(), uninterrupted.parameters()):
+        assert rel_err(a, p) < 1e-6
+
+
+def test_autograd_curvature_under_fsdp2_names_finite_differences(tmp_path):
+    mp.start_processes(_autograd_worker, args=(free_port(),), nprocs=1, join=True, start_method="spawn")
+
+
+def _autograd_worker(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        model = make_mlp()
+        fully_shard(model)
+        opt = esgdm.ESGDM(model.parameters(), backend="torch")
+        x, y = data("mlp")
+        try:
+            F.cross_entropy(model(x[0]), y[0]).backward(create_graph=True)
+            opt.step()
+        except RuntimeError as e:
+            assert "hvp='finite_difference'" in str(e), str(e)
+        else:
+            raise AssertionError("expected an error naming hvp='finite_difference'")
+    finally:
+        dist.destroy_process_group()
