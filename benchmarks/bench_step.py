@@ -147,8 +147,18 @@ class Workload:
         return self._kernel_state
 
     def scalars(self) -> torch.Tensor:
+        """The per-tensor table of the per-parameter loop baseline (beta1, beta2, eps,
+        step_scale, decay)."""
         row = [BETAS[0], BETAS[1], EPS, LR, 1.0]
         return torch.tensor([row] * len(self.params), dtype=torch.float64)
+
+    def op_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scalars, index, hparams)`` of the ``esgdm::step_`` op for the kernel rows:
+        the bucket's device-resident per-tensor state and one group's hyper-parameters."""
+        b = self.kernel_state()
+        hparams = torch.tensor([[LR, BETAS[0], BETAS[1], 0.99, EPS, 0.0]], dtype=torch.float64,
+                               device=self.device)
+        return b.scalars, b.index(None), hparams
 
     def install_graph_grads(self) -> None:
         """Sets every ``p.grad`` to the gradient of ``0.5 * sum(p * p)`` with its graph."""
@@ -254,12 +264,13 @@ class EsgdmKernel(Family):
     def setup(self):
         w, b = self.w, backends.get(self.backend)
         st = w.kernel_state()
-        ms, ds, sc = st.exp_avg_views, st.exp_avg_d_views, w.scalars()
+        ms, ds = st.exp_avg_views, st.exp_avg_d_views
+        sc, index, hp = w.op_tables()
         self.rows = [
             Row("ESGD-M", self.backend, "plain_kernel", esgdm_bytes(w, False),
-                lambda: b.step(w.params, w.grads, ms, ds, None, sc)),
+                lambda: b.step(w.params, w.grads, ms, ds, None, sc, index, hp, None, None, 0, 0)),
             Row("ESGD-M", self.backend, "dstep_kernel", esgdm_bytes(w, True),
-                lambda: b.step(w.params, w.grads, ms, ds, w.hvps, sc)),
+                lambda: b.step(w.params, w.grads, ms, ds, w.hvps, sc, index, hp, None, None, 0, 0)),
         ]
 
 

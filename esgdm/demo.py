@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import esgdm
+from esgdm.integrations import backward
 
 
 def load_digits(device: torch.device, seed: int = 0):
@@ -88,7 +89,7 @@ def train(name, make_opt, train_set, test_set, epochs, batch_size, device, seed)
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[idx]), y[idx])
             if is_esgdm:
-                loss.backward(create_graph=opt.should_create_graph())
+                backward(loss, opt)  # create_graph=opt.should_create_graph(), without torch's warning
             else:
                 loss.backward()
             opt.step()

@@ -9,6 +9,7 @@ is stepped by one call of the ``esgdm::step_`` operator (:mod:`esgdm.ops`).
 
 from __future__ import annotations
 
+import collections
 import math
 import numbers
 import operator
@@ -36,6 +37,7 @@ from esgdm.signs import rademacher
 HVP_MODES = ("autograd", "finite_difference", "auto")
 
 _grad_of = operator.attrgetter("grad")
+_is_sparse = operator.attrgetter("is_sparse")
 
 
 def _check_lr(lr: Any, where: str) -> None:
@@ -240,6 +242,16 @@ class ESGDM(Optimizer):
         self._hparams: dict[torch.device, Tensor] = {}
         self._hparam_key: Optional[tuple] = None
         super().__init__(params, defaults)
+        self._watch_state()
+
+    def _watch_state(self) -> None:
+        """Makes ``self.state`` (and each entry) flag user edits (see :class:`_Watch`)."""
+        self._watch = _Watch()
+        state = _WatchedState(self._watch)
+        for p, entry in dict(self.state).items():
+            dict.__setitem__(state, p, _WatchedEntry(self._watch, entry) if entry else entry)
+        self.state = state
+        self._state_obj = state
 
     # ------------------------------------------------------------------ groups
 
@@ -293,16 +305,15 @@ class ESGDM(Optimizer):
         return [p for group in self.param_groups for p in group["params"]]
 
     def _layout(self) -> tuple:
-        """What the buckets were built for: the parameters (and their groups), and each
-        one's dtype, device, shape and strides (``model.to(...)`` and ``p.data = t`` keep
-        the Parameter object but change these).  C-level maps: ~0.3 µs per tensor."""
+        """What the buckets were built for: the parameters (and their groups), and where
+        each one's data is and how it is laid out (``model.to(...)`` and ``p.data = t``
+        keep the Parameter object but move its data: a new dtype, device or shape comes
+        with new memory, a new layout with new strides).  Three C-level maps."""
         ids = tuple(tuple(map(id, group["params"])) for group in self.param_groups)
         params = self._all_params()
         if self._any_dtensor:  # FSDP2: what matters is each rank's local shard
             params = [local(p) for p in params]
-            ids = (ids, tuple(p.data_ptr() for p in params))
-        return (ids, tuple(map(Tensor.stride, params)), tuple(p.shape for p in params),
-                tuple(p.dtype for p in params), tuple(p.device for p in params))
+        return (ids, tuple(map(Tensor.data_ptr, params)), tuple(map(Tensor.stride, params)))
 
     def buckets(self) -> list[Bucket]:
         """The (device, dtype) buckets, rebuilt (moving the state along) when the
@@ -355,18 +366,23 @@ class ESGDM(Optimizer):
 
     def _expose_state(self, b: Bucket, i: int) -> None:
         b.exposed[i] = True
-        self.state[b.params[i]] = {
+        self.state[b.params[i]] = _WatchedEntry(self._watch, {
             EXP_AVG: b.exposed_view(b.exp_avg_views[i], i),
             EXP_AVG_D: b.exposed_view(b.exp_avg_d_views[i], i),
             BIAS: b.scalar(i, BIAS_COL),
             WARM: b.scalar(i, WARM_COL),
             STEP: b.scalar(i, STEPS),
-        }
+        })
 
     def _sync_user_state(self, buckets: list[Bucket]) -> None:
         """Follows what users do to ``opt.state`` as with any torch.optim optimizer:
         ``opt.state[p] = {}`` (or deleting it) resets that parameter's state, and
         assigning a new tensor to a state key copies it in."""
+        if self.state is not getattr(self, "_state_obj", None):  # opt.state = {...} replaced
+            self._watch_state()
+            self._watch.dirty = True
+        if not self._watch.dirty:
+            return  # nothing edited since the last step: O(1)
         for b in buckets:
             for i, p in enumerate(b.params):
                 if not b.exposed[i]:
@@ -391,6 +407,7 @@ class ESGDM(Optimizer):
                     checkpoint.scalar(f"opt.state[p][{key!r}]", merged[key])
                 self._write_state(b, i, {k: v.clone() if isinstance(v, Tensor) else v
                                          for k, v in merged.items()})
+        self._watch.dirty = False
 
     # ---------------------------------------------------------- hyper-params
 
@@ -438,11 +455,11 @@ class ESGDM(Optimizer):
         if any(g is None for g in grads):
             idx = [i for i, g in enumerate(grads) if g is not None]
             grads = [grads[i] for i in idx]
-        for k, g in enumerate(grads):
-            if g.is_sparse:
-                i = k if idx is None else idx[k]
-                raise RuntimeError(
-                    f"ESGDM does not support sparse gradients (parameter of shape {tuple(b.params[i].shape)})")
+        if any(map(_is_sparse, grads)):
+            k = next(k for k, g in enumerate(grads) if g.is_sparse)
+            i = k if idx is None else idx[k]
+            raise RuntimeError(
+                f"ESGDM does not support sparse gradients (parameter of shape {tuple(b.params[i].shape)})")
         return idx, self._match_layout(b, idx, grads)
 
     @staticmethod
@@ -530,6 +547,7 @@ class ESGDM(Optimizer):
                     if not b.exposed[i]:
                         self._expose_state(b, i)
                 b.all_exposed = all(b.exposed)
+        self._watch.dirty = False  # our own writes to opt.state above
         self._count_step(d_step, found_inf)
         return loss
 
@@ -579,11 +597,12 @@ class ESGDM(Optimizer):
     def _apply(self, b: Bucket, kernel: str, idx, grads, hvps, hparams, grad_scale, found_inf, flags) -> None:
         """Runs the op on bucket ``b``'s active tensors, laid out as it expects."""
         full = idx is None
-        params = list(b.tensors) if full else [b.tensors[i] for i in idx]
+        params = b.tensors if full else [b.tensors[i] for i in idx]
         writeback = []
         if not b.all_dense:  # strided slices: step a dense copy, then write it back
             for k, i in enumerate(range(len(b)) if full else idx):
                 if not b.dense[i]:
+                    params = list(params) if params is b.tensors else params
                     params[k] = params[k].contiguous()
                     writeback.append((b.tensors[i], params[k]))
         exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
@@ -591,7 +610,7 @@ class ESGDM(Optimizer):
         if hvps is not None:
             hvps = self._match_layout(b, idx, [local(h) for h in hvps] if b.any_dtensor else hvps)
         ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
-                  grad_scale, found_inf, flags, self.seed, kernel)
+                  grad_scale, found_inf, flags, self.seed, kernel, _checked=True)
         for p, work in writeback:
             p.copy_(work)
 
@@ -691,6 +710,7 @@ class ESGDM(Optimizer):
             "state_dtype": str(self.state_dtype or torch.float32).replace("torch.", ""),
         }
         out = {"global_state": global_state, **super().state_dict()}
+        out["state"] = {k: dict(v) for k, v in out["state"].items()}  # plain dicts: weights_only loads
         for group in out["param_groups"]:  # torch.distributed.checkpoint keeps only these
             group[checkpoint.GROUP_KEY] = dict(global_state)
         return out
@@ -752,6 +772,62 @@ class ESGDM(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._watch_state()
+        self._watch.dirty = True
+
+
+class _Watch:
+    """Set when user code edits ``opt.state`` (a parameter's entry replaced, deleted or
+    changed), so that a step looks at the state only when something changed."""
+
+    def __init__(self):
+        self.dirty = False
+
+
+class _WatchedEntry(dict):
+    """One parameter's state dict: edits flag the optimizer's :class:`_Watch`."""
+
+    __slots__ = ("_watch",)
+
+    def __init__(self, watch: _Watch, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._watch = watch
+
+    def _edit(name):  # noqa: N805 - builds the flagging methods below
+        def method(self, *args, **kwargs):
+            self._watch.dirty = True
+            return getattr(dict, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
+        locals()[_name] = _edit(_name)
+    del _name, _edit
+
+    def __reduce__(self):  # copies are plain dicts (the optimizer re-wraps them)
+        return (dict, (dict(self),))
+
+
+class _WatchedState(collections.defaultdict):
+    """``opt.state``: a ``defaultdict(dict)`` whose edits flag a :class:`_Watch`."""
+
+    def __init__(self, watch: _Watch, *args):
+        super().__init__(dict, *args)
+        self._watch = watch
+
+    def _edit(name):  # noqa: N805
+        def method(self, *args, **kwargs):
+            self._watch.dirty = True
+            return getattr(collections.defaultdict, name)(self, *args, **kwargs)
+        method.__name__ = name
+        return method
+
+    for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
+        locals()[_name] = _edit(_name)
+    del _name, _edit
+
+    def __reduce__(self):  # copies are plain defaultdicts (the optimizer re-wraps them)
+        return (collections.defaultdict, (dict, dict(self)))
 
 
 class _Schedule:

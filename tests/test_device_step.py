@@ -152,7 +152,7 @@ def test_plain_step_reads_nothing_back_to_the_host(monkeypatch):
 def test_tensor_lr_changes_are_seen_without_a_host_read():
     net_a, net_b = _mlp(), _mlp()
     x, y = _data()
-    lr = torch.tensor(0.3)
+    lr = torch.tensor(0.3, dtype=torch.float64)  # the table is float64: same values as floats
     opt_a = esgdm.ESGDM(net_a.parameters(), lr=lr, backend="torch", seed=1)
     opt_b = esgdm.ESGDM(net_b.parameters(), lr=0.3, backend="torch", seed=1)
     for t in range(25):
