@@ -71,6 +71,15 @@ def report() -> str:
                 lines.append(f"    {str(dtype):15s} -> none: {e}")
     default = backends.default_name()
     lines += ["", f"default backend (ESGDM_BACKEND or auto): {default}"]
+    lines += ["", "bytes moved per element by the fused step (plain / D-step):"]
+    from esgdm.buckets import bytes_moved
+
+    for p_dtype, s_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                             (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)):
+        pb, sb = p_dtype.itemsize, s_dtype.itemsize
+        lines.append(f"  {str(p_dtype)[6:]:9s} parameters, {str(s_dtype)[6:]:8s} state: "
+                     f"{bytes_moved(1, False, pb, sb):2d} / {bytes_moved(1, True, pb, sb):2d} B, "
+                     f"state {2 * sb} B per element")
     return "\n".join(lines)
 
 
