@@ -28,6 +28,27 @@ comparable.  Peak memory is measured apart, for each optimizer alone over 25 ste
     python benchmarks/bench_train.py                   # all tasks, ~15 min on 2 CPU cores
     python benchmarks/bench_train.py --quick           # short runs, 1 seed
     python benchmarks/bench_train.py --tasks charlm --plots benchmarks/results --markdown train.md
+
+Three more digits tasks exercise curvature that a probe never observes (Hessian-vector
+products exactly zero on every D-step): ``reluconv`` (ReLU + max pooling), ``geluconv``
+(GELU + max pooling) and ``deadmlp`` (a ReLU MLP with many dead units).  They are not
+in the default ``--tasks``.
+
+Two ESGD-M-only studies replace the optimizer comparison when asked for:
+
+* ``--rules``: the default unobserved-curvature rule against the original one
+  (``exact=True``) at each of ``--rule-lrs`` in each of ``--hvps`` (autograd, and
+  finite differences with a closure), ``--seeds`` seeds each: final losses, accuracy,
+  non-finite runs, the largest |p|, the share of elements with ``D == 0``, and whether
+  the two rules' parameters are bitwise equal; one PNG of loss curves;
+* ``--lowprec``: float32 weights, float32 weights with bf16 state, bf16 weights with
+  round-to-nearest and with stochastic rounding, and bf16 weights with bf16 state, at
+  each task's rate: losses, loss relative to float32 at the same seed, the share of
+  elements a step changes, step and ``opt.step()`` times, optimizer-state bytes
+  (``sum(b.nbytes() for b in opt.buckets())``); one PNG per task.
+
+    python benchmarks/bench_train.py --rules --quick --seeds 2 --tasks reluconv,geluconv,deadmlp
+    python benchmarks/bench_train.py --lowprec --quick --tasks convnet,charlm
 """
 
 from __future__ import annotations
@@ -149,6 +170,46 @@ class ConvNet(nn.Module):
         return self.fc(x.flatten(1))
 
 
+class PoolConvNet(nn.Module):
+    """conv3x3(16)-act-maxpool2-conv3x3(32)-act-maxpool2-linear(10) on 1x8x8 images.
+
+    With ReLU, weights into units that were dead on a probe batch, and inputs that max
+    pooling discarded there, get a Hessian-vector product of exactly zero: the case
+    that the unobserved-curvature rule is for."""
+
+    def __init__(self, act: str = "relu", c1=16, c2=32):
+        super().__init__()
+        self.act = {"relu": F.relu, "gelu": F.gelu}[act]
+        self.c1 = nn.Conv2d(1, c1, 3, padding=1)
+        self.c2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.fc = nn.Linear(c2 * 2 * 2, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(self.act(self.c1(x.view(-1, 1, 8, 8))), 2)
+        x = F.max_pool2d(self.act(self.c2(x)), 2)
+        return self.fc(x.flatten(1))
+
+
+class DeadMLP(nn.Module):
+    """64-128-128-10 ReLU MLP whose hidden biases start in U(-0.5, 0.1), so that many
+    units are dead on every image (with ``torch.manual_seed(0)``: 17% of the first
+    layer's and 59% of the second's at initialisation) and others fire on few images:
+    their weights see zero curvature on most probe batches and nonzero gradients on
+    some steps."""
+
+    def __init__(self, sizes=(64, 128, 128, 10), bias_range=(-0.5, 0.1)):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        with torch.no_grad():
+            for lin in self.layers[:-1]:
+                lin.bias.uniform_(*bias_range)
+
+    def forward(self, x):
+        for lin in self.layers[:-1]:
+            x = F.relu(lin(x))
+        return self.layers[-1](x)
+
+
 def causal_attention(q, k, v, mode: str):
     """Causal self-attention on ``[batch, heads, time, head_dim]``.
 
@@ -231,7 +292,14 @@ LR_GRIDS = {
     "autoencoder": {"ESGD-M": (0.3, 1.0, 3.0), "AdamW": (1e-3, 3e-3, 1e-2), "SGD": (1.0, 3.0, 10.0)},
     "convnet": {"ESGD-M": (0.3, 1.0, 3.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
     "charlm": {"ESGD-M": (1.0, 3.0, 10.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.1, 0.3, 1.0)},
+    # the three networks with unobserved curvature (not in the default --tasks): a
+    # grid around the README's 0.5, and AdamW/SGD grids as for the convnet (not tuned)
+    "reluconv": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
+    "geluconv": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
+    "deadmlp": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
 }
+TASKS = ("autoencoder", "convnet", "charlm", "reluconv", "geluconv", "deadmlp")
+DIGITS_TASKS = ("autoencoder", "convnet", "reluconv", "geluconv", "deadmlp")
 OPTIMIZERS = ("ESGD-M", "AdamW", "SGD")
 
 
@@ -264,13 +332,14 @@ def digits_tasks(device, scale) -> list[Task]:
         return {"train loss": F.mse_loss(model(xtr), xtr).item(),
                 "eval loss": F.mse_loss(model(xte), xte).item()}
 
-    def cls_loss(model, b):
-        return F.cross_entropy(model(b[0]), b[1])
+    def cls_loss(model, b):  # logits in float32 whatever the parameters' dtype
+        return F.cross_entropy(model(b[0]).float(), b[1])
 
     @torch.no_grad()
     def cls_eval(model):
-        out = model(xte)
-        return {"train loss": F.cross_entropy(model(xtr), ytr).item(),
+        dt = next(model.parameters()).dtype
+        out = model(xte.to(dt)).float()
+        return {"train loss": F.cross_entropy(model(xtr.to(dt)).float(), ytr).item(),
                 "eval loss": F.cross_entropy(out, yte).item(),
                 "test acc": (out.argmax(1) == yte).float().mean().item()}
 
@@ -283,6 +352,17 @@ def digits_tasks(device, scale) -> list[Task]:
              shifted_batch, cls_loss, cls_eval, steps=int(1000 * scale),
              eval_every=max(5, int(50 * scale)), lrs=LR_GRIDS["convnet"],
              data_note=note + ", random 1-pixel shifts", extra_metric="test acc"),
+        Task("reluconv", "ReLU + max-pool convnet, sklearn digits (test cross-entropy)",
+             lambda: PoolConvNet("relu"), shifted_batch, cls_loss, cls_eval, steps=int(1000 * scale),
+             eval_every=max(5, int(50 * scale)), lrs=LR_GRIDS["reluconv"],
+             data_note=note + ", random 1-pixel shifts", extra_metric="test acc"),
+        Task("geluconv", "GELU + max-pool convnet, sklearn digits (test cross-entropy)",
+             lambda: PoolConvNet("gelu"), shifted_batch, cls_loss, cls_eval, steps=int(1000 * scale),
+             eval_every=max(5, int(50 * scale)), lrs=LR_GRIDS["geluconv"],
+             data_note=note + ", random 1-pixel shifts", extra_metric="test acc"),
+        Task("deadmlp", "ReLU MLP with dead units, sklearn digits (test cross-entropy)", DeadMLP,
+             batch, cls_loss, cls_eval, steps=int(1000 * scale), eval_every=max(5, int(50 * scale)),
+             lrs=LR_GRIDS["deadmlp"], data_note=note, extra_metric="test acc"),
     ]
 
 
@@ -314,8 +394,8 @@ def charlm_task(device, scale, args) -> Task:
                                  generator=torch.Generator().manual_seed(98)).to(device)
     train_batches = [windows(train, train_starts[i:i + 64]) for i in range(0, 256, 64)]
 
-    def loss(model, b):
-        logits = model(b[0])
+    def loss(model, b):  # logits in float32 whatever the parameters' dtype
+        logits = model(b[0]).float()
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), b[1].reshape(-1))
 
     @torch.no_grad()
@@ -337,15 +417,30 @@ def charlm_task(device, scale, args) -> Task:
 
 # -------------------------------------------------------------------------- training
 
-def make_optimizer(name: str, params, lr: float, args, seed: int = 0, device=None):
+@dataclass
+class Variant:
+    """One configuration of a run beyond (optimizer, lr, seed): extra ``ESGDM``
+    keywords, the parameters' dtype and the HVP mode (``None``: ``--esgdm-hvp``)."""
+    label: str = ""
+    esgdm: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    hvp: Optional[str] = None
+
+
+def make_optimizer(name: str, params, lr: float, args, seed: int = 0, device=None,
+                   variant: Optional[Variant] = None):
     if name == "ESGD-M":
         # its own stream of Rademacher vectors, so that interleaved runs do not share one
+        # (the same seed gives the same vectors whatever the variant)
         gen = torch.Generator(device=device or "cpu").manual_seed(20_000 + seed)
         kw = dict(lr=lr, backend=args.esgdm_backend, generator=gen)
-        if args.esgdm_hvp:
+        hvp = (variant.hvp if variant is not None else None) or args.esgdm_hvp
+        if hvp:
             if "hvp" not in inspect.signature(esgdm.ESGDM).parameters:
                 raise SystemExit("--esgdm-hvp given, but this esgdm.ESGDM has no 'hvp' argument")
-            kw["hvp"] = args.esgdm_hvp
+            kw["hvp"] = hvp
+        if variant is not None:
+            kw.update(variant.esgdm)
         return esgdm.ESGDM(params, **kw)
     if name == "AdamW":
         return _fastest(torch.optim.AdamW, params, lr=lr, weight_decay=0.0)
@@ -375,8 +470,10 @@ def _fastest(cls, params, **kw):
         return cls(params, **kw)
 
 
-def train_step(opt, model, task, b, hvp_mode: Optional[str]):
-    """One step; returns (loss, whether it was an ESGD-M D-step)."""
+def train_step(opt, model, task, b, hvp_mode: Optional[str], timer: Optional[list] = None):
+    """One step; returns (loss, whether it was an ESGD-M D-step).  With ``timer`` (a
+    list), the seconds of ``opt.step()`` alone are appended to it (synchronised; the
+    closure-based path does not time it: its step includes the closure)."""
     is_esgdm = isinstance(opt, esgdm.ESGDM)
     # is_d_step() where it exists: should_create_graph() is False for finite differences
     d_step = is_esgdm and getattr(opt, "is_d_step", opt.should_create_graph)()
@@ -392,7 +489,15 @@ def train_step(opt, model, task, b, hvp_mode: Optional[str]):
     opt.zero_grad(set_to_none=True)
     loss = task.loss(model, b)
     loss.backward(create_graph=is_esgdm and opt.should_create_graph())
-    opt.step()
+    if timer is None:
+        opt.step()
+    else:
+        dev = loss.device
+        sync(dev)
+        t0 = time.perf_counter()
+        opt.step()
+        sync(dev)
+        timer.append(time.perf_counter() - t0)
     return loss, d_step
 
 
@@ -411,6 +516,18 @@ class Run:
     peak_mib: Optional[float] = None
     state_mib: float = 0.0
     impl: str = ""  # ESGD-M: the esgdm backend(s) used; torch.optim: fused/foreach/default
+    # the --rules and --lowprec studies (defaults keep older --json files readable)
+    variant: str = ""
+    hvp: str = ""
+    dtype: str = "float32"
+    max_abs_p: float = 0.0           # largest finite |p| at the end (or where it stopped)
+    nonfinite_params: int = 0        # parameter elements that were not finite at the end
+    unobserved_frac: float = math.nan  # ESGD-M: fraction of elements with D == 0 at the end
+    state_bytes: int = 0             # ESGD-M: sum of bucket.nbytes()
+    opt_ms: list = field(default_factory=list)   # opt.step() alone, plain steps (--lowprec)
+    changed: list = field(default_factory=list)  # (step, fraction of elements a step changed)
+    fingerprint: str = ""            # digest of the final parameters' bytes
+    n_params: int = 0                # parameter elements of the model
 
     @property
     def diverged(self) -> bool:
@@ -440,13 +557,20 @@ class Run:
 class Trainer:
     """One training run that advances a step at a time, so several can be interleaved."""
 
-    def __init__(self, task: Task, opt_name: str, lr: float, seed: int, device, args):
+    def __init__(self, task: Task, opt_name: str, lr: float, seed: int, device, args,
+                 variant: Optional[Variant] = None, time_opt: bool = False):
         self.task, self.device, self.args = task, device, args
-        self.run = Run(task.name, opt_name, lr, seed)
+        self.variant = variant or Variant()
+        self.time_opt = time_opt
+        self.run = Run(task.name, opt_name, lr, seed, variant=self.variant.label,
+                       hvp=(self.variant.hvp or args.esgdm_hvp or "autograd") if opt_name == "ESGD-M" else "",
+                       dtype=str(self.variant.dtype).replace("torch.", ""))
         torch.manual_seed(seed)
         self.gen = torch.Generator().manual_seed(10_000 + seed)  # batches
-        self.model = task.make_model().to(device)
-        self.opt = make_optimizer(opt_name, self.model.parameters(), lr, args, seed, device)
+        # the model is built (and initialised) in float32, then cast
+        self.model = task.make_model().to(device=device, dtype=self.variant.dtype)
+        self.opt = make_optimizer(opt_name, self.model.parameters(), lr, args, seed, device,
+                                  self.variant)
         self.elapsed = 0.0
         self.run.evals.append((0, 0.0, task.evaluate(self.model)))
 
@@ -457,16 +581,30 @@ class Trainer:
     def step(self) -> None:
         run, task = self.run, self.task
         b = task.batch(self.gen)
+        dt_model = self.variant.dtype
+        if dt_model != torch.float32:
+            b = tuple(t.to(dt_model) if t.is_floating_point() else t for t in b)
+        will_eval = (run.steps_done + 1) % task.eval_every == 0 or run.steps_done + 1 == task.steps
+        before = [p.detach().clone() for p in self.model.parameters()] if will_eval else None
+        timer = [] if self.time_opt else None
         sync(self.device)
         t0 = time.perf_counter()
-        loss, d_step = train_step(self.opt, self.model, task, b, self.args.esgdm_hvp)
+        loss, d_step = train_step(self.opt, self.model, task, b, self.variant.hvp or self.args.esgdm_hvp,
+                                  timer)
         value = loss.item()  # synchronises
         dt = time.perf_counter() - t0
         self.elapsed += dt
         run.step_ms.append(dt * 1e3)
         run.d_steps.append(d_step)
         run.train_losses.append(value)
+        if timer:
+            run.opt_ms.append(timer[0] * 1e3)
+        elif self.time_opt:
+            run.opt_ms.append(math.nan)
         run.steps_done += 1
+        if before is not None:  # how many elements this step changed at all
+            changed = sum(int((p.detach() != q).sum()) for p, q in zip(self.model.parameters(), before))
+            run.changed.append((run.steps_done, changed / sum(q.numel() for q in before)))
         if not math.isfinite(value):
             run.nonfinite_step = run.steps_done
         elif run.steps_done % task.eval_every == 0 or run.steps_done == task.steps:
@@ -476,6 +614,19 @@ class Trainer:
 
     def close(self) -> Run:
         self.run.impl = describe_impl(self.opt)
+        with torch.no_grad():
+            ps = [p.detach().float() for p in self.model.parameters()]
+            fin = [p[torch.isfinite(p)] for p in ps]
+            self.run.max_abs_p = max((float(f.abs().max()) for f in fin if f.numel()), default=0.0)
+            self.run.nonfinite_params = sum(p.numel() - f.numel() for p, f in zip(ps, fin))
+        self.run.fingerprint = _param_hash(self.model)
+        self.run.n_params = sum(p.numel() for p in self.model.parameters())
+        if isinstance(self.opt, esgdm.ESGDM):
+            ds = [st["exp_avg_d"] for st in self.opt.state.values() if "exp_avg_d" in st]
+            n = sum(d.numel() for d in ds)
+            if n:
+                self.run.unobserved_frac = sum(int((d == 0).sum()) for d in ds) / n
+            self.run.state_bytes = sum(b.nbytes() for b in self.opt.buckets())
         self.run.state_mib = sum(t.numel() * t.element_size() for st in self.opt.state.values()
                                  for t in st.values() if torch.is_tensor(t)) / 2**20
         self.model = self.opt = None
@@ -670,6 +821,371 @@ def plot_task(result: dict, path: str, meta: dict, args) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- studies
+#
+# Two ESGD-M-only studies next to the optimizer comparison above:
+#
+# * ``--rules``: the default unobserved-curvature rule against the original one
+#   (``exact=True``) over a learning-rate grid, with both HVP modes;
+# * ``--lowprec``: float32 weights against bf16 weights with and without stochastic
+#   rounding, and bf16 optimizer state.
+
+RULES = {"default": {}, "exact": {"exact": True}}
+HVP_MODES = ("autograd", "finite_difference")
+
+#: ESGD-M's chosen rate per task in the optimizer comparison (section 2 of RESULTS.md)
+LOWPREC_LRS = {"convnet": 1.0, "charlm": 3.0, "autoencoder": 1.0, "reluconv": 0.3,
+               "geluconv": 1.0, "deadmlp": 0.3}
+
+#: (label, parameter dtype, extra ESGDM keywords)
+LOWPREC_VARIANTS = (
+    ("fp32", torch.float32, {}),
+    ("fp32 + bf16 state", torch.float32, {"state_dtype": torch.bfloat16}),
+    ("bf16, round-to-nearest", torch.bfloat16, {"stochastic_rounding": False}),
+    ("bf16, stochastic rounding", torch.bfloat16, {"stochastic_rounding": True}),
+    ("bf16 + bf16 state, stochastic", torch.bfloat16,
+     {"stochastic_rounding": True, "state_dtype": torch.bfloat16}),
+)
+
+
+def _param_hash(model) -> str:
+    """A digest of every parameter's bytes: equal digests = bitwise-equal trajectories."""
+    import hashlib
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_rules(tasks, device, args, log) -> list[Run]:
+    """Every (HVP mode, lr, rule, seed) of each task, in lockstep per task."""
+    runs = []
+    for task in tasks:
+        log(f"\n## {task.title}: {task.steps} steps; rules {', '.join(args.rule_names)}; "
+            f"lr {', '.join(f'{x:g}' for x in args.rule_lrs)}; HVP {', '.join(args.hvps)}; "
+            f"{args.seeds} seed(s)")
+        trainers = [Trainer(task, "ESGD-M", lr, seed, device, args,
+                            Variant(rule, dict(RULES[rule]), hvp=hvp))
+                    for hvp in args.hvps for lr in args.rule_lrs for rule in args.rule_names
+                    for seed in range(args.seeds)]
+        done = lockstep(trainers, f"{task.name} rules", args)
+        for r in done:
+            log(f"  {task.name:11s} {r.hvp[:6]:6s} lr={r.lr:<4g} {r.variant:7s} seed {r.seed}: "
+                f"train {r.final('train loss'):.4g}  max|p| {r.max_abs_p:.3g}  "
+                f"D==0 {100 * r.unobserved_frac:.1f}%"
+                + (f"  NON-FINITE at step {r.nonfinite_step}" if r.diverged else ""))
+        runs += done
+    return runs
+
+
+def run_lowprec(tasks, device, args, log) -> list[Run]:
+    """Every precision variant x seed of each task at its lr, in lockstep per task."""
+    runs = []
+    for task in tasks:
+        lr = args.lowprec_lrs.get(task.name, LOWPREC_LRS.get(task.name, 1.0))
+        log(f"\n## {task.title}: {task.steps} steps at lr {lr:g}; {args.seeds} seed(s)")
+        trainers = [Trainer(task, "ESGD-M", lr, seed, device, args,
+                            Variant(label, dict(kw), dtype=dt, hvp="autograd"), time_opt=True)
+                    for label, dt, kw in LOWPREC_VARIANTS for seed in range(args.seeds)]
+        done = lockstep(trainers, f"{task.name} precision", args)
+        for r in done:
+            log(f"  {task.name:8s} {r.variant:30s} seed {r.seed}: train {r.final('train loss'):.4g}  "
+                f"{task.metric} {r.final(task.metric):.4g}  state {r.state_bytes} B  "
+                f"opt.step() {_median([t for t, d in zip(r.opt_ms, r.d_steps) if not d]):.3g} ms"
+                + (f"  NON-FINITE at step {r.nonfinite_step}" if r.diverged else ""))
+        runs += done
+    return runs
+
+
+def _median(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return statistics.median(xs) if xs else math.nan
+
+
+def _sci(v: float) -> str:
+    return "0" if v == 0 else f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.1e}"
+
+
+def mean_sd_wide(values: list[float]) -> str:
+    """:func:`mean_sd`, but values of a blown-up run (>= 1e4) in scientific notation."""
+    vals = [v for v in values if math.isfinite(v)]
+    if vals and max(abs(v) for v in vals) >= 1e4:
+        s = " / ".join(f"{v:.1e}" for v in vals)
+        return s + (f" ({len(values) - len(vals)} diverged)" if len(vals) < len(values) else "")
+    return mean_sd(values)
+
+
+def rules_tables(runs: list[Run], tasks, args) -> list[str]:
+    out = []
+    for task in tasks:
+        rs = [r for r in runs if r.task == task.name]
+        if not rs:
+            continue
+        hvps = [h for h in HVP_MODES if any(r.hvp == h for r in rs)]
+        lrs = sorted({r.lr for r in rs})
+        rules = [n for n in RULES if any(r.variant == n for r in rs)]
+        seeds = len({r.seed for r in rs})
+        headers = ["HVP", "lr", "rule", "final train loss", f"final {task.metric}"]
+        if task.extra_metric:
+            headers.append(f"{task.extra_metric} %")
+        headers += ["non-finite runs", "max \\|p\\| (worst seed)", "D = 0 at end %",
+                    "same as exact", "ms/step"]
+        body = []
+        for h in hvps:
+            for lr in lrs:
+                for rule in rules:
+                    sel = [r for r in rs if r.hvp == h and r.lr == lr and r.variant == rule]
+                    if not sel:
+                        continue
+                    twins = {r.seed: r for r in rs if r.hvp == h and r.lr == lr and r.variant == "exact"}
+                    same = [twins[r.seed].fingerprint == r.fingerprint for r in sel if r.seed in twins]
+                    row = [h.replace("finite_difference", "finite diff."), f"{lr:g}", rule,
+                           mean_sd_wide([r.final("train loss") for r in sel]),
+                           mean_sd_wide([r.final(task.metric) for r in sel])]
+                    if task.extra_metric:
+                        row.append(mean_sd([100 * r.final(task.extra_metric) for r in sel]))
+                    worst = max(sel, key=lambda r: (r.nonfinite_params > 0, r.max_abs_p))
+                    row += [f"{sum(r.diverged for r in sel)}/{len(sel)}",
+                            _sci(worst.max_abs_p) + (f" ({worst.nonfinite_params} non-finite)"
+                                                     if worst.nonfinite_params else ""),
+                            fmt(100 * statistics.mean(r.unobserved_frac for r in sel)),
+                            "" if rule == "exact" or not same else
+                            "yes" if all(same) else "no" if not any(same) else f"{sum(same)}/{len(same)} seeds",
+                            fmt(statistics.median([r.ms("all") for r in sel]))]
+                    body.append(row)
+        out += [f"### {task.title}", "",
+                f"{task.steps} steps, {task.data_note}; ESGD-M defaults otherwise "
+                f"(`update_d_every=10`, `d_warmup=20`, `eps=1e-4`), {seeds} seed(s) per row "
+                "(mean ± sd; 'diverged' where a loss was not finite). Losses on the whole "
+                "training set and the held-out set at the end; max |p|: the largest finite "
+                "parameter magnitude at the end (or when the loss stopped being finite), worst "
+                "seed; 'D = 0 at end': elements whose curvature was never observed; 'same as "
+                "exact': the default run's parameters equal the exact=True run's bit for bit "
+                "(same seed).", "",
+                markdown_table(headers, body, align="lll" + "r" * (len(headers) - 3)), ""]
+    return out
+
+
+def _log_ticks(ax) -> None:
+    """Plain-number labels on a log axis (call after plotting); minor ones only where
+    the axis spans less than a decade and a half, so that they do not pile up."""
+    import matplotlib.ticker
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    lo, hi = ax.get_ylim()
+    if lo > 0 and hi / lo < 30:
+        ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(base=10, subs=(2, 3, 5)))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.3g"))
+    else:
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_rules(runs: list[Run], tasks, path: str, meta: dict) -> None:
+    """Training-set loss against steps, seed 0: a row per task, a column per HVP mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in tasks if any(r.task == t.name for r in runs)]
+    hvps = [h for h in HVP_MODES if any(r.hvp == h for r in runs)]
+    lrs = sorted({r.lr for r in runs})
+    colors = dict(zip(lrs, ("tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple")))
+    fig, axes = plt.subplots(len(tasks), len(hvps), figsize=(5 * len(hvps), 2.6 * len(tasks)),
+                             squeeze=False)
+    for i, task in enumerate(tasks):
+        for j, h in enumerate(hvps):
+            ax = axes[i][j]
+            for r in runs:
+                if r.task != task.name or r.hvp != h or r.seed != 0:
+                    continue
+                xs = [e[0] for e in r.evals]
+                ys = [min(max(e[2]["train loss"], 1e-4), 1e4) for e in r.evals]
+                ls = "-" if r.variant == "default" else "--"
+                ax.plot(xs, ys, ls=ls, color=colors.get(r.lr), lw=1.2,
+                        label=f"{r.variant} lr={r.lr:g}")
+                if r.diverged:
+                    ax.plot([r.nonfinite_step], [ys[-1]], "x", color=colors.get(r.lr), ms=8)
+            ax.set_yscale("log")
+            _log_ticks(ax)
+            ax.set_title(f"{task.name}, hvp={h}", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.grid(alpha=0.3, which="both")
+            if j == 0:
+                ax.set_ylabel("training-set loss", fontsize=8)
+            if i == len(tasks) - 1:
+                ax.set_xlabel("step", fontsize=8)
+    axes[0][0].legend(fontsize=6, ncol=2)
+    fig.suptitle("ESGD-M: default rule (solid) vs exact=True (dashed), seed 0; "
+                 "x: loss not finite\n" + meta["machine"], fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path, dpi=72)
+    plt.close(fig)
+
+
+def lowprec_tables(runs: list[Run], tasks, args) -> list[str]:
+    out = []
+    for task in tasks:
+        rs = [r for r in runs if r.task == task.name]
+        if not rs:
+            continue
+        labels = [v[0] for v in LOWPREC_VARIANTS if any(r.variant == v[0] for r in rs)]
+        base = [r for r in rs if r.variant == "fp32"]
+        base_loss = statistics.mean(r.final("train loss") for r in base) if base else math.nan
+        headers = ["weights, state", "final train loss", f"final {task.metric}"]
+        if task.extra_metric:
+            headers.append(f"{task.extra_metric} %")
+        headers += ["train loss vs fp32: end", "second half", "elements changed by a step, end %",
+                    "ms/step (all)",
+                    "plain ms", "D-step ms", "opt.step() ms (plain)", "state bytes",
+                    "state B/param", "non-finite runs"]
+        body = []
+        for label in labels:
+            sel = [r for r in rs if r.variant == label]
+            loss = [r.final("train loss") for r in sel]
+            fin = [v for v in loss if math.isfinite(v)]
+            rel = (statistics.mean(fin) / base_loss - 1) if fin and base_loss == base_loss else math.nan
+            row = [label, mean_sd(loss), mean_sd([r.final(task.metric) for r in sel])]
+            if task.extra_metric:
+                row.append(mean_sd([100 * r.final(task.extra_metric) for r in sel]))
+            nparams = sel[0].n_params or _count_params(task)
+            row += ["" if label == "fp32" else f"{100 * rel:+.1f}%",
+                    "" if label == "fp32" else _half_ratio(sel, base),
+                    fmt(100 * statistics.mean(r.changed[-1][1] for r in sel if r.changed)),
+                    fmt(statistics.median([r.ms("all") for r in sel])),
+                    fmt(statistics.median([r.ms("plain") for r in sel])),
+                    fmt(statistics.median([r.ms("d") for r in sel])),
+                    fmt(statistics.median([_median([t for t, d in zip(r.opt_ms, r.d_steps) if not d])
+                                           for r in sel])),
+                    f"{sel[0].state_bytes:,}",
+                    fmt(sel[0].state_bytes / nparams) if nparams else "",
+                    f"{sum(r.diverged for r in sel)}/{len(sel)}"]
+            body.append(row)
+        seeds = len({r.seed for r in rs})
+        out += [f"### {task.title}", "",
+                f"{task.steps} steps at lr {rs[0].lr:g} (ESGD-M's chosen rate in section 2), "
+                f"{task.data_note}; {seeds} seed(s) per row (mean ± sd), `hvp=\"autograd\"`, "
+                f"{rs[0].n_params or _count_params(task):,} parameters. Losses in float32 from the model's "
+                "logits. 'train loss vs fp32': the training-set loss relative to the fp32 run "
+                "of the same seed (same initialisation, batches and probe vectors), at the end and "
+                "averaged over the evaluations of the second half of the run. "
+                "'elements changed by a step': the share of parameter elements whose "
+                "stored value a single step changed, at the last evaluation. 'opt.step() ms': "
+                "the optimizer step alone on plain steps (median). State bytes: the sum of "
+                "`bucket.nbytes()` (m, D and the per-tensor scalars).", "",
+                markdown_table(headers, body, align="l" + "r" * (len(headers) - 1)), ""]
+    return out
+
+
+def _half_ratio(sel: list[Run], base: list[Run]) -> str:
+    """Training-set loss over fp32's at the same seed and step, averaged over the
+    evaluations of the second half of the run (and over seeds), as a signed percentage:
+    the last evaluation alone is noisy."""
+    ref = {r.seed: {e[0]: e[2]["train loss"] for e in r.evals} for r in base if not r.diverged}
+    ratios = []
+    for r in sel:
+        if r.diverged or r.seed not in ref:
+            continue
+        half = r.evals[-1][0] / 2
+        ratios += [e[2]["train loss"] / ref[r.seed][e[0]] for e in r.evals
+                   if e[0] > half and e[0] in ref[r.seed]]
+    return f"{100 * (statistics.mean(ratios) - 1):+.1f}%" if ratios else "n/a"
+
+
+_NPARAMS: dict = {}
+
+
+def _count_params(task) -> int:
+    if task.name not in _NPARAMS:
+        _NPARAMS[task.name] = sum(p.numel() for p in task.make_model().parameters())
+    return _NPARAMS[task.name]
+
+
+def plot_lowprec(runs: list[Run], task, path: str, meta: dict) -> None:
+    """Training-set and held-out loss against steps per variant (mean over seeds,
+    band: min to max)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rs = [r for r in runs if r.task == task.name]
+    colors = dict(zip([v[0] for v in LOWPREC_VARIANTS],
+                      ("black", "tab:gray", "tab:red", "tab:blue", "tab:green")))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    base = {}
+    for r in rs:  # fp32 curve per seed, for the ratio panel
+        if r.variant == "fp32" and not r.diverged:
+            base[r.seed] = {e[0]: e[2]["train loss"] for e in r.evals}
+    for label in colors:
+        sel = [r for r in rs if r.variant == label and not r.diverged]
+        if not sel:
+            continue
+        n = min(len(r.evals) for r in sel)
+        xs = [sel[0].evals[i][0] for i in range(n)]
+        style = dict(color=colors[label], ls="--" if "state" in label else "-", lw=1.2, label=label)
+        for ax, metric in zip(axes, ("train loss", task.metric)):
+            vals = [[r.evals[i][2][metric] for r in sel] for i in range(n)]
+            ax.plot(xs, [statistics.mean(v) for v in vals], **style)
+            if len(sel) > 1:
+                ax.fill_between(xs, [min(v) for v in vals], [max(v) for v in vals],
+                                color=colors[label], alpha=0.15)
+        paired = [r for r in sel if r.seed in base]
+        if paired:
+            ratio = [statistics.mean(r.evals[i][2]["train loss"] / base[r.seed][r.evals[i][0]]
+                                     for r in paired) for i in range(n)]
+            axes[2].plot(xs, ratio, **style)
+    for ax, metric in zip(axes, ("training-set loss", task.metric)):
+        ax.set_yscale("log")
+        _log_ticks(ax)
+        ax.set_ylabel(metric, fontsize=8)
+    axes[2].set_ylabel("training-set loss / fp32's (same seed)", fontsize=8)
+    axes[2].axhline(1.0, color="black", lw=0.6)
+    for ax in axes:
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{task.title}: ESGD-M lr {rs[0].lr:g}, weights and state precision "
+                 f"(mean of {len({r.seed for r in rs})} seed(s))\n{meta['machine']}", fontsize=9)
+    fig.tight_layout()
+    save_png(fig, path, dpi=72)
+    plt.close(fig)
+
+
+def write_study_report(mode: str, runs: list[Run], tasks, meta: dict, args, device, log) -> None:
+    took = f" ({meta['seconds']} s)" if "seconds" in meta else ""
+    out_md = [f"Machine: {meta['machine']}  ", f"Command: `{meta['command']}`{took}  ",
+              f"esgdm backend: {', '.join(sorted({r.impl for r in runs if r.impl})) or 'n/a'}  ", ""]
+    if mode == "rules":
+        out_md += rules_tables(runs, tasks, args)
+        if args.plots:
+            os.makedirs(args.plots, exist_ok=True)
+            tag = f"{args.tag}_" if args.tag else ""
+            path = os.path.join(args.plots, f"train_rules_{tag}{device.type}.png")
+            plot_rules(runs, tasks, path, meta)
+            where = os.path.dirname(os.path.abspath(args.markdown)) if args.markdown else os.getcwd()
+            out_md += [f"![rules]({os.path.relpath(os.path.abspath(path), where)})", ""]
+            log(f"plot: {path}")
+    else:
+        out_md += lowprec_tables(runs, tasks, args)
+        if args.plots:
+            os.makedirs(args.plots, exist_ok=True)
+            where = os.path.dirname(os.path.abspath(args.markdown)) if args.markdown else os.getcwd()
+            for task in tasks:
+                if not any(r.task == task.name for r in runs):
+                    continue
+                tag = f"{args.tag}_" if args.tag else ""
+                path = os.path.join(args.plots, f"train_lowprec_{task.name}_{tag}{device.type}.png")
+                plot_lowprec(runs, task, path, meta)
+                out_md += [f"![{task.name}]({os.path.relpath(os.path.abspath(path), where)})", ""]
+                log(f"plot: {path}")
+    text = "\n".join(out_md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+    else:
+        log(text)
+
+
+
 # ------------------------------------------------------------------------------ main
 
 def build_parser() -> argparse.ArgumentParser:
@@ -699,6 +1215,22 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     ap.add_argument("--render", metavar="JSON",
                     help="train nothing: rewrite --markdown/--plots from a saved --json file")
+    ap.add_argument("--steps", default="",
+                    help="per-task step counts, 'task=N,...' (after --scale/--quick)")
+    ap.add_argument("--tag", default="", help="appended to the study's PNG names (train_rules_<tag>_cpu.png)")
+    study = ap.add_argument_group("ESGD-M studies (instead of the optimizer comparison)")
+    study.add_argument("--rules", action="store_true",
+                       help="default unobserved-curvature rule vs exact=True, over --rule-lrs "
+                            "and --hvps (one table per task, one PNG)")
+    study.add_argument("--rule-names", default="default,exact", help="with --rules")
+    study.add_argument("--rule-lrs", default="0.1,0.3,1", help="with --rules")
+    study.add_argument("--hvps", default=",".join(HVP_MODES), help="with --rules")
+    study.add_argument("--lowprec", action="store_true",
+                       help="fp32 vs bf16 weights (round-to-nearest / stochastic rounding) and "
+                            "bf16 state, at each task's lr (one table and one PNG per task)")
+    study.add_argument("--lowprec-lrs", default="",
+                       help="with --lowprec: 'task=lr,...' (default " +
+                            ", ".join(f"{k}={v:g}" for k, v in LOWPREC_LRS.items()) + ")")
     return ap
 
 
@@ -734,8 +1266,23 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
+    if args.rules and args.lowprec:
+        raise SystemExit("--rules and --lowprec are separate studies: run them one at a time")
+    mode = "rules" if args.rules else "lowprec" if args.lowprec else "compare"
+    args.rule_lrs = [float(v) for v in args.rule_lrs.split(",") if v.strip()]
+    args.rule_names = [v.strip() for v in args.rule_names.split(",") if v.strip()]
+    args.hvps = [v.strip() for v in args.hvps.split(",") if v.strip()]
+    if set(args.rule_names) - set(RULES) or set(args.hvps) - set(HVP_MODES):
+        raise SystemExit(f"--rule-names from {', '.join(RULES)}; --hvps from {', '.join(HVP_MODES)}")
+    try:
+        args.lowprec_lrs = {k.strip(): float(v) for k, v in
+                            (part.split("=") for part in args.lowprec_lrs.split(",") if part.strip())}
+    except ValueError:
+        raise SystemExit(f"cannot read --lowprec-lrs {args.lowprec_lrs!r}; write e.g. 'convnet=1,charlm=3'")
+    meta["mode"] = mode
+
     tasks = []
-    if {"autoencoder", "convnet"} & set(wanted):
+    if set(DIGITS_TASKS) & set(wanted):
         tasks += [t for t in digits_tasks(device, scale) if t.name in wanted]
     if "charlm" in wanted:
         tasks.append(charlm_task(device, scale, args))
@@ -746,9 +1293,19 @@ def main(argv=None):
         for t in tasks:
             t.steps, t.eval_every = 30, 10
             t.lrs = {o: (grid[len(grid) // 2],) for o, grid in t.lrs.items()}
-    unknown = set(wanted) - {"autoencoder", "convnet", "charlm"}
+    try:
+        steps = {k.strip(): int(v) for k, v in (part.split("=") for part in args.steps.split(",") if part.strip())}
+    except ValueError:
+        raise SystemExit(f"cannot read --steps {args.steps!r}; write e.g. 'convnet=500,charlm=100'")
+    for t in tasks:
+        if t.name in steps:
+            t.steps = steps[t.name]
+    unknown = set(wanted) - set(TASKS)
     if unknown:
-        raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose autoencoder, convnet, charlm")
+        raise SystemExit(f"unknown task(s) {sorted(unknown)}; choose from {', '.join(TASKS)}")
+
+    if mode != "compare":
+        return run_study(mode, tasks, meta, args, device, log)
 
     t_start = time.perf_counter()
     results = []
@@ -787,6 +1344,31 @@ def main(argv=None):
                                                 for r in res["runs"]]), f)
     write_report(results, meta, args, device, log)
     return results
+
+
+def run_study(mode: str, tasks, meta: dict, args, device, log) -> list[Run]:
+    """``--rules`` / ``--lowprec``: train (or ``--render`` a saved ``--json``), then
+    write the tables and plots."""
+    t_start = time.perf_counter()
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        meta = saved["meta"]
+        runs = [Run(**r) for r in saved["runs"]]
+        for task in tasks:
+            info = meta.get("tasks", {}).get(task.name, {})
+            task.steps = info.get("steps", task.steps)
+            task.data_note = info.get("data_note", task.data_note)
+    else:
+        runs = (run_rules if mode == "rules" else run_lowprec)(tasks, device, args, log)
+        meta["seconds"] = round(time.perf_counter() - t_start)
+        meta["tasks"] = {t.name: dict(steps=t.steps, data_note=t.data_note) for t in tasks}
+        log(f"\nTotal {meta['seconds']} s")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(meta=meta, runs=[dict(r.__dict__) for r in runs]), f)
+    write_study_report(mode, runs, tasks, meta, args, device, log)
+    return runs
 
 
 def write_report(results, meta, args, device, log) -> None:

@@ -1,9 +1,13 @@
 """Compile every variant of the fused ESGD-M Triton kernel ahead of time and report
 what the compiler made of it -- no GPU needed.
 
-For each parameter dtype (fp32, bf16, fp16), each step kind (plain, D-step) and each
-target (sm_80, sm_90 by default) the kernel in ``kernels/esgdm_step.py`` is compiled
-with ``triton.compile`` for a ``GPUTarget``; the report prints, per variant:
+For each parameter dtype (fp32, bf16, fp16), state dtype (fp32 by default; bf16 with
+``--states fp32,bf16``), rounding of 16-bit parameters (nearest by default; also
+stochastic with ``--rounding nearest,stochastic``), each step kind (plain, D-step) and
+each target (sm_80, sm_90 by default) the kernel in ``kernels/esgdm_step.py`` is
+compiled with ``triton.compile`` for a ``GPUTarget``; ``--amp`` compiles the variants
+that read ``grad_scale``/``found_inf``, ``--exact`` those with ``FLAG_EXACT``.  The
+report prints, per variant:
 
 * the global loads and stores by access width (``128b`` = ``ld/st.global.v4.b32``:
   the fp32 fast path must show them),
@@ -15,6 +19,7 @@ Use it to tune the launch configuration without a GPU::
 
     python benchmarks/ptx_report.py                       # the configuration in use
     python benchmarks/ptx_report.py --block 2048 --warps 4
+    python benchmarks/ptx_report.py --states fp32,bf16 --rounding nearest,stochastic --amp
     python benchmarks/ptx_report.py --dump /tmp/ptx       # also write each PTX file
     python benchmarks/ptx_report.py --json out.json       # machine-readable
 
@@ -120,16 +125,29 @@ def ptxas_usage(ptx: str, arch: int, workdir: str) -> dict:
     return out
 
 
-def compile_variant(k, dtype: str, d_step: bool, arch: int, block: int, warps: int):
-    """Compiles one variant for ``sm_<arch>``; returns the CompiledKernel."""
+def compile_variant(k, dtype: str, d_step: bool, arch: int, block: int, warps: int,
+                    state: str = "fp32", rounding: str = "nearest", amp: bool = False,
+                    exact: bool = False):
+    """Compiles one variant for ``sm_<arch>``; returns the CompiledKernel.
+
+    ``state``: the exp_avg/exp_avg_d dtype; ``rounding``: how 16-bit parameters are
+    stored ("nearest" or "stochastic"); ``amp``: with grad_scale and found_inf;
+    ``exact``: FLAG_EXACT (no dscale rule)."""
     import triton
     from triton.compiler import ASTSource
     from triton.backends.compiler import GPUTarget
 
     fn = k.esgdm_step_kernel
-    constexprs = dict(ROW_=k.ROW, FLOAT_COL_=k.FLOAT_COL, BLOCK=block, D_STEP=d_step, HINTS=True,
-                      PRECISE_MATH=k.PRECISE)
-    pointers = {"blocks_ptr": "*i32", "table_ptr": "*i64", "ftable_ptr": "*fp32", "p_ref": f"*{dtype}"}
+    mode = k.ROUND_NEAREST
+    if rounding == "stochastic" and dtype != "fp32":
+        mode = k.ROUND_STOCHASTIC_BF16 if dtype == "bf16" else k.ROUND_STOCHASTIC_FP16
+    constexprs = dict(ROW_=k.ROW, NS=k.N_SCALAR_COLUMNS, NH=k.N_HPARAM_COLUMNS, BLOCK=block,
+                      D_STEP=d_step, EXACT=exact, HAS_GS=amp, HAS_FI=amp, ROUNDING=mode,
+                      HINTS=True, EMULATE_BF16=False, PRECISE_MATH=k.PRECISE)
+    pointers = {"blocks_ptr": "*i32", "table_ptr": "*i64", "index_ptr": "*i32",
+                "scalars_ptr": "*fp64", "hparams_ptr": "*fp64", "grad_scale_ptr": "*fp32",
+                "found_inf_ptr": "*fp32", "tickets_ptr": "*i32", "p_ref": f"*{dtype}",
+                "s_ref": f"*{state}", "seed": "i32"}
     target = GPUTarget("cuda", arch, 32)
     try:  # Triton >= 3.2: arguments by name, constexprs in the signature
         signature = dict(pointers, **{name: "constexpr" for name in constexprs})
@@ -141,7 +159,8 @@ def compile_variant(k, dtype: str, d_step: bool, arch: int, block: int, warps: i
     return triton.compile(src, target=target, options={"num_warps": warps})
 
 
-def report(dtypes, archs, block=None, warps=None, dump=None):
+def report(dtypes, archs, block=None, warps=None, dump=None, states=("fp32",),
+           roundings=("nearest",), amp=False, exact=False):
     """Compiles every variant; returns a list of dicts (one per variant)."""
     import tempfile
     import torch
@@ -153,27 +172,38 @@ def report(dtypes, archs, block=None, warps=None, dump=None):
             config = k.CONFIGS[getattr(torch, DTYPE_NAMES[dtype])]
             b = block or config["BLOCK"]
             w = warps or config["num_warps"]
-            for d_step in (False, True):
-                for arch in archs:
-                    name = f"{dtype}_{'dstep' if d_step else 'plain'}_sm{arch}_b{b}_w{w}"
-                    t0 = time.perf_counter()
-                    compiled = compile_variant(k, dtype, d_step, arch, b, w)
-                    seconds = time.perf_counter() - t0
-                    ptx = compiled.asm["ptx"]
-                    if dump:
-                        os.makedirs(dump, exist_ok=True)
-                        with open(os.path.join(dump, name + ".ptx"), "w") as f:
-                            f.write(ptx)
-                    row = dict(variant=name, dtype=dtype, d_step=d_step, arch=arch, block=b, warps=w,
-                               compile_s=round(seconds, 2), shared=getattr(compiled.metadata, "shared", None),
-                               **access_widths(ptx))
-                    usage = ptxas_usage(ptx, arch, tmp)
-                    if not usage:  # no ptxas: older Triton kept these in the metadata
-                        for key in ("n_regs", "n_spills"):
-                            if hasattr(compiled, key) and getattr(compiled, key) is not None:
-                                usage[key] = getattr(compiled, key)
-                    row.update(usage)
-                    rows.append(row)
+            for state in states:
+                # float32 parameters are always stored rounded to nearest
+                for rounding in (("nearest",) if dtype == "fp32" else roundings):
+                    for d_step in (False, True):
+                        for arch in archs:
+                            name = f"{dtype}_{'dstep' if d_step else 'plain'}"
+                            if state != "fp32":
+                                name += f"_s{state}"
+                            if rounding != "nearest":
+                                name += "_sr"
+                            name += f"_sm{arch}_b{b}_w{w}"
+                            t0 = time.perf_counter()
+                            compiled = compile_variant(k, dtype, d_step, arch, b, w, state, rounding,
+                                                       amp, exact)
+                            seconds = time.perf_counter() - t0
+                            ptx = compiled.asm["ptx"]
+                            if dump:
+                                os.makedirs(dump, exist_ok=True)
+                                with open(os.path.join(dump, name + ".ptx"), "w") as f:
+                                    f.write(ptx)
+                            row = dict(variant=name, dtype=dtype, state=state, rounding=rounding,
+                                       amp=amp, exact=exact, d_step=d_step, arch=arch, block=b,
+                                       warps=w, compile_s=round(seconds, 2),
+                                       shared=getattr(compiled.metadata, "shared", None),
+                                       **access_widths(ptx))
+                            usage = ptxas_usage(ptx, arch, tmp)
+                            if not usage:  # no ptxas: older Triton kept these in the metadata
+                                for key in ("n_regs", "n_spills"):
+                                    if getattr(compiled, key, None) is not None:
+                                        usage[key] = getattr(compiled, key)
+                            row.update(usage)
+                            rows.append(row)
     return rows
 
 
@@ -183,13 +213,13 @@ def _fmt_widths(widths: dict) -> str:
 
 
 def print_table(rows) -> None:
-    head = f"{'variant':34} {'loads (width x count)':26} {'stores':22} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'comp_s':>6}"
+    head = f"{'variant':40} {'loads (width x count)':26} {'stores':22} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'comp_s':>6}"
     print(head)
     print("-" * len(head))
     for r in rows:
         spill = f"{r.get('spill_stores', '?')}/{r.get('spill_loads', '?')}"
         regs = r.get("regs", r.get("n_regs", "?"))
-        print(f"{r['variant']:34} {_fmt_widths(r['ld']):26} {_fmt_widths(r['st']):22} {regs!s:>4} "
+        print(f"{r['variant']:40} {_fmt_widths(r['ld']):26} {_fmt_widths(r['st']):22} {regs!s:>4} "
               f"{spill:>11} {r.get('shared')!s:>5} {r['compile_s']:6.1f}")
         if "ptxas_error" in r:
             print(f"    ptxas: {r['ptxas_error']}")
@@ -201,6 +231,11 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="80,90", help="comma-separated compute capabilities")
     parser.add_argument("--block", type=int, default=None, help="elements per program (default: CONFIGS)")
     parser.add_argument("--warps", type=int, default=None, help="warps per program (default: CONFIGS)")
+    parser.add_argument("--states", default="fp32", help="comma-separated state dtypes: fp32,bf16")
+    parser.add_argument("--rounding", default="nearest",
+                        help="comma-separated: nearest,stochastic (16-bit parameters)")
+    parser.add_argument("--amp", action="store_true", help="with grad_scale and found_inf")
+    parser.add_argument("--exact", action="store_true", help="FLAG_EXACT (no dscale rule)")
     parser.add_argument("--dump", metavar="DIR", help="write each variant's PTX into DIR")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
@@ -209,7 +244,14 @@ def main(argv=None) -> int:
     if bad:
         parser.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPE_NAMES)}")
     archs = [int(a) for a in args.archs.split(",") if a.strip()]
-    rows = report(dtypes, archs, args.block, args.warps, args.dump)
+    states = [d.strip() for d in args.states.split(",") if d.strip()]
+    if any(d not in ("fp32", "bf16") for d in states):
+        parser.error(f"state dtypes are fp32 and bf16, not {states}")
+    roundings = [d.strip() for d in args.rounding.split(",") if d.strip()]
+    if any(d not in ("nearest", "stochastic") for d in roundings):
+        parser.error(f"rounding is nearest or stochastic, not {roundings}")
+    rows = report(dtypes, archs, args.block, args.warps, args.dump, states, roundings, args.amp,
+                  args.exact)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:

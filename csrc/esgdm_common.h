@@ -1,50 +1,45 @@
-// Host-side pieces shared by the CPU and CUDA implementations of esgdm::fused_step_:
-// the argument checks (one clear error per kind of bad input) and the scalar table.
+// Host-side pieces shared by the Python module (esgdm_module.cpp) and the CPU and
+// CUDA implementations of esgdm._C.step: the unpacked arguments and the entry points.
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/util/Optional.h>
 
 #include <cstdint>
-#include <vector>
 
 #include "esgdm_update.h"
 
 namespace esgdm {
 
-// Columns of the float64 scalar table (esgdm/rule.py SCALAR_COLUMNS).
-enum ScalarColumn : int { kBeta1 = 0, kBeta2, kEps, kStepScale, kDecay, kNumColumns };
-
-// The op's arguments, unpacked once.
+// The arguments of esgdm._C.step, checked by check_step_args (esgdm_module.cpp): one
+// entry per tensor in each list, all dense and laid out like their parameter, on one
+// device; the tables on that device.  The lists are views of the caller's vectors.
 struct StepArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_ds;
-  c10::optional<at::TensorList> hvps;
-  at::Tensor scalars;
+  at::TensorList hvps;  // empty unless d_step
+  bool d_step = false;
+  at::Tensor scalars;     // float64 [n_slots, 4], advanced in place (bias, warm, steps)
+  at::Tensor index;       // int32 [n, 2]: slot in scalars, row in hparams
+  at::Tensor hparams;     // float64 [n_groups, 6]
+  at::Tensor grad_scale;  // float32, one element; undefined when absent
+  at::Tensor found_inf;   // float32, one element; undefined when absent
+  int64_t flags = 0;
+  int64_t seed = 0;
 
   int64_t size() const { return static_cast<int64_t>(params.size()); }
-  bool d_step() const { return hvps.has_value(); }
+  bool exact() const { return (flags & kFlagExact) != 0; }
+  bool stochastic_rounding() const { return (flags & kFlagStochasticRounding) != 0; }
+  uint32_t seed32() const { return static_cast<uint32_t>(static_cast<uint64_t>(seed)); }
 };
 
-// Raises a c10::Error naming the first problem with the arguments: list lengths,
-// scalar table shape and dtype, devices, dtypes, shapes, and layout (every tensor
-// dense and laid out like its parameter, so that all can be walked as flat arrays).
-// ``device_type`` is the device the kernel runs on.
-void check_step_args(const StepArgs& a, c10::DeviceType device_type);
+// The CPU implementation (esgdm_cpu.cpp).
+void step_cpu(const StepArgs& a);
 
-// Tensor i's row of the scalar table, as the math type T.  ``table`` is the table's
-// contiguous float64 data.
-template <typename T>
-inline Coeffs<T> coeffs_for(const double* table, int64_t i) {
-  const double* row = table + i * kNumColumns;
-  return make_coeffs<T>(row[kBeta1], row[kBeta2], row[kEps], row[kStepScale], row[kDecay]);
-}
+#if defined(ESGDM_WITH_CUDA)
+// The CUDA implementation (esgdm_cuda_host.cpp, kernels in esgdm_cuda.cu).
+void step_cuda(const StepArgs& a);
+#endif
 
-// The state dtype for a parameter dtype (float32, or float64 for float64 parameters).
-inline at::ScalarType state_dtype_for(at::ScalarType param_dtype) {
-  return param_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// The instruction set the CPU kernel was compiled for (esgdm._C.build_info()).
+// The instruction set the CPU kernel runs with (esgdm._C.build_info()).
 const char* cpu_isa();
 
 }  // namespace esgdm

@@ -1,26 +1,32 @@
-// The "cpu" backend: esgdm::fused_step_ for CPU tensors, one pass over every tensor.
+// The "cpu" backend: esgdm._C.step for CPU tensors, one pass over every tensor.
 //
-// The bucket's tensors are laid end to end in one global index space and cut into
-// fixed-size chunks; the threads of ATen's intra-op pool take chunks from a shared
-// counter, so a bucket of one 10M-element tensor and many 1-element ones keeps both
-// cores busy, and a thread slowed down by a neighbour on a shared machine does not
-// hold the others up.  Each chunk is a few straight loops over contiguous memory that
-// the compiler vectorises (ESGDM_VEC_REPORT=1 shows gcc's report; see setup_ext.py),
-// once for the baseline instruction set and once for AVX2 + FMA, chosen at run time.
+// The per-tensor scalars are derived first (the tables are in CPU memory), as
+// esgdm_update.h's derive/make_coeffs.  Then the bucket's tensors are laid end to end
+// in one global index space and cut into fixed-size chunks; the threads of ATen's
+// intra-op pool take chunks from a shared counter, so a bucket of one 10M-element
+// tensor and many 1-element ones keeps every core busy, and a thread slowed down by a
+// neighbour on a shared machine does not hold the others up.  Each chunk is a few
+// straight loops over contiguous memory that the compiler vectorises (the rule's
+// branches are selects; ESGDM_VEC_REPORT=1 shows gcc's report, see setup_ext.py), once
+// for the baseline instruction set and once for AVX2 + FMA, chosen at run time.  Last,
+// after the parallel region, the stepped tensors' rows of ``scalars`` are advanced.
+//
 // Parameters of any supported dtype are converted to float (double for float64) on
-// load and rounded back on store; the state is float32 (float64).
+// load and rounded back on store (to nearest, or stochastically); the state is
+// float32 or bfloat16 (float64 for float64 parameters), stored rounded to nearest.
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "esgdm_common.h"
@@ -37,12 +43,24 @@
 #define ESGDM_ALWAYS_INLINE inline
 #endif
 
+// Whether the baseline loop computes torch's lerp with one rounding, as torch's own
+// baseline kernels do: not on x86-64 (SSE2 has no fma; torch's "default" capability
+// rounds twice), yes on AArch64 (NEON's fused multiply-add).
+#if ESGDM_X86_DISPATCH
+#define ESGDM_BASELINE_FMA false
+#elif defined(__aarch64__) || defined(__FMA__)
+#define ESGDM_BASELINE_FMA true
+#else
+#define ESGDM_BASELINE_FMA false
+#endif
+
 namespace esgdm {
 
 namespace {
 
 // Whether the AVX2 + FMA loops run: the CPU has both and ATen uses AVX2 too (so
-// ATEN_CPU_CAPABILITY=default turns them off here as it does in PyTorch).
+// ATEN_CPU_CAPABILITY=default turns them off here as it does in PyTorch, whose lerp
+// then rounds twice, as our baseline loop does).
 bool use_avx2() {
 #if ESGDM_X86_DISPATCH
   static const bool yes = [] {
@@ -77,8 +95,15 @@ namespace {
 // bookkeeping is noise, small enough to balance two threads over a 1M-element tensor.
 constexpr int64_t kChunk = 1 << 16;
 
-// One tensor of the bucket, as raw pointers of the parameter type P and state type S.
-template <typename P, typename S>
+template <typename P>
+using MathType = std::conditional_t<std::is_same<P, double>::value, double, float>;
+
+template <typename P>
+constexpr bool kIs16Bit = std::is_same<P, c10::Half>::value || std::is_same<P, c10::BFloat16>::value;
+
+// One tensor of the bucket: raw pointers of the parameter type P and state type S,
+// and its constants in the math type T.
+template <typename P, typename S, typename T>
 struct Segment {
   P* p;
   const P* g;
@@ -86,35 +111,42 @@ struct Segment {
   S* d;
   const P* h;  // null on a plain step
   int64_t numel;
-  Coeffs<S> c;
+  Coeffs<T> c;
+  uint32_t key;  // of its random numbers (stochastic rounding)
 };
 
-// The loop over n consecutive elements.  Restrict-qualified parameters tell the
-// compiler that the streams do not overlap, so it vectorises without a runtime check.
-// Which side of the lerp formula applies is fixed per tensor; kWSmall makes it a
-// compile-time constant so that the loop body has no branch.  Always inlined into
-// the wrappers below, which compile it for one instruction set each.
-template <bool kDStep, bool kWSmall, typename P, typename S>
+// The loop over the n consecutive elements [first, first + n) of one tensor.
+// Restrict-qualified parameters tell the compiler that the streams do not overlap, so
+// it vectorises without a runtime check.  Always inlined into the wrappers below,
+// which compile it for one instruction set each.
+template <bool kDStep, bool kSR, bool kFma, typename P, typename S, typename T>
 ESGDM_ALWAYS_INLINE void step_loop(P* __restrict__ p, const P* __restrict__ g,
                                    S* __restrict__ m, S* __restrict__ d,
-                                   const P* __restrict__ h, int64_t n, Coeffs<S> c) {
-  c.w_small = kWSmall;
+                                   const P* __restrict__ h, int64_t n, uint32_t first,
+                                   const Coeffs<T> c, const T scale, const uint32_t key) {
   for (int64_t i = 0; i < n; ++i) {
-    S pi = static_cast<S>(p[i]);
-    S mi = m[i];
-    S di = d[i];
-    update<kDStep>(pi, static_cast<S>(g[i]), mi, di, kDStep ? static_cast<S>(h[i]) : S(0), c);
-    p[i] = static_cast<P>(pi);
-    m[i] = mi;
-    if (kDStep) d[i] = di;
+    T pi = static_cast<T>(p[i]);
+    T mi = static_cast<T>(m[i]);
+    T di = static_cast<T>(d[i]);
+    update<kDStep, kFma>(pi, static_cast<T>(g[i]), mi, di,
+                         kDStep ? static_cast<T>(h[i]) : T(0), scale, c);
+    if constexpr (kSR) {
+      const uint32_t r = mix32(key ^ (first + static_cast<uint32_t>(i)));
+      p[i] = static_cast<P>(stochastic_round<std::is_same<P, c10::BFloat16>::value>(pi, r));
+    } else {
+      p[i] = static_cast<P>(pi);
+    }
+    m[i] = static_cast<S>(mi);
+    if (kDStep) d[i] = static_cast<S>(di);
   }
 }
 
 // The loop for the instruction set the file is compiled for (x86-64: SSE2).
-template <bool kDStep, bool kWSmall, typename P, typename S>
+template <bool kDStep, bool kSR, typename P, typename S, typename T>
 void step_loop_baseline(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m,
-                        S* __restrict__ d, const P* __restrict__ h, int64_t n, Coeffs<S> c) {
-  step_loop<kDStep, kWSmall>(p, g, m, d, h, n, c);
+                        S* __restrict__ d, const P* __restrict__ h, int64_t n, uint32_t first,
+                        const Coeffs<T> c, const T scale, const uint32_t key) {
+  step_loop<kDStep, kSR, ESGDM_BASELINE_FMA>(p, g, m, d, h, n, first, c, scale, key);
 }
 
 #if ESGDM_X86_DISPATCH
@@ -122,61 +154,56 @@ void step_loop_baseline(P* __restrict__ p, const P* __restrict__ g, S* __restric
 // on CPUs that have them.  Only this function is compiled for AVX2 (with the loop and
 // the update, which are inlined into it); anything it calls out of line keeps its
 // baseline code, so no AVX2 instruction can reach the baseline path.
-template <bool kDStep, bool kWSmall, typename P, typename S>
+template <bool kDStep, bool kSR, typename P, typename S, typename T>
 __attribute__((target("avx2,fma"))) void step_loop_avx2(
     P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m, S* __restrict__ d,
-    const P* __restrict__ h, int64_t n, Coeffs<S> c) {
-  step_loop<kDStep, kWSmall>(p, g, m, d, h, n, c);
+    const P* __restrict__ h, int64_t n, uint32_t first, const Coeffs<T> c, const T scale,
+    const uint32_t key) {
+  step_loop<kDStep, kSR, true>(p, g, m, d, h, n, first, c, scale, key);
 }
 #endif
 
 // Steps elements [lo, hi) of one tensor.
-template <bool kDStep, typename P, typename S>
-void step_range(const Segment<P, S>& t, int64_t lo, int64_t hi, bool avx2) {
+template <bool kDStep, bool kSR, typename P, typename S, typename T>
+void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, bool avx2) {
   P* p = t.p + lo;
   const P* g = t.g + lo;
   S* m = t.m + lo;
   S* d = t.d + lo;
   const P* h = kDStep ? t.h + lo : nullptr;
   const int64_t n = hi - lo;
+  const uint32_t first = static_cast<uint32_t>(static_cast<uint64_t>(lo));  // low 32 bits
 #if ESGDM_X86_DISPATCH
   if (avx2) {
-    if (t.c.w_small) {
-      step_loop_avx2<kDStep, true>(p, g, m, d, h, n, t.c);
-    } else {
-      step_loop_avx2<kDStep, false>(p, g, m, d, h, n, t.c);
-    }
+    step_loop_avx2<kDStep, kSR>(p, g, m, d, h, n, first, t.c, scale, t.key);
     return;
   }
 #endif
   (void)avx2;
-  if (t.c.w_small) {
-    step_loop_baseline<kDStep, true>(p, g, m, d, h, n, t.c);
-  } else {
-    step_loop_baseline<kDStep, false>(p, g, m, d, h, n, t.c);
-  }
+  step_loop_baseline<kDStep, kSR>(p, g, m, d, h, n, first, t.c, scale, t.key);
 }
 
 // Steps the global index range [begin, end) of the concatenated tensors.
-template <bool kDStep, typename P, typename S>
-void step_global(const std::vector<Segment<P, S>>& segs, const std::vector<int64_t>& starts,
-                 int64_t begin, int64_t end, bool avx2) {
+template <bool kDStep, bool kSR, typename P, typename S, typename T>
+void step_global(const std::vector<Segment<P, S, T>>& segs, const std::vector<int64_t>& starts,
+                 int64_t begin, int64_t end, T scale, bool avx2) {
   // Last tensor starting at or before `begin`.
   size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
   for (; k < segs.size() && starts[k] < end; ++k) {
     const int64_t lo = std::max(begin, starts[k]) - starts[k];
     const int64_t hi = std::min(end, starts[k] + segs[k].numel) - starts[k];
-    if (lo < hi) step_range<kDStep>(segs[k], lo, hi, avx2);
+    if (lo < hi) step_range<kDStep, kSR>(segs[k], lo, hi, scale, avx2);
   }
 }
 
-template <typename P>
-void step_typed(const StepArgs& a) {
-  using S = std::conditional_t<std::is_same<P, double>::value, double, float>;
-  const at::Tensor table = a.scalars.contiguous();
-  const double* rows = table.data_ptr<double>();
+template <typename P, typename S>
+void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
+  using T = MathType<P>;
+  const int32_t* index = a.index.data_ptr<int32_t>();
+  const uint32_t seed_mix = mix32(a.seed32());
+  const bool sr = kIs16Bit<P> && a.stochastic_rounding();
 
-  std::vector<Segment<P, S>> segs;
+  std::vector<Segment<P, S, T>> segs;
   std::vector<int64_t> starts;
   segs.reserve(a.size());
   starts.reserve(a.size());
@@ -184,26 +211,40 @@ void step_typed(const StepArgs& a) {
   for (int64_t i = 0; i < a.size(); ++i) {
     const int64_t numel = a.params[i].numel();
     if (numel == 0) continue;  // nothing to do, and its data pointer may be null
-    segs.push_back(Segment<P, S>{
-        a.params[i].data_ptr<P>(),
-        a.grads[i].data_ptr<P>(),
-        a.exp_avgs[i].data_ptr<S>(),
-        a.exp_avg_ds[i].data_ptr<S>(),
-        a.d_step() ? (*a.hvps)[i].data_ptr<P>() : nullptr,
+    // Untyped data_ptr(): the dtypes were checked once, up front.
+    segs.push_back(Segment<P, S, T>{
+        static_cast<P*>(a.params[i].data_ptr()),
+        static_cast<const P*>(a.grads[i].data_ptr()),
+        static_cast<S*>(a.exp_avgs[i].data_ptr()),
+        static_cast<S*>(a.exp_avg_ds[i].data_ptr()),
+        a.d_step ? static_cast<const P*>(a.hvps[i].data_ptr()) : nullptr,
         numel,
-        coeffs_for<S>(rows, i),
+        make_coeffs<T>(derived[i], a.exact()),
+        rounding_key(seed_mix, index[2 * i], derived[i].steps),
     });
     starts.push_back(total);
     total += numel;
   }
   if (total == 0) return;
 
+  // grad_scale as the math type (float32 -> float64 is exact for float64 parameters).
+  const T scale = a.grad_scale.defined() ? static_cast<T>(*a.grad_scale.data_ptr<float>()) : T(1);
   const bool avx2 = use_avx2();
   auto run = [&](int64_t begin, int64_t end) {
-    if (a.d_step()) {
-      step_global<true>(segs, starts, begin, end, avx2);
+    if constexpr (kIs16Bit<P>) {
+      if (sr) {
+        if (a.d_step) {
+          step_global<true, true>(segs, starts, begin, end, scale, avx2);
+        } else {
+          step_global<false, true>(segs, starts, begin, end, scale, avx2);
+        }
+        return;
+      }
+    }
+    if (a.d_step) {
+      step_global<true, false>(segs, starts, begin, end, scale, avx2);
     } else {
-      step_global<false>(segs, starts, begin, end, avx2);
+      step_global<false, false>(segs, starts, begin, end, scale, avx2);
     }
   };
   const int64_t chunks = (total + kChunk - 1) / kChunk;
@@ -222,30 +263,74 @@ void step_typed(const StepArgs& a) {
   });
 }
 
-void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                    at::TensorList exp_avg_ds, c10::optional<at::TensorList> hvps,
-                    const at::Tensor& scalars) {
-  StepArgs a{params, grads, exp_avgs, exp_avg_ds, hvps, scalars};
-  check_step_args(a, c10::DeviceType::CPU);
-  if (a.size() == 0) return;
-  switch (params[0].scalar_type()) {
-    case at::kFloat:
-      return step_typed<float>(a);
-    case at::kDouble:
-      return step_typed<double>(a);
-    case at::kHalf:
-      return step_typed<c10::Half>(a);
-    case at::kBFloat16:
-      return step_typed<c10::BFloat16>(a);
-    default:
-      TORCH_CHECK(false, "esgdm::fused_step_: unsupported parameter dtype ",
-                  params[0].scalar_type());
+template <typename P>
+void step_param(const StepArgs& a, const std::vector<Derived>& derived) {
+  const at::ScalarType state = a.exp_avgs[0].scalar_type();
+  if constexpr (std::is_same<P, double>::value) {
+    TORCH_CHECK(state == at::kDouble, "esgdm._C.step: state of float64 parameters must be float64, got ", state);
+    step_typed<double, double>(a, derived);
+  } else {
+    if (state == at::kFloat) {
+      step_typed<P, float>(a, derived);
+    } else {
+      TORCH_CHECK(state == at::kBFloat16, "esgdm._C.step: state must be float32 or bfloat16, got ", state);
+      step_typed<P, c10::BFloat16>(a, derived);
+    }
   }
 }
 
 }  // namespace
-}  // namespace esgdm
 
-TORCH_LIBRARY_IMPL(esgdm, CPU, m) {
-  m.impl("fused_step_", &esgdm::fused_step_cpu);
+void step_cpu(const StepArgs& a) {
+  const int64_t n = a.size();
+  if (n == 0) return;
+  if (a.found_inf.defined() && *a.found_inf.data_ptr<float>() != 0.0f) {
+    return;  // the step did not happen: nothing is written, scalars included
+  }
+  const double* scalars = a.scalars.data_ptr<double>();
+  const int32_t* index = a.index.data_ptr<int32_t>();
+  const double* hparams = a.hparams.data_ptr<double>();
+  const int64_t n_slots = a.scalars.size(0);
+  const int64_t n_groups = a.hparams.size(0);
+
+  // Every tensor's scalars from the old rows, before anything is written.
+  std::vector<Derived> derived(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t slot = index[2 * i];
+    const int32_t group = index[2 * i + 1];
+    TORCH_CHECK(slot >= 0 && slot < n_slots, "esgdm._C.step: index[", i, ", 0] = ", slot,
+                " is not a row of scalars (", n_slots, " rows)");
+    TORCH_CHECK(group >= 0 && group < n_groups, "esgdm._C.step: index[", i, ", 1] = ", group,
+                " is not a row of hparams (", n_groups, " rows)");
+    derived[i] = derive(scalars + slot * kNumScalarColumns, hparams + group * kNumHparamColumns,
+                        a.d_step);
+  }
+
+  switch (a.params[0].scalar_type()) {
+    case at::kFloat:
+      step_param<float>(a, derived);
+      break;
+    case at::kDouble:
+      step_param<double>(a, derived);
+      break;
+    case at::kHalf:
+      step_param<c10::Half>(a, derived);
+      break;
+    case at::kBFloat16:
+      step_param<c10::BFloat16>(a, derived);
+      break;
+    default:
+      TORCH_CHECK(false, "esgdm._C.step: unsupported parameter dtype ", a.params[0].scalar_type());
+  }
+
+  // Advance the stepped tensors' rows (not dscale), after the parallel region.
+  double* rows = a.scalars.data_ptr<double>();
+  for (int64_t i = 0; i < n; ++i) {
+    double* row = rows + index[2 * i] * kNumScalarColumns;
+    row[kBias] = derived[i].bias;
+    row[kWarm] = derived[i].warm;
+    row[kSteps] = derived[i].steps;
+  }
 }
+
+}  // namespace esgdm

@@ -1,23 +1,32 @@
-// The "cuda" backend's kernel: multi-tensor apply over a device-side address table,
-// one launch per call, whatever the number of tensors.
+// The "cuda" backend's kernels: multi-tensor apply over a device-side address table,
+// one launch of the element-wise kernel per call whatever the number of tensors, then
+// one tiny launch that advances the per-tensor scalars.
 //
-// The host (esgdm_cuda_host.cpp) writes one TensorMeta per non-empty tensor.  The
-// tensors are cut into tiles of kThreads * VEC elements, VEC being 16 bytes of the
-// parameter dtype, numbered one after the other across tensors.  Block b steps the
-// contiguous tile range [b * tiles_per_block, (b + 1) * tiles_per_block), the grid
-// being sized to fill the GPU once, so every block gets the same amount of work.  A
-// full tile of an aligned tensor moves through 128-bit loads and stores; a tensor
-// with a misaligned address, and the partial last tile of each tensor, go element by
-// element (still coalesced).  Tile offsets are 64-bit, so a tensor may have more than
-// 2^31 elements; offsets inside a tile are 32-bit.
+// The host (esgdm_cuda_host.cpp) keeps one TensorMeta per non-empty tensor on the
+// device.  The tensors are cut into tiles of kThreads * VEC elements, VEC being 16
+// bytes of the parameter dtype, numbered one after the other across tensors.  Block b
+// steps the contiguous tile range [b * tiles_per_block, (b + 1) * tiles_per_block),
+// the grid being sized to fill the GPU once, so every block gets the same amount of
+// work.  A full tile of an aligned tensor moves through vector loads and stores; a
+// tensor with a misaligned address, and the partial last tile of each tensor, go
+// element by element (still coalesced).  Tile offsets are 64-bit, so a tensor may have
+// more than 2^31 elements; offsets inside a tile are 32-bit.
+//
+// Nothing is read on the host: every block reads found_inf (and returns at once when
+// it is nonzero), grad_scale, and derives each of its tensors' coefficients from that
+// tensor's rows of `index`, `scalars` and `hparams` in device memory (esgdm_update.h's
+// derive and make_coeffs, in float64, then rounded to the math type).  Because every
+// block reads the old rows, the rows are advanced by a second kernel launched after
+// the first on the same stream (launch_advance), not by the blocks themselves.
 
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -55,25 +64,61 @@ namespace {
 
 constexpr int kMaxDevices = 64;
 
-// N elements of T moved as whole 16-byte words (N * sizeof(T) is a multiple of 16).
+template <typename P>
+using MathType = std::conditional_t<std::is_same<P, double>::value, double, float>;
+
+// N elements of T moved as whole words of up to 16 bytes.
 template <typename T, int N>
-struct alignas(16) Pack {
+struct alignas(sizeof(T) * N >= 16 ? 16 : sizeof(T) * N) Pack {
   T v[N];
 };
 
+// The parameter value to store: x rounded to P, to nearest or (16-bit P with
+// stochastic rounding on) with the element's random bits.
+template <typename P, typename T>
+__device__ __forceinline__ P to_param(T x, bool sr, uint32_t key, int64_t idx) {
+  if constexpr (sizeof(P) == 2) {
+    if (sr) {
+      const uint32_t r = mix32(key ^ static_cast<uint32_t>(idx));
+      x = stochastic_round<std::is_same<P, c10::BFloat16>::value>(x, r);
+    }
+  }
+  return static_cast<P>(x);
+}
+
+// The tensor's rows of `index`, `scalars` and `hparams`: false (after a device-side
+// assertion) if `index` points outside the tables.
+__device__ __forceinline__ bool tensor_rows(const StepParams& prm, int32_t pos, int32_t* slot,
+                                            const double** row, const double** hp) {
+  const int32_t s = prm.index[2 * pos];
+  const int32_t g = prm.index[2 * pos + 1];
+  const bool ok = s >= 0 && s < prm.n_slots && g >= 0 && g < prm.n_groups;
+  CUDA_KERNEL_ASSERT(ok && "esgdm: index names a row outside scalars or hparams");
+  *slot = s;
+  *row = prm.scalars + static_cast<int64_t>(s) * kNumScalarColumns;
+  *hp = prm.hparams + static_cast<int64_t>(g) * kNumHparamColumns;
+  return ok;
+}
+
 template <bool kDStep, typename P, typename S>
 __global__ void __launch_bounds__(kThreads)
-    fused_step_kernel(const TensorMeta<S>* __restrict__ metas, int ntensors, int64_t ntiles,
-                      int64_t tiles_per_block) {
+    step_kernel(const StepParams prm, int64_t tiles_per_block) {
+  using T = MathType<P>;
   constexpr int VEC = 16 / static_cast<int>(sizeof(P));
   constexpr int kTile = kThreads * VEC;
   static_assert(kTile == tile_elements(sizeof(P)), "tile size mismatch with the host");
+  if (prm.found_inf != nullptr && *prm.found_inf != 0.0f) return;  // nothing is written
+
   int64_t tile = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
-  const int64_t tile_end = tile + tiles_per_block < ntiles ? tile + tiles_per_block : ntiles;
+  const int64_t tile_end = tile + tiles_per_block < prm.ntiles ? tile + tiles_per_block : prm.ntiles;
   if (tile >= tile_end) return;
+  const TensorMeta* __restrict__ metas = prm.metas;
+  // grad_scale as the math type (float32 -> float64 is exact for float64 parameters).
+  const T scale = prm.grad_scale != nullptr ? static_cast<T>(*prm.grad_scale) : T(1);
+  const bool sr = sizeof(P) == 2 && prm.stochastic != 0;
 
   // The tensor holding the first tile: the last one with tile_begin <= tile.
-  int lo = 0, hi = ntensors - 1;
+  int lo = 0, hi = prm.ntensors - 1;
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
     if (metas[mid].tile_begin <= tile) {
@@ -83,18 +128,34 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   int k = lo;
+  int current = -1;  // the tensor whose coefficients are in c and key
+  bool valid = false;
+  Coeffs<T> c;
+  uint32_t key = 0;
 
   for (; tile < tile_end; ++tile) {
-    while (k + 1 < ntensors && metas[k + 1].tile_begin <= tile) ++k;
-    const TensorMeta<S>& t = metas[k];
-    const Coeffs<S> c = t.c;
+    while (k + 1 < prm.ntensors && metas[k + 1].tile_begin <= tile) ++k;
+    const TensorMeta& t = metas[k];
+    if (k != current) {  // a new tensor: derive its coefficients from the old rows
+      current = k;
+      int32_t slot;
+      const double* row;
+      const double* hp;
+      valid = tensor_rows(prm, t.pos, &slot, &row, &hp);
+      if (valid) {
+        const Derived r = derive(row, hp, kDStep);
+        c = make_coeffs<T>(r, prm.exact != 0);
+        key = rounding_key(prm.seed_mix, slot, r.steps);
+      }
+    }
+    if (!valid) continue;
     const int64_t start = (tile - t.tile_begin) * kTile;
     const int64_t left = t.numel - start;
     const int n = left < kTile ? static_cast<int>(left) : kTile;
     P* __restrict__ p = static_cast<P*>(t.p) + start;
     const P* __restrict__ g = static_cast<const P*>(t.g) + start;
-    S* __restrict__ m = t.m + start;
-    S* __restrict__ d = t.d + start;
+    S* __restrict__ m = static_cast<S*>(t.m) + start;
+    S* __restrict__ d = static_cast<S*>(t.d) + start;
     const P* __restrict__ h = kDStep ? static_cast<const P*>(t.h) + start : nullptr;
 
     if (t.aligned && n == kTile) {
@@ -107,27 +168,58 @@ __global__ void __launch_bounds__(kThreads)
       if (kDStep) hv = *reinterpret_cast<const Pack<P, VEC>*>(h + j);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        S pe = static_cast<S>(pv.v[e]);
-        const S he = kDStep ? static_cast<S>(hv.v[e]) : S(0);
-        update<kDStep>(pe, static_cast<S>(gv.v[e]), mv.v[e], dv.v[e], he, c);
-        pv.v[e] = static_cast<P>(pe);
+        T pe = static_cast<T>(pv.v[e]);
+        T me = static_cast<T>(mv.v[e]);
+        T de = static_cast<T>(dv.v[e]);
+        const T he = kDStep ? static_cast<T>(hv.v[e]) : T(0);
+        update<kDStep, true>(pe, static_cast<T>(gv.v[e]), me, de, he, scale, c);
+        pv.v[e] = to_param<P>(pe, sr, key, start + j + e);
+        mv.v[e] = static_cast<S>(me);
+        if (kDStep) dv.v[e] = static_cast<S>(de);
       }
       *reinterpret_cast<Pack<P, VEC>*>(p + j) = pv;
       *reinterpret_cast<Pack<S, VEC>*>(m + j) = mv;
       if (kDStep) *reinterpret_cast<Pack<S, VEC>*>(d + j) = dv;
     } else {
       for (int j = threadIdx.x; j < n; j += kThreads) {
-        S pj = static_cast<S>(p[j]);
-        S mj = m[j];
-        S dj = d[j];
-        const S hj = kDStep ? static_cast<S>(h[j]) : S(0);
-        update<kDStep>(pj, static_cast<S>(g[j]), mj, dj, hj, c);
-        p[j] = static_cast<P>(pj);
-        m[j] = mj;
-        if (kDStep) d[j] = dj;
+        T pj = static_cast<T>(p[j]);
+        T mj = static_cast<T>(m[j]);
+        T dj = static_cast<T>(d[j]);
+        const T hj = kDStep ? static_cast<T>(h[j]) : T(0);
+        update<kDStep, true>(pj, static_cast<T>(g[j]), mj, dj, hj, scale, c);
+        p[j] = to_param<P>(pj, sr, key, start + j);
+        m[j] = static_cast<S>(mj);
+        if (kDStep) d[j] = static_cast<S>(dj);
       }
     }
   }
+}
+
+// Advances bias, warm and steps of each stepped tensor's row (rule.derive), from the
+// rows as the element-wise kernel read them.
+__global__ void advance_kernel(const StepParams prm) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= prm.n) return;
+  if (prm.found_inf != nullptr && *prm.found_inf != 0.0f) return;
+  int32_t slot;
+  const double* row;
+  const double* hp;
+  if (!tensor_rows(prm, static_cast<int32_t>(i), &slot, &row, &hp)) return;
+  const Derived r = derive(row, hp, prm.d_step != 0);
+  double* out = prm.scalars + static_cast<int64_t>(slot) * kNumScalarColumns;
+  out[kBias] = r.bias;
+  out[kWarm] = r.warm;
+  out[kSteps] = r.steps;
+}
+
+// The bytes of one upload, carried in the kernel's arguments (under the 4 KiB limit).
+constexpr int kUploadWords = 480;
+struct UploadChunk {
+  uint64_t w[kUploadWords];
+};
+
+__global__ void upload_kernel(uint64_t* dst, const UploadChunk chunk, int nwords) {
+  for (int i = threadIdx.x; i < nwords; i += blockDim.x) dst[i] = chunk.w[i];
 }
 
 int sm_count(int device) {
@@ -142,8 +234,8 @@ int sm_count(int device) {
 }
 
 template <bool kDStep, typename P, typename S>
-void launch_typed(const void* metas, int ntensors, int64_t ntiles, int device) {
-  auto kernel = fused_step_kernel<kDStep, P, S>;
+void launch_typed(const StepParams& prm, int device, cudaStream_t stream) {
+  auto kernel = step_kernel<kDStep, P, S>;
   static int occupancy[kMaxDevices] = {};  // one per instantiation and device
   const int slot = device >= 0 && device < kMaxDevices ? device : 0;
   if (occupancy[slot] == 0) {
@@ -152,38 +244,72 @@ void launch_typed(const void* metas, int ntensors, int64_t ntiles, int device) {
     occupancy[slot] = blocks > 0 ? blocks : 1;
   }
   const int64_t max_blocks = static_cast<int64_t>(sm_count(device)) * occupancy[slot];
-  const int64_t per_block = (ntiles + max_blocks - 1) / max_blocks;
-  const int64_t grid = (ntiles + per_block - 1) / per_block;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  kernel<<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(
-      static_cast<const TensorMeta<S>*>(metas), ntensors, ntiles, per_block);
+  const int64_t per_block = (prm.ntiles + max_blocks - 1) / max_blocks;
+  const int64_t grid = (prm.ntiles + per_block - 1) / per_block;
+  kernel<<<static_cast<unsigned int>(grid), kThreads, 0, stream>>>(prm, per_block);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename P, typename S>
-void launch_for(bool d_step, const void* metas, int ntensors, int64_t ntiles, int device) {
-  if (d_step) {
-    launch_typed<true, P, S>(metas, ntensors, ntiles, device);
+void launch_for(const StepParams& prm, int device, cudaStream_t stream) {
+  if (prm.d_step) {
+    launch_typed<true, P, S>(prm, device, stream);
   } else {
-    launch_typed<false, P, S>(metas, ntensors, ntiles, device);
+    launch_typed<false, P, S>(prm, device, stream);
+  }
+}
+
+template <typename P>
+void launch_param(StateType state, const StepParams& prm, int device, cudaStream_t stream) {
+  if (state == StateType::kBFloat16) {
+    launch_for<P, c10::BFloat16>(prm, device, stream);
+  } else {
+    launch_for<P, float>(prm, device, stream);
   }
 }
 
 }  // namespace
 
-void launch_fused_step(ParamType type, bool d_step, const void* metas, int ntensors,
-                       int64_t ntiles, int device) {
-  if (ntiles == 0) return;
-  switch (type) {
+void launch_step(ParamType param, StateType state, const StepParams& prm, int device,
+                 cudaStream_t stream) {
+  if (prm.ntiles == 0 || prm.ntensors == 0) return;
+  switch (param) {
     case ParamType::kFloat32:
-      return launch_for<float, float>(d_step, metas, ntensors, ntiles, device);
+      return launch_param<float>(state, prm, device, stream);
     case ParamType::kFloat64:
-      return launch_for<double, double>(d_step, metas, ntensors, ntiles, device);
+      return launch_for<double, double>(prm, device, stream);
     case ParamType::kFloat16:
-      return launch_for<c10::Half, float>(d_step, metas, ntensors, ntiles, device);
+      return launch_param<c10::Half>(state, prm, device, stream);
     case ParamType::kBFloat16:
-      return launch_for<c10::BFloat16, float>(d_step, metas, ntensors, ntiles, device);
+      return launch_param<c10::BFloat16>(state, prm, device, stream);
   }
+}
+
+void launch_advance(const StepParams& prm, cudaStream_t stream) {
+  if (prm.n == 0) return;
+  constexpr int kAdvanceThreads = 128;
+  const int blocks = (prm.n + kAdvanceThreads - 1) / kAdvanceThreads;
+  advance_kernel<<<blocks, kAdvanceThreads, 0, stream>>>(prm);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void upload(void* dst, const void* src, size_t bytes, cudaStream_t stream) {
+  const size_t words = bytes / sizeof(uint64_t);
+  auto* out = static_cast<uint64_t*>(dst);
+  const auto* in = static_cast<const unsigned char*>(src);
+  for (size_t done = 0; done < words; done += kUploadWords) {
+    const int now = static_cast<int>(words - done < kUploadWords ? words - done : kUploadWords);
+    UploadChunk chunk{};
+    std::memcpy(chunk.w, in + done * sizeof(uint64_t), now * sizeof(uint64_t));
+    upload_kernel<<<1, 128, 0, stream>>>(out + done, chunk, now);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
 }
 
 }  // namespace cuda

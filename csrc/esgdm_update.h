@@ -1,60 +1,114 @@
-// The ESGD-M per-element update, written once for the C++ CPU kernel and the CUDA
-// kernel (esgdm_cpu.cpp, esgdm_cuda.cu).  See esgdm/rule.py for the whole rule; this
-// header holds only the element-wise part, in the math type T (float, or double for
-// float64 parameters).  Loading, converting and storing the parameter dtype is the
-// kernels' business; everything here is plain arithmetic on T.
+// The ESGD-M rule of esgdm/rule.py, written once for the C++ CPU kernel and the CUDA
+// kernel (esgdm_cpu.cpp, esgdm_cuda.cu): the per-tensor scalars (derive, make_coeffs),
+// the per-element update (update) and the stochastic rounding of 16-bit parameters
+// (mix32, stochastic_round).  Everything here is plain arithmetic on the math type T
+// (float, or double for float64 parameters); loading, converting and storing the
+// tensors' dtypes is the kernels' business.
 //
-// The host folds each tensor's float64 scalars (esgdm.rule.SCALAR_COLUMNS: beta1,
-// beta2, eps, step_scale = alpha / c, decay = 1 - weight_decay * alpha) into a
-// Coeffs<T> once per tensor with make_coeffs(); the kernels then call update() on
-// every element.
-//
-// The operations follow the "torch" backend (esgdm/backends/torch_impl.py) so that
-// results agree up to rounding: both lerps use PyTorch's two-sided lerp formula with
-// weight 1 - beta1, D takes a NaN-propagating maximum, and the step is
-// p * decay - step_scale * (mhat / (sqrt(D) + eps)).
+// Every operation is one IEEE operation of the reference (esgdm.rule.reference_step,
+// torch ops), in the same order, so that results agree with it to the bit where torch
+// itself rounds the same way.  This needs the compilers not to contract a * b + c into
+// a fused multiply-add on their own: csrc/setup_ext.py builds the C++ code with
+// -ffp-contract=off and the CUDA code with --fmad=false.  The one place torch does
+// fuse is its lerp (the AVX2/AVX-512 CPU kernels and the CUDA kernel compute it with one
+// fma); update() takes kFma to do the same where torch does.
 #pragma once
+
+#include <cstdint>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define ESGDM_HOST_DEVICE __host__ __device__ __forceinline__
-#elif defined(__GNUC__) || defined(__clang__)
+#else
 #include <cmath>
+#include <cstring>
+#if defined(__GNUC__) || defined(__clang__)
 // Always inlined, so that the CPU kernel's loops, which are compiled once per
 // instruction set, compile the update for their own instruction set.
 #define ESGDM_HOST_DEVICE inline __attribute__((always_inline))
 #else
-#include <cmath>
 #define ESGDM_HOST_DEVICE inline
+#endif
 #endif
 
 namespace esgdm {
 
-// Per-tensor constants of the element-wise step, in the math type T.
-template <typename T>
-struct Coeffs {
-  T w;           // lerp weight 1 - beta1 (m moves this far towards g)
-  T one_minus_w; // 1 - w, computed in T as PyTorch's lerp does
-  T beta2;
-  T eps;
-  T step_scale;  // alpha / c
-  T decay;       // 1 - weight_decay * alpha
-  bool w_small;  // |w| < 0.5: which side of PyTorch's lerp formula applies
+// Columns of the float64 per-tensor state ``scalars`` [n_slots, 4] (rule.SCALAR_COLUMNS).
+enum ScalarColumn : int { kBias = 0, kWarm, kSteps, kDscale, kNumScalarColumns };
+// Columns of the float64 hyper-parameter table ``hparams`` [n_groups, 6] (rule.HPARAM_COLUMNS).
+enum HparamColumn : int { kLr = 0, kBeta1, kBeta2, kLrWarmup, kEps, kWeightDecay, kNumHparamColumns };
+// Bits of the op's ``flags`` (rule.FLAG_EXACT, rule.FLAG_STOCHASTIC_ROUNDING).
+constexpr int64_t kFlagExact = 1;
+constexpr int64_t kFlagStochasticRounding = 2;
+
+// ------------------------------------------------------------------ per tensor
+
+// One tensor's quantities of one step, in float64 (rule.derive).
+struct Derived {
+  double bias, warm, steps;  // the advanced row of ``scalars`` (dscale does not change)
+  double w, beta2, eps, step_scale, decay, dscale;
 };
 
-// Builds a tensor's Coeffs from its row of the float64 scalar table.
+// ``row``: the tensor's row of ``scalars``; ``hp``: its group's row of ``hparams``.
+ESGDM_HOST_DEVICE Derived derive(const double* row, const double* hp, bool d_step) {
+  const double b1 = hp[kBeta1];
+  Derived r;
+  r.bias = row[kBias] * b1;
+  r.warm = d_step ? row[kWarm] * hp[kLrWarmup] : row[kWarm];
+  r.steps = row[kSteps] + 1.0;
+  const double alpha = hp[kLr] * (1.0 - r.warm);
+  const double c = 1.0 - r.bias * b1;
+  r.w = 1.0 - b1;
+  r.beta2 = hp[kBeta2];
+  r.eps = hp[kEps];
+  r.step_scale = alpha / c;
+  r.decay = 1.0 - hp[kWeightDecay] * alpha;
+  r.dscale = row[kDscale];
+  return r;
+}
+
+// Per-tensor constants of the element-wise update, in the math type T.
 template <typename T>
-ESGDM_HOST_DEVICE Coeffs<T> make_coeffs(double beta1, double beta2, double eps,
-                                        double step_scale, double decay) {
+struct Coeffs {
+  T w;             // lerp weight 1 - beta1 (m moves this far towards g)
+  T wm1;           // w - 1, the weight from the far end, computed in T as torch's lerp does
+  T beta2;
+  T eps;
+  T step_scale;    // alpha / c
+  T decay;         // 1 - weight_decay * alpha
+  T unseen_denom;  // the denominator where D == 0: dscale + eps (eps with FLAG_EXACT)
+  // Flags held as T (1 or 0), not bool: gcc does not vectorise the loops when a bool
+  // loaded from memory meets the floating-point comparisons in one select.
+  T w_small;       // 1 if |w| < 0.5: torch's lerp works from the near end
+  T unseen_zero;   // 1 if the step is 0 where D == 0 (not FLAG_EXACT and dscale == 0)
+};
+
+// Rounds a tensor's Derived to T (as rule.reference_step does) and folds in the
+// unobserved-curvature rule.  With FLAG_EXACT, D == 0 divides by sqrt(0) + eps = eps;
+// otherwise by dscale + eps (the sum of the two rounded values, in float64, rounded:
+// what torch does for ``mhat / (dscale + eps)`` with Python floats), or the step is 0
+// where dscale is not > 0.
+template <typename T>
+ESGDM_HOST_DEVICE Coeffs<T> make_coeffs(const Derived& r, bool exact) {
   Coeffs<T> c;
-  c.w = static_cast<T>(1.0 - beta1);
-  c.one_minus_w = T(1) - c.w;
-  c.w_small = c.w < T(0.5) && c.w > T(-0.5);
-  c.beta2 = static_cast<T>(beta2);
-  c.eps = static_cast<T>(eps);
-  c.step_scale = static_cast<T>(step_scale);
-  c.decay = static_cast<T>(decay);
+  c.w = static_cast<T>(r.w);
+  c.wm1 = c.w - T(1);
+  c.w_small = (c.w < T(0.5) && c.w > T(-0.5)) ? T(1) : T(0);
+  c.beta2 = static_cast<T>(r.beta2);
+  c.eps = static_cast<T>(r.eps);
+  c.step_scale = static_cast<T>(r.step_scale);
+  c.decay = static_cast<T>(r.decay);
+  const T dscale = static_cast<T>(r.dscale);
+  if (exact) {
+    c.unseen_denom = c.eps;
+    c.unseen_zero = T(0);
+  } else {
+    c.unseen_denom = static_cast<T>(static_cast<double>(dscale) + static_cast<double>(c.eps));
+    c.unseen_zero = dscale > T(0) ? T(0) : T(1);
+  }
   return c;
 }
+
+// ------------------------------------------------------------------ per element
 
 ESGDM_HOST_DEVICE float esgdm_sqrt(float x) {
 #if defined(__CUDA_ARCH__)
@@ -72,12 +126,61 @@ ESGDM_HOST_DEVICE double esgdm_sqrt(double x) {
 #endif
 }
 
-// lerp(a, b, w) = a + w * (b - a), evaluated from the nearer end (PyTorch's formula,
-// exact at w = 0 and w = 1).
-template <typename T>
+// a * b + c rounded once.  Only instantiated where the hardware has it (kFma).
+ESGDM_HOST_DEVICE float esgdm_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return fmaf(a, b, c);
+#elif defined(__GNUC__) || defined(__clang__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+ESGDM_HOST_DEVICE double esgdm_fma(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return ::fma(a, b, c);
+#elif defined(__GNUC__) || defined(__clang__)
+  return __builtin_fma(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// floor, for the float16 stochastic rounding (vectorises with SSE4.1/AVX, not SSE2).
+ESGDM_HOST_DEVICE float esgdm_floor(float x) {
+#if defined(__CUDA_ARCH__)
+  return floorf(x);
+#else
+  return std::floor(x);
+#endif
+}
+
+// Finite (not inf, not NaN), written as a comparison so that it vectorises.
+ESGDM_HOST_DEVICE bool is_finite(float x) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::fabs(x) <= 3.40282346638528859811704183484516925e+38f;
+#endif
+}
+
+ESGDM_HOST_DEVICE bool is_finite(double x) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::fabs(x) <= 1.79769313486231570814527423731704357e+308;
+#endif
+}
+
+// torch.lerp(a, b, w): a + w * (b - a) from the near end, b + (w - 1) * (b - a) from
+// the far end, with one rounding (kFma) or two.
+template <bool kFma, typename T>
 ESGDM_HOST_DEVICE T lerp(T a, T b, const Coeffs<T>& c) {
   const T diff = b - a;
-  return c.w_small ? a + c.w * diff : b - diff * c.one_minus_w;
+  const T weight = c.w_small != T(0) ? c.w : c.wm1;
+  const T base = c.w_small != T(0) ? a : b;
+  return kFma ? esgdm_fma(weight, diff, base) : base + weight * diff;
 }
 
 // max(a, b) that returns NaN if either is NaN, as torch.maximum does.
@@ -86,18 +189,92 @@ ESGDM_HOST_DEVICE T nan_max(T a, T b) {
   return (a > b || a != a) ? a : b;
 }
 
-// One element of one ESGD-M step.  p, m and d are read and written; g (and h on a
-// D-step) only read.  kDStep selects the curvature refresh at compile time so that a
-// plain step neither reads h nor writes d.
-template <bool kDStep, typename T>
-ESGDM_HOST_DEVICE void update(T& p, T g, T& m, T& d, T h, const Coeffs<T>& c) {
-  m = lerp(m, g, c);                 // m <- b1 * m + (1 - b1) * g
+// One element of one step (rule.update_elements).  p, m and d are read and written;
+// g (and h on a D-step) only read, divided by ``scale`` (grad_scale, 1 when absent).
+// Every branch is a select, so that the CPU loops vectorise.  kDStep selects the
+// curvature refresh at compile time: a plain step does not read h nor change d.
+template <bool kDStep, bool kFma, typename T>
+ESGDM_HOST_DEVICE void update(T& p, T g_raw, T& m, T& d, T h_raw, T scale, const Coeffs<T>& c) {
+  const T g = g_raw / scale;          // the division, not a multiply by 1 / scale
+  const bool ok = is_finite(g);       // a non-finite gradient leaves the element alone
+  const T m_new = lerp<kFma>(m, g, c);  // m <- b1 * m + (1 - b1) * g
+  T d_new = d;
   if (kDStep) {
-    d = nan_max(c.beta2 * d, h * h); // D <- max(b2 * D, h * h)
+    const T h = h_raw / scale;
+    const T h2 = is_finite(h) ? h * h : T(0);  // a non-finite observation is dropped
+    d_new = nan_max(c.beta2 * d, h2);          // D <- max(b2 * D, h * h)
   }
-  const T mhat = lerp(m, g, c);      // Nesterov look-ahead
-  const T denom = esgdm_sqrt(d) + c.eps;
-  p = p * c.decay - c.step_scale * (mhat / denom);
+  const T mhat = lerp<kFma>(m_new, g, c);  // Nesterov look-ahead
+  const bool unseen = d_new == T(0);
+  const T denom = unseen ? c.unseen_denom : esgdm_sqrt(d_new) + c.eps;
+  T q = mhat / denom;
+  q = (unseen && c.unseen_zero != T(0)) ? T(0) : q;
+  const T p_new = p * c.decay - c.step_scale * q;
+  p = ok ? p_new : p;
+  m = ok ? m_new : m;
+  if (kDStep) d = ok ? d_new : d;
+}
+
+// ------------------------------------------------------------- random rounding
+
+// rule.mix32: the 32-bit integer hash of the stochastic rounding.
+ESGDM_HOST_DEVICE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The key of one tensor's random numbers: ``seed_mix`` = mix32(seed32), ``slot`` its
+// row of ``scalars``, ``steps`` its new step count (an integer held in a double).
+ESGDM_HOST_DEVICE uint32_t rounding_key(uint32_t seed_mix, int64_t slot, double steps) {
+  const uint32_t steps32 = static_cast<uint32_t>(static_cast<int64_t>(steps));
+  return mix32(mix32(seed_mix ^ static_cast<uint32_t>(slot)) ^ steps32);
+}
+
+ESGDM_HOST_DEVICE uint32_t float_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return u;
+#endif
+}
+
+ESGDM_HOST_DEVICE float bits_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float x;
+  std::memcpy(&x, &u, sizeof x);
+  return x;
+#endif
+}
+
+// rule.stochastic_round of float32 ``x`` with random bits ``r``: a float32 value that
+// the parameter dtype (bfloat16, or float16 when !kBF16) holds exactly, or that
+// overflows it (then converting it rounds to inf, as the reference's ``.to`` does).
+// Non-finite x is returned as is (round to nearest).
+template <bool kBF16>
+ESGDM_HOST_DEVICE float stochastic_round(float x, uint32_t r) {
+  const bool finite = is_finite(x);
+  float y;
+  if (kBF16) {
+    y = bits_float((float_bits(x) + (r >> 16)) & 0xFFFF0000u);
+  } else {
+    // ulp of x in float16 (subnormals below 2**-14): a power of two, built from bits.
+    int32_t e = static_cast<int32_t>((float_bits(x) >> 23) & 0xFFu) - 127;
+    e = e < -14 ? -14 : e;
+    const float ulp = bits_float(static_cast<uint32_t>(e - 10 + 127) << 23);
+    const float q = x / ulp;
+    const float f = esgdm_floor(q);
+    const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-08f;  // * 2**-24
+    y = (f + (u < q - f ? 1.0f : 0.0f)) * ulp;
+  }
+  return finite ? y : x;
 }
 
 }  // namespace esgdm

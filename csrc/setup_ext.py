@@ -3,7 +3,8 @@
 Imported by ``setup.py``; returns the extension list and ``cmdclass`` to pass to
 ``setup()``.  Nothing here needs a GPU.
 
-* The C++ part (the CPU kernel and the operator registration) is built whenever torch
+* The C++ part (the CPU kernel and the Python module ``esgdm._C``, whose ``step``
+  function the ``esgdm::step_`` operator of esgdm/ops.py calls) is built whenever torch
   is importable at build time (install with ``pip install --no-build-isolation``).
 * The CUDA kernel is added when torch is a CUDA build and ``nvcc`` is found (under
   ``CUDA_HOME`` or on ``PATH``), for the architectures in ``TORCH_CUDA_ARCH_LIST``
@@ -32,7 +33,7 @@ import sys
 #: that the driver compiles for anything newer (Blackwell).  nvcc 13 has no sm < 75.
 DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
-SOURCES_CPP = ["esgdm_ops.cpp", "esgdm_cpu.cpp"]
+SOURCES_CPP = ["esgdm_module.cpp", "esgdm_cpu.cpp", "esgdm_frontend.cpp"]
 SOURCES_CUDA = ["esgdm_cuda.cu", "esgdm_cuda_host.cpp"]
 HEADERS = ["esgdm_update.h", "esgdm_common.h", "esgdm_cuda.h"]
 
@@ -99,6 +100,30 @@ def arch_flags() -> tuple[list[str], list[str]]:
     return flags, names
 
 
+def _nvcc_folders(cuda_home: str | None, variable: str) -> list[str]:
+    """The folders nvcc's own dry run names in ``variable`` (INCLUDES, LIBRARIES)."""
+    nvcc = _nvcc(cuda_home)
+    if not nvcc:
+        return []
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    folders = []
+    for line in (out.stdout + out.stderr).splitlines():
+        if f"{variable}=" in line:
+            folders += re.findall(r'-[IL]"?([^"\s]+)', line)
+    return folders
+
+
+def _find(candidates: list[str], filename: str) -> str | None:
+    for folder in candidates:
+        if os.path.exists(os.path.join(folder, filename)):
+            return os.path.normpath(folder)
+    return None
+
+
 def _cudart_dir(cuda_home: str | None) -> str | None:
     """The folder holding libcudart.so to link against.
 
@@ -109,21 +134,18 @@ def _cudart_dir(cuda_home: str | None) -> str | None:
     candidates = []
     if cuda_home:
         candidates += [os.path.join(cuda_home, "lib64"), os.path.join(cuda_home, "lib")]
-    nvcc = _nvcc(cuda_home)
-    if nvcc:
-        try:
-            out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-                                 capture_output=True, text=True, timeout=60)
-            for line in (out.stdout + out.stderr).splitlines():
-                if "LIBRARIES=" in line:
-                    candidates += re.findall(r'-L"?([^"\s]+)', line)
-        except (OSError, subprocess.SubprocessError):
-            pass
+    candidates += _nvcc_folders(cuda_home, "LIBRARIES")
     candidates.append("/usr/local/cuda/lib64")
-    for folder in candidates:
-        if os.path.exists(os.path.join(folder, "libcudart.so")):
-            return os.path.normpath(folder)
-    return None
+    return _find(candidates, "libcudart.so")
+
+
+def _cuda_include_dir(cuda_home: str | None) -> str | None:
+    """The folder holding cuda_runtime.h, for the C++ sources that include c10/cuda
+    headers (same wrapper problem as :func:`_cudart_dir`)."""
+    candidates = [os.path.join(cuda_home, "include")] if cuda_home else []
+    candidates += _nvcc_folders(cuda_home, "INCLUDES")
+    candidates.append("/usr/local/cuda/include")
+    return _find(candidates, "cuda_runtime.h")
 
 
 def extensions() -> tuple[list, dict]:
@@ -150,7 +172,10 @@ def extensions() -> tuple[list, dict]:
 
     # -fno-math-errno and -fno-trapping-math change no result; they let gcc vectorise
     # sqrt and the float16 conversions (which it otherwise keeps as branches).
-    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp"]
+    # -ffp-contract=off (and nvcc's --fmad=false below): no multiply-add is fused unless
+    # the code says so (esgdm_update.h fuses exactly where torch's kernels do), so that
+    # the kernels round as the reference, esgdm.rule.reference_step, does.
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off", "-fopenmp"]
     if _switch("ESGDM_VEC_REPORT") == "1":
         cxx.append("-fopt-info-vec-optimized")
     sources = [os.path.join("csrc", s) for s in SOURCES_CPP]
@@ -158,21 +183,24 @@ def extensions() -> tuple[list, dict]:
     cudart = None
     if reason is None:
         cudart = _cudart_dir(cpp_extension.CUDA_HOME)
-        if cudart is None:
-            reason = "libcudart.so was not found next to nvcc (set CUDA_HOME)"
+        cuda_include = _cuda_include_dir(cpp_extension.CUDA_HOME)
+        if cudart is None or cuda_include is None:
+            reason = ("libcudart.so" if cudart is None else "cuda_runtime.h") + \
+                " was not found next to nvcc (set CUDA_HOME)"
             if want_cuda == "1":
                 raise SystemExit(f"esgdm setup: ESGDM_BUILD_CUDA=1 but {reason}")
     if reason is None:
         flags, names = arch_flags()
         cxx.append("-DESGDM_WITH_CUDA")
         # nvcc splits option values at commas: join the names with "+".
-        nvcc = ["-O3", f"-DESGDM_CUDA_ARCHS={'+'.join(names)}", *flags]
+        nvcc = ["-O3", "--fmad=false", f"-DESGDM_CUDA_ARCHS={'+'.join(names)}", *flags]
         _say(f"building esgdm._C with the CUDA kernel for {', '.join(names)} "
              f"(TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r})")
         ext = cpp_extension.CUDAExtension(
             "esgdm._C",
             sources + [os.path.join("csrc", s) for s in SOURCES_CUDA],
             library_dirs=[cudart],
+            include_dirs=[cuda_include],
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             **kwargs,
         )

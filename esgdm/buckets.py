@@ -127,7 +127,9 @@ class Bucket:
         self.numels = [t.numel() for t in self.tensors]
         # Parameters that are not dense (a strided slice of something) are stepped
         # through a dense copy; everything else is stepped in place.
-        self.dense = [t.numel() == 0 or is_dense(t) for t in self.tensors]
+        # (An empty tensor counts as dense only with the contiguous strides its state gets.)
+        self.dense = [is_dense(t) if t.numel() else t.stride() == contiguous_strides(t.shape)
+                      for t in self.tensors]
         self.all_dense = all(self.dense)
         #: Strides of each tensor's state, and of its gradient as the kernels see it.
         self.strides = [state_strides(t) for t in self.tensors]

@@ -103,8 +103,9 @@ def _hparam_key(group: dict) -> tuple:
 
 
 def _overlaps(p: Tensor) -> bool:
-    """Whether two elements of ``p`` share memory (an expanded tensor, stride 0)."""
-    return any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride()))
+    """Whether two elements of ``p`` share memory (an expanded tensor, stride 0).  An
+    empty tensor has no elements to share (torch gives some of them stride-0 dims)."""
+    return p.numel() > 0 and any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride()))
 
 
 class ESGDM(Optimizer):
@@ -313,6 +314,11 @@ class ESGDM(Optimizer):
         params = self._all_params()
         if self._any_dtensor:  # FSDP2: what matters is each rank's local shard
             params = [local(p) for p in params]
+        elif ops._is_compiling():  # Dynamo guards on tensor metadata, not addresses
+            return (ids, tuple(p.stride() for p in params), tuple(p.shape for p in params),
+                    tuple(p.dtype for p in params))
+        elif _FRONTEND is not None:
+            return (ids, _FRONTEND.layout_key(params))  # the same, hashed in C++
         return (ids, tuple(map(Tensor.data_ptr, params)), tuple(map(Tensor.stride, params)))
 
     def buckets(self) -> list[Bucket]:
@@ -448,7 +454,12 @@ class ESGDM(Optimizer):
     def _gather(self, b: Bucket) -> tuple[Optional[list[int]], list[Tensor]]:
         """Indices (None: all) and gradients of the tensors of ``b`` that have one, laid
         out like their state.  Raises before anything is written."""
-        grads = [p.grad for p in b.params] if ops._is_compiling() else list(map(_grad_of, b.params))
+        if _FRONTEND is not None and not b.any_dtensor and not ops._is_compiling():
+            grads, present, like = _FRONTEND.gather_grads(b.params)
+            if present and like and b.all_dense:
+                return None, grads  # every gradient there and laid out like its state
+        else:
+            grads = [p.grad for p in b.params] if ops._is_compiling() else list(map(_grad_of, b.params))
         if b.any_dtensor:
             grads = [None if g is None else local(g) for g in grads]
         idx = None
@@ -603,7 +614,8 @@ class ESGDM(Optimizer):
             for k, i in enumerate(range(len(b)) if full else idx):
                 if not b.dense[i]:
                     params = list(params) if params is b.tensors else params
-                    params[k] = params[k].contiguous()
+                    t = params[k]  # (an empty tensor's .contiguous() keeps odd strides)
+                    params[k] = t.contiguous() if t.numel() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
                     writeback.append((b.tensors[i], params[k]))
         exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
         exp_avg_ds = b.exp_avg_d_views if full else [b.exp_avg_d_views[i] for i in idx]
@@ -844,6 +856,18 @@ class _Schedule:
 def draw_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
     """The signs of parameter ``p`` (optimizer-order index ``key``) at ``step``."""
     return rademacher(seed, step, key, p.shape, dtype=p.dtype, device=p.device)
+
+
+def _frontend_helpers():
+    """esgdm._C's C++ helpers for the per-step bookkeeping, if the extension has them."""
+    try:
+        from esgdm.backends.cpp_impl import _C
+    except Exception:  # noqa: BLE001 - the helpers are an optimisation only
+        return None
+    return _C if _C is not None and hasattr(_C, "layout_key") and hasattr(_C, "gather_grads") else None
+
+
+_FRONTEND = _frontend_helpers()
 
 
 def _state_init_call(work) -> bool:

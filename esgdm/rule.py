@@ -275,9 +275,11 @@ def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
             dscale=f("dscale"), exact=exact, grad_scale=gs)
         if sr and p.dtype in (torch.bfloat16, torch.float16):
             r = random_bits(seed, int(co["slot"][i]), int(co["steps"][i]), p.numel(), p.device)
-            flat = pn.reshape(-1) if pn.is_contiguous() else pn.contiguous().view(-1)
+            # element index = offset in the tensor's memory (dense tensors): walk pn in
+            # p's memory order, round, and put each value back where it came from
+            laid_out = torch.empty_like(p, dtype=pn.dtype).copy_(pn)
+            flat = laid_out.as_strided((p.numel(),), (1,), laid_out.storage_offset())
             rounded = stochastic_round(flat, p.dtype, r)
-            # element index = position in the tensor's memory order (dense tensors)
             p.copy_(_from_memory_order(rounded, p))
         else:
             p.copy_(pn)

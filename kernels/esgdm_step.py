@@ -1,43 +1,79 @@
-"""The fused ESGD-M step as one multi-tensor Triton kernel per bucket.
+"""The fused ESGD-M step (:mod:`esgdm.rule`) as one multi-tensor Triton kernel per bucket.
 
-One launch updates every tensor of a bucket.  Program ``pid`` steps ``BLOCK``
-consecutive elements of one tensor; which tensor and which block of it is read from
-a *block table* (``int32 [n_blocks, 2]``: tensor index, block index in the tensor)
-that depends only on the tensors' sizes and is built once per layout and cached.
+One launch steps every tensor of a bucket and advances their per-tensor scalars; the
+host decides only which work runs (plain step or D-step, the flags), never numbers,
+and reads nothing back from the device.
 
-What changes from step to step travels in one small *tensor table* per launch,
-``int64 [n_tensors, ROW]``, uploaded in one host-to-device copy::
+Programs
+--------
+Program ``pid`` steps ``BLOCK`` consecutive elements of one tensor.  Which tensor and
+which block of it comes from a *block table* (``int32 [n_programs, 2]``: tensor index,
+block index in the tensor) that depends only on the tensors' sizes and is built once per
+layout.  A tensor of ``numel`` elements has ``max(1, ceil(numel / BLOCK))`` programs:
+an empty tensor gets one, so its scalars advance like everybody else's.  ``BLOCK`` is
+chosen per bucket layout (:func:`choose_config`): the dtype's :data:`CONFIGS`, or the
+smaller :data:`SMALL_CONFIG` for buckets of many small tensors, where a large block would
+run mostly masked lanes.
 
-    column 0..4   addresses of p, g, h, m, D   (h is 0 on a plain step)
+Where the tensors are comes from an *address table*, ``int64 [n_tensors, ROW]``::
+
+    column 0..4   addresses of p, g, h, m, D   (h = g's address on a plain step: never read)
     column 5      numel
-    column 6..8   five float32 packed in pairs: w = 1 - beta1, beta2, eps,
-                  step_scale = alpha / c, decay = 1 - weight_decay * alpha
 
-so gradients and HVPs are read where they are (no copy into a flat buffer).  Only the
-block table is cached: the p, m, D addresses are re-read each step because checking a
-cached copy would cost the host as much as reading them, and a parameter may have
-moved (``p.data = ...``, or the dense copy stepped for a strided parameter).  The
-kernel reads ``p, g, m, D`` (and ``h`` on D-steps) and writes ``p, m`` (and ``D`` on
-D-steps) exactly once; all arithmetic is float32 in registers.
+cached on the device per bucket and refreshed (one small host-to-device copy from pinned
+memory) only when one of the addresses or sizes changed -- gradients' addresses usually
+repeat from step to step because the caching allocator hands the same blocks back.  So
+in steady state a step uploads nothing and the launch can be captured in a CUDA graph.
 
-Memory access: a block of a tensor whose five addresses are all 16-byte aligned and
-that is full (not the tail of the tensor) takes the *fast path*, where the compiler is
-told about the alignment and drops the mask, so fp32 loads and stores become 128-bit
-(``ld.global.v4``).  Everything else (tails, unaligned views) takes the masked
-element-wise path, which is correct for any address.
+Per tensor (each program, in float64): the tensor's slot and group come from ``index``,
+its old ``bias, warm, steps, dscale`` from its row of ``scalars``, the hyper-parameters
+from its group's row of ``hparams``; the coefficients of :func:`esgdm.rule.derive` are
+computed in float64 and rounded to float32 once.
 
-Offsets: the start of a block inside its tensor is a 64-bit scalar added to a 64-bit
-base address once per program; the per-element offsets are 32-bit (``< BLOCK``), so
-tensors of more than 2**31 elements work without 64-bit vector arithmetic.
+Per element (float32): :func:`_update` is the element-wise rule of :mod:`esgdm.rule`
+(``grad_scale`` division, NaN policy, ``FLAG_EXACT`` or the ``dscale`` rule where
+``D == 0``), then ``p`` is stored rounded to nearest or, for 16-bit parameters with
+``FLAG_STOCHASTIC_ROUNDING``, stochastically with the counter hash of the rule
+(:func:`_mix32`, uint32 arithmetic).  ``m`` and ``D`` are float32 or bfloat16 in memory,
+float32 in registers, stored rounded to nearest.
+
+``found_inf`` is read on the device: nonzero, and every program returns before writing
+anything (elements, scalars, tickets).
+
+Advancing the scalars without a race
+------------------------------------
+Every program of a tensor must read the *old* ``bias, warm, steps``; the new ones are
+written, in the same launch, by the last program of the tensor to finish.  Each program,
+after its element work, takes a ticket: ``tl.atomic_add(tickets + t, 1, sem="acq_rel")``
+on a per-tensor int32 counter (zero between launches; one buffer per cached bucket).
+The program that draws ``n_programs(t) - 1`` knows every other program of ``t`` has
+read the scalars (their loads are ordered before their release); it reads the old row
+again (so nothing float64 stays live in registers through the element work), writes the
+new ``bias, warm, steps`` and resets the counter to zero for the next launch.  A barrier
+before the atomic makes sure all warps of the program have done their loads.  With
+``found_inf`` set no program takes a ticket, so the counters stay at zero.
+
+Memory access
+-------------
+A block whose five addresses are 16-byte aligned and that is full (not the tail of its
+tensor) takes the *fast path*: the compiler is told about the alignment and the mask is
+dropped, so fp32 loads and stores become 128-bit (``ld.global.v4``).  Everything else
+(tails, unaligned views, empty tensors) takes the masked path, correct for any address.
+A block's start inside its tensor is a 64-bit scalar added to the base address once per
+program; per-element offsets are 32-bit (``< BLOCK``), so tensors of more than 2**31
+elements work without 64-bit vector arithmetic.
 
 ``TRITON_INTERPRET=1`` must be set before this module is imported for the kernel to
 run on CPU tensors (the Triton interpreter); :data:`INTERPRET` records which mode the
-kernel was built in.
+kernel was built in.  The interpreter converts float32 to bfloat16 by truncation, so in
+that mode the kernel rounds bfloat16 stores to nearest itself (bit arithmetic, the same
+result a GPU's conversion gives).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import chain
 from typing import Optional, Sequence
 
 import numpy as np
@@ -45,32 +81,56 @@ import torch
 import triton
 import triton.language as tl
 
-#: int64 columns of one row of the per-launch tensor table.
-ROW = 9
-P_COL, G_COL, H_COL, M_COL, D_COL, NUMEL_COL = range(6)
-#: float32 index (in a row viewed as float32) of the first packed scalar.
-FLOAT_COL = 12
-#: The packed float32 scalars, in order.
-FLOAT_NAMES = ("w", "beta2", "eps", "step_scale", "decay")
+#: int64 columns of one row of the address table.
+ROW = 6
+P_COL, G_COL, H_COL, M_COL, D_COL, NUMEL_COL = range(ROW)
 
-#: Parameter dtypes the kernel handles (state is always float32).
+#: Parameter dtypes the kernel steps, and the state dtypes it supports for them.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+
+#: Bits of ``flags`` (the same values as esgdm.rule's FLAG_*; the kernel module does
+#: not import the package so that it stays usable on its own).
+FLAG_EXACT = 1
+FLAG_STOCHASTIC_ROUNDING = 2
+
+#: Columns of ``scalars`` and ``hparams`` (esgdm.rule.SCALAR_COLUMNS / HPARAM_COLUMNS).
+N_SCALAR_COLUMNS = 4
+N_HPARAM_COLUMNS = 6
 
 #: Launch configuration per parameter dtype: elements per program and warps.
-#: 2048 elements on 8 warps is 8 elements per thread and array: two 128-bit fp32
-#: vectors (one for 16-bit parameters).  ptxas gives it 64 registers (80 on D-steps)
-#: on sm_90 and no spills, so 3-4 programs (96-128 KiB of loads) are in flight per
-#: SM; 4096 elements per program needed 128-160 registers, allowing only 1-2.
-#: Figures from benchmarks/ptx_report.py.
+#: 4 warps with 4 (fp32) or 8 (16-bit) elements per thread and array: one 128-bit
+#: vector of each parameter-dtype array.  Measured on an H200 (Triton 3.6, CUDA graph
+#: replay, fp32 D-step): 4096 tensors of 256 elements 17 us with 512/4 against 32 us
+#: with 1024/4 and 83 us with the former 2048/8; 64 tensors of 2**18 elements 146 us
+#: (3.7 TB/s) against 150 and 171 us.  For bf16 parameters with bf16 state 1024/4 kept
+#: 128-bit accesses and was best on plain steps (73 us against 92 with 512/4).
+#: benchmarks/ptx_report.py gives registers and spills of every variant.
 CONFIGS = {
-    torch.float32: dict(BLOCK=2048, num_warps=8),
-    torch.bfloat16: dict(BLOCK=2048, num_warps=8),
-    torch.float16: dict(BLOCK=2048, num_warps=8),
+    torch.float32: dict(BLOCK=512, num_warps=4),
+    torch.bfloat16: dict(BLOCK=1024, num_warps=4),
+    torch.float16: dict(BLOCK=1024, num_warps=4),
 }
+
+#: For buckets of small tensors: masked lanes cost about as much as real ones (the
+#: whole program runs), so programs of 256 elements on 2 warps, which waste fewer
+#: lanes on tensors of a few hundred elements: 4096 tensors of 256 elements took 9-11
+#: us against 17 (fp32, 512/4) and 26-38 us (bf16, 1024/4) on an H200.  On large
+#: tensors they were 10-35 % slower than CONFIGS.  :func:`choose_config` picks one of
+#: the two per bucket layout, once.
+SMALL_CONFIG = dict(BLOCK=256, num_warps=2)
+
+#: SMALL_CONFIG is chosen when CONFIGS would run this many times more lanes.
+SMALL_CONFIG_GAIN = 1.25
 
 #: Precise (IEEE round-to-nearest) sqrt and division exist in Triton >= 3.0.
 PRECISE = hasattr(tl, "sqrt_rn") and hasattr(tl, "div_rn")
 
+#: Stored-p rounding modes (constexpr ROUNDING of the kernel).
+ROUND_NEAREST, ROUND_STOCHASTIC_BF16, ROUND_STOCHASTIC_FP16 = 0, 1, 2
+
+
+# ------------------------------------------------------------------- device code
 
 @triton.jit
 def _lerp(a, b, w):
@@ -81,108 +141,273 @@ def _lerp(a, b, w):
 
 
 @triton.jit
-def _update(p, g, m, d, h, w, beta2, eps, step_scale, decay, D_STEP: tl.constexpr,
-            PRECISE_MATH: tl.constexpr):
-    """The element-wise rule of esgdm.rule, in float32; returns (p, m, d).
+def _div(a, b, PRECISE_MATH: tl.constexpr):
+    if PRECISE_MATH:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
 
-    ``w = 1 - beta1``; ``step_scale = alpha / c``; ``decay = 1 - weight_decay * alpha``.
+
+@triton.jit
+def _isfinite(x):
+    """float32 ``x`` is neither infinite nor NaN (exponent bits not all ones)."""
+    return (x.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+
+
+@triton.jit
+def _mix32(x):
+    """The 32-bit integer hash of esgdm.rule.mix32 on uint32 values (wrapping products)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _bf16_nearest(x):
+    """float32 ``x`` rounded to the nearest bfloat16 (ties to even), still as float32.
+
+    Used only where the conversion itself truncates (the interpreter)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _store_nearest(ptr, x, mask, EMULATE_BF16: tl.constexpr):
+    """Stores float32 ``x`` at ``ptr`` rounded to nearest in the pointer's dtype."""
+    if EMULATE_BF16:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = _bf16_nearest(x)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _stochastic_round(x, r, ROUNDING: tl.constexpr):
+    """float32 ``x`` rounded with random bits ``r`` (uint32) as esgdm.rule.stochastic_round
+    says; the result is float32 and exactly representable in the parameter dtype."""
+    bits = x.to(tl.uint32, bitcast=True)
+    finite = (bits & 0x7F800000) != 0x7F800000
+    if ROUNDING == 1:  # bfloat16: add 16 random bits below the kept ones, then cut
+        y = ((bits + (r >> 16)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:  # float16: round q = x / ulp up with probability frac(q)
+        e = tl.maximum(((bits >> 23) & 0xFF).to(tl.int32) - 127, -14)
+        ulp = ((e + (127 - 10)) << 23).to(tl.float32, bitcast=True)  # 2**(e - 10)
+        q = tl.div_rn(x, ulp)  # exact: ulp is a power of two
+        f = tl.floor(q)
+        u = (r >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2**-24
+        y = (f + tl.where(u < q - f, 1.0, 0.0)) * ulp
+    return tl.where(finite, y, x)
+
+
+@triton.jit
+def _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale, dscale_eps,
+            D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
+            PRECISE_MATH: tl.constexpr):
+    """The element-wise rule of esgdm.rule in float32; returns (p, m, d) new.
+
+    ``w = 1 - beta1``; ``step_scale = alpha / c``; ``decay = 1 - weight_decay * alpha``;
+    ``dscale_eps = dscale + eps`` (rounded once, from float64).  Elements whose scaled
+    gradient is not finite come back unchanged.  The old ``m`` and ``d`` are replaced by
+    the new ones as soon as those exist (an element left alone keeps its old value
+    there; what the rest of its arithmetic gives is discarded), so no old value stays
+    live through the rest of the arithmetic: fewer registers.
     """
-    p = p.to(tl.float32)
     g = g.to(tl.float32)
-    m = _lerp(m, g, w)  # m <- b1*m + (1-b1)*g
+    if HAS_GS:
+        g = _div(g, S, PRECISE_MATH)
+    ok = _isfinite(g)
+    g = tl.where(ok, g, 0.0)
+    m = m.to(tl.float32)
+    m = tl.where(ok, _lerp(m, g, w), m)  # m <- b1*m + (1-b1)*g
+    d = d.to(tl.float32)
     if D_STEP:
         h = h.to(tl.float32)
-        d = tl.maximum(d * beta2, h * h)  # Adamax-style inf norm of squared HVPs
+        if HAS_GS:
+            h = _div(h, S, PRECISE_MATH)
+        h2 = tl.where(_isfinite(h), h * h, 0.0)  # a non-finite observation is dropped
+        d = tl.where(ok, tl.maximum(d * beta2, h2, propagate_nan=tl.PropagateNan.ALL), d)
     mhat = _lerp(m, g, w)  # Nesterov look-ahead
     if PRECISE_MATH:
-        q = tl.div_rn(mhat, tl.sqrt_rn(d) + eps)
+        root = tl.sqrt_rn(d)
     else:
-        q = mhat / (tl.sqrt(d) + eps)
-    p = p * decay - step_scale * q  # decoupled weight decay, then the step
+        root = tl.sqrt(d)
+    denom = root + eps
+    if not EXACT:
+        # curvature never observed here (D == 0): precondition by dscale (one division
+        # for both cases), or do not move where dscale is 0 too
+        denom = tl.where(d == 0, dscale_eps, denom)
+    q = _div(mhat, denom, PRECISE_MATH)
+    if not EXACT:
+        q = tl.where(d == 0, tl.where(dscale > 0, q, 0.0), q)
+    p = p.to(tl.float32)
+    p = tl.where(ok, p * decay - step_scale * q, p)  # decoupled weight decay, then the step
     return p, m, d
 
 
 @triton.jit
-def _step_block(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, mask, w, beta2, eps, step_scale, decay,
-                D_STEP: tl.constexpr, PRECISE_MATH: tl.constexpr):
-    """Loads one block, applies :func:`_update`, stores it (``mask`` None: full block)."""
+def _step_block(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, mask, idx, key, S, w, beta2, eps,
+                step_scale, decay, dscale, dscale_eps,
+                D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
+                ROUNDING: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """Loads one block, applies :func:`_update`, stores it (``mask`` None: full block).
+
+    ``idx`` (uint32) are the elements' indices in their tensor (low 32 bits), ``key`` the
+    tensor's stochastic-rounding key; both unused when rounding to nearest."""
     p = tl.load(p_ptr, mask=mask)
     g = tl.load(g_ptr, mask=mask)
     m = tl.load(m_ptr, mask=mask)
     d = tl.load(d_ptr, mask=mask)
-    h = p  # unused on plain steps
+    h = g  # unused on plain steps
     if D_STEP:
         h = tl.load(h_ptr, mask=mask)
-    p_new, m, d = _update(p, g, m, d, h, w, beta2, eps, step_scale, decay, D_STEP, PRECISE_MATH)
-    tl.store(p_ptr, p_new.to(p_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptr, m, mask=mask)
+    p_new, m_new, d_new = _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale,
+                                  dscale_eps, D_STEP, EXACT, HAS_GS, PRECISE_MATH)
+    _store_nearest(m_ptr, m_new, mask, EMULATE_BF16)
     if D_STEP:
-        tl.store(d_ptr, d, mask=mask)
+        _store_nearest(d_ptr, d_new, mask, EMULATE_BF16)
+    if ROUNDING == 0:
+        _store_nearest(p_ptr, p_new, mask, EMULATE_BF16)
+    else:
+        r = _mix32(key ^ idx)
+        p_new = _stochastic_round(p_new, r, ROUNDING)
+        tl.store(p_ptr, p_new.to(p_ptr.dtype.element_ty), mask=mask)  # exact conversion
 
 
-@triton.jit(do_not_specialize=["p_ref"])
-def esgdm_step_kernel(
-    blocks_ptr,   # int32 [n_blocks, 2]: (tensor index, block index within the tensor)
-    table_ptr,    # int64 [n_tensors, ROW]: addresses and numel (see module docstring)
-    ftable_ptr,   # the same memory viewed as float32: the packed scalars
-    p_ref,        # any tensor of the parameter dtype; only its type is used
-    ROW_: tl.constexpr,
-    FLOAT_COL_: tl.constexpr,
-    BLOCK: tl.constexpr,
-    D_STEP: tl.constexpr,
-    HINTS: tl.constexpr,
-    PRECISE_MATH: tl.constexpr,
-):
-    pid = tl.program_id(0)
+@triton.jit
+def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, grad_scale_ptr,
+             tickets_ptr, p_ref, s_ref, seed,
+             ROW_: tl.constexpr, NS: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr,
+             D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
+             ROUNDING: tl.constexpr, HINTS: tl.constexpr, EMULATE_BF16: tl.constexpr,
+             PRECISE_MATH: tl.constexpr):
+    """One program's work once ``found_inf`` said go (see the module docstring)."""
     t = tl.load(blocks_ptr + 2 * pid)
     chunk = tl.load(blocks_ptr + 2 * pid + 1)
     row = table_ptr + t * ROW_
     p_addr = tl.load(row + 0)
     g_addr = tl.load(row + 1)
+    h_addr = tl.load(row + 2)
     m_addr = tl.load(row + 3)
     d_addr = tl.load(row + 4)
     numel = tl.load(row + 5)
-    frow = ftable_ptr + t * (2 * ROW_) + FLOAT_COL_
-    w = tl.load(frow + 0)
-    beta2 = tl.load(frow + 1)
-    eps = tl.load(frow + 2)
-    step_scale = tl.load(frow + 3)
-    decay = tl.load(frow + 4)
-    if D_STEP:
-        h_addr = tl.load(row + 2)
-        misaligned = (p_addr | g_addr | h_addr | m_addr | d_addr) & 15
-    else:
-        h_addr = g_addr  # never read
-        misaligned = (p_addr | g_addr | m_addr | d_addr) & 15
 
+    # ---- per tensor, float64: the coefficients of esgdm.rule.derive, rounded to float32
+    slot = tl.load(index_ptr + 2 * t)
+    group = tl.load(index_ptr + 2 * t + 1)
+    srow = scalars_ptr + slot.to(tl.int64) * NS
+    hrow = hparams_ptr + group.to(tl.int64) * NH
+    beta1 = tl.load(hrow + 1)
+    bias_new = tl.load(srow + 0) * beta1
+    warm_new = tl.load(srow + 1)
+    if D_STEP:
+        warm_new = warm_new * tl.load(hrow + 3)  # only D-steps advance the warmup
+    alpha = tl.load(hrow + 0) * (1.0 - warm_new)
+    c = 1.0 - bias_new * beta1
+    step_scale = (alpha / c).to(tl.float32)
+    decay = (1.0 - tl.load(hrow + 5) * alpha).to(tl.float32)
+    w = (1.0 - beta1).to(tl.float32)
+    beta2 = tl.load(hrow + 2).to(tl.float32)
+    eps = tl.load(hrow + 4).to(tl.float32)
+    dscale = tl.load(srow + 3).to(tl.float32)
+    # dscale + eps as the reference divides by it: the float32 values added in float64
+    dscale_eps = (dscale.to(tl.float64) + eps.to(tl.float64)).to(tl.float32)
+    S = w  # unused without grad_scale
+    if HAS_GS:
+        S = tl.load(grad_scale_ptr).to(tl.float32)
+    key = slot.to(tl.uint32, bitcast=True)  # unused when rounding to nearest
+    if ROUNDING != 0:
+        steps32 = ((tl.load(srow + 2) + 1.0).to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+        key = _mix32(_mix32(_mix32(seed.to(tl.uint32, bitcast=True)) ^ key) ^ steps32)
+    n_programs = tl.maximum((numel + (BLOCK - 1)) // BLOCK, 1).to(tl.int32)
+
+    # ---- per element
     start = chunk.to(tl.int64) * BLOCK  # 64-bit: tensors may exceed 2**31 elements
     remaining = numel - start
+    idx0 = (start & 0xFFFFFFFF).to(tl.uint32)
     p_type = p_ref.dtype
-    f_type = ftable_ptr.dtype
+    s_type = s_ref.dtype
+    if D_STEP:
+        misaligned = (p_addr | g_addr | h_addr | m_addr | d_addr) & 15
+    else:
+        misaligned = (p_addr | g_addr | m_addr | d_addr) & 15
     fast = (misaligned == 0) & (remaining >= BLOCK) & HINTS
     if fast:
-        # Fast path: full block, 16-byte aligned.  The pointers are created here (not
-        # shared with the other path) so the alignment hints apply to this path only;
-        # each path has its own element offsets (32-bit) so each gets its own layout.
+        # Full block, 16-byte aligned.  The pointers are made here (not shared with the
+        # other path) so the alignment hints apply to this path only.
         offs = tl.arange(0, BLOCK)
         p_ptr = tl.multiple_of(p_addr.to(p_type), 16) + start
         g_ptr = tl.multiple_of(g_addr.to(p_type), 16) + start
         h_ptr = tl.multiple_of(h_addr.to(p_type), 16) + start
-        m_ptr = tl.multiple_of(m_addr.to(f_type), 16) + start
-        d_ptr = tl.multiple_of(d_addr.to(f_type), 16) + start
-        _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs,
-                    None, w, beta2, eps, step_scale, decay, D_STEP, PRECISE_MATH)
-    else:
+        m_ptr = tl.multiple_of(m_addr.to(s_type), 16) + start
+        d_ptr = tl.multiple_of(d_addr.to(s_type), 16) + start
+        _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, None,
+                    idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
+                    dscale_eps, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16, PRECISE_MATH)
+    elif remaining > 0:
         offs = tl.arange(0, BLOCK)
-        n = tl.minimum(remaining, BLOCK).to(tl.int32)
-        mask = offs < n
+        mask = offs < tl.minimum(remaining, BLOCK).to(tl.int32)
         p_ptr = p_addr.to(p_type) + start
         g_ptr = g_addr.to(p_type) + start
         h_ptr = h_addr.to(p_type) + start
-        m_ptr = m_addr.to(f_type) + start
-        d_ptr = d_addr.to(f_type) + start
-        _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs,
-                    mask, w, beta2, eps, step_scale, decay, D_STEP, PRECISE_MATH)
+        m_ptr = m_addr.to(s_type) + start
+        d_ptr = d_addr.to(s_type) + start
+        _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, mask,
+                    idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
+                    dscale_eps, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16, PRECISE_MATH)
+
+    # ---- the last program of the tensor advances its scalars
+    tl.debug_barrier()  # every warp of this program has read the old scalars
+    ticket = tl.atomic_add(tickets_ptr + t, 1, sem="acq_rel")
+    if ticket == n_programs - 1:
+        # Every other program of the tensor is done with the old row, nobody else writes
+        # it: read it again (nothing float64 stays live through the element work).
+        slot = tl.load(index_ptr + 2 * t)
+        group = tl.load(index_ptr + 2 * t + 1)
+        srow = scalars_ptr + slot.to(tl.int64) * NS
+        hrow = hparams_ptr + group.to(tl.int64) * NH
+        tl.store(srow + 0, tl.load(srow + 0) * tl.load(hrow + 1))
+        if D_STEP:
+            tl.store(srow + 1, tl.load(srow + 1) * tl.load(hrow + 3))
+        tl.store(srow + 2, tl.load(srow + 2) + 1.0)
+        tl.store(tickets_ptr + t, 0)  # ready for the next launch
+
+
+@triton.jit(do_not_specialize=["p_ref", "s_ref", "seed"])
+def esgdm_step_kernel(
+    blocks_ptr,      # int32 [n_programs, 2]: (tensor index, block index within the tensor)
+    table_ptr,       # int64 [n_tensors, ROW]: addresses and numel (module docstring)
+    index_ptr,       # int32 [n_tensors, 2]: slot in scalars, row in hparams
+    scalars_ptr,     # float64 [n_slots, 4]: bias, warm, steps, dscale (advanced in place)
+    hparams_ptr,     # float64 [n_groups, 6]: lr, beta1, beta2, lr_warmup, eps, weight_decay
+    grad_scale_ptr,  # float32 [1] (any pointer when HAS_GS is off)
+    found_inf_ptr,   # float32 [1] (any pointer when HAS_FI is off)
+    tickets_ptr,     # int32 [n_tensors], zero between launches
+    p_ref,           # any tensor of the parameter dtype; only its type is used
+    s_ref,           # any tensor of the state dtype; only its type is used
+    seed,            # int32: the low 32 bits of the op's seed
+    ROW_: tl.constexpr,
+    NS: tl.constexpr,
+    NH: tl.constexpr,
+    BLOCK: tl.constexpr,
+    D_STEP: tl.constexpr,
+    EXACT: tl.constexpr,
+    HAS_GS: tl.constexpr,
+    HAS_FI: tl.constexpr,
+    ROUNDING: tl.constexpr,
+    HINTS: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+    PRECISE_MATH: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    go = True
+    if HAS_FI:
+        go = tl.load(found_inf_ptr) == 0  # nonzero (NaN included): write nothing at all
+    if go:
+        _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, grad_scale_ptr,
+                 tickets_ptr, p_ref, s_ref, seed, ROW_, NS, NH, BLOCK, D_STEP, EXACT, HAS_GS,
+                 ROUNDING, HINTS, EMULATE_BF16, PRECISE_MATH)
 
 
 #: Whether the kernel was built for the Triton interpreter (which runs on CPU tensors).
@@ -191,23 +416,52 @@ INTERPRET = not isinstance(esgdm_step_kernel, triton.runtime.JITFunction)
 
 # ----------------------------------------------------------------------- host side
 
-_BLOCK_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
 _MAX_CACHED = 16
+_BLOCK_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_ADDRESSES: "OrderedDict[tuple, _Addresses]" = OrderedDict()
+_data_ptr = torch.Tensor.data_ptr
+_numel = torch.Tensor.numel
 
 
 def block_table_host(numels: Sequence[int], block: int) -> np.ndarray:
-    """``int32 [n_blocks, 2]``: for each program, (tensor index, block index in it).
+    """``int32 [n_programs, 2]``: for each program, (tensor index, block index in it).
 
-    Empty tensors get no program.  Raises if a tensor needs 2**31 blocks or more.
+    A tensor of ``n`` elements gets ``max(1, ceil(n / block))`` programs (an empty tensor
+    one, which only advances its scalars).  Raises if a tensor needs 2**31 blocks or more.
     """
-    counts = np.array([-(-int(n) // block) for n in numels], dtype=np.int64)
-    total = int(counts.sum())
+    counts = np.maximum(-(-np.asarray(numels, dtype=np.int64) // block), 1)
     if counts.size and int(counts.max()) >= 2**31:
         raise ValueError(f"a tensor of {max(numels)} elements needs too many blocks of {block}")
+    total = int(counts.sum())
     tensor = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
     starts = np.repeat(np.cumsum(counts) - counts, counts)
     chunk = (np.arange(total, dtype=np.int64) - starts).astype(np.int32)
     return np.stack([tensor, chunk], axis=1)
+
+
+def lanes(numels: Sequence[int], block: int) -> int:
+    """Elements the programs of a launch run, masked ones included."""
+    counts = np.maximum(-(-np.asarray(numels, dtype=np.int64) // block), 1)
+    return int(counts.sum()) * block
+
+
+def choose_config(numels: Sequence[int], dtype: torch.dtype) -> dict:
+    """The launch configuration for a bucket of tensors of ``numels`` elements:
+    :data:`CONFIGS` unless :data:`SMALL_CONFIG` runs :data:`SMALL_CONFIG_GAIN` times
+    fewer lanes (buckets of many small tensors)."""
+    config = CONFIGS[dtype]
+    if not len(numels) or config["BLOCK"] <= SMALL_CONFIG["BLOCK"]:
+        return config
+    if lanes(numels, config["BLOCK"]) >= SMALL_CONFIG_GAIN * lanes(numels, SMALL_CONFIG["BLOCK"]):
+        return SMALL_CONFIG
+    return config
+
+
+def _cache_put(cache: OrderedDict, key, value):
+    cache[key] = value
+    if len(cache) > _MAX_CACHED:
+        cache.popitem(last=False)
+    return value
 
 
 def block_table(numels: tuple, block: int, device: torch.device) -> torch.Tensor:
@@ -215,61 +469,116 @@ def block_table(numels: tuple, block: int, device: torch.device) -> torch.Tensor
     key = (numels, block, device)
     table = _BLOCK_TABLES.get(key)
     if table is None:
-        host = torch.from_numpy(block_table_host(numels, block))
-        table = host.to(device)
-        _BLOCK_TABLES[key] = table
-        if len(_BLOCK_TABLES) > _MAX_CACHED:
-            _BLOCK_TABLES.popitem(last=False)
+        table = _cache_put(_BLOCK_TABLES, key, torch.from_numpy(block_table_host(numels, block)).to(device))
     else:
         _BLOCK_TABLES.move_to_end(key)
     return table
 
 
-def fill_table(out: np.ndarray, params, grads, exp_avgs, exp_avg_ds, hvps,
-               scalars: np.ndarray, numels: Optional[Sequence[int]] = None) -> None:
-    """Writes the per-launch tensor table (see module docstring) into ``out``."""
-    out[:, P_COL] = [t.data_ptr() for t in params]
-    out[:, G_COL] = [t.data_ptr() for t in grads]
-    out[:, H_COL] = 0 if hvps is None else [t.data_ptr() for t in hvps]
-    out[:, M_COL] = [t.data_ptr() for t in exp_avgs]
-    out[:, D_COL] = [t.data_ptr() for t in exp_avg_ds]
-    out[:, NUMEL_COL] = [t.numel() for t in params] if numels is None else numels
-    floats = out.view(np.float32)[:, FLOAT_COL:FLOAT_COL + len(FLOAT_NAMES)]
-    # columns of esgdm.rule.SCALAR_COLUMNS: beta1, beta2, eps, step_scale, decay
-    floats[:, 0] = 1.0 - scalars[:, 0]  # lerp weight, computed in float64 like torch
-    floats[:, 1:] = scalars[:, 1:]
+class _Addresses:
+    """One bucket's device tables: what the kernel needs besides the op's arguments."""
+
+    __slots__ = ("ptrs", "numels", "table", "host", "blocks", "tickets", "block", "num_warps")
+
+    def __init__(self, ptrs, numels, table, host, blocks, tickets, block, num_warps):
+        self.ptrs = ptrs            # the tuple of data_ptrs the table holds
+        self.numels = numels        # the tuple of sizes it holds
+        self.table = table          # int64 [n, ROW] on the device
+        self.host = host            # the pinned buffer it was copied from (kept alive)
+        self.blocks = blocks        # the layout's block table on the device
+        self.tickets = tickets      # int32 [n] on the device, zero between launches
+        self.block = block          # elements per program
+        self.num_warps = num_warps  # warps per program
 
 
-def launch_tables(blocks: torch.Tensor, table: torch.Tensor, p_ref: torch.Tensor,
-                  d_step: bool, block: Optional[int] = None, num_warps: Optional[int] = None,
-                  hints: bool = True) -> None:
-    """Launches the kernel over prepared tables (one launch; nothing if no blocks)."""
-    n_blocks = blocks.shape[0]
-    if n_blocks == 0:
+def address_table_host(ptrs: Sequence[int], numels: Sequence[int], d_step: bool) -> np.ndarray:
+    """``int64 [n, ROW]`` from the addresses ``ptrs`` (``p..., g..., [h...,] m..., D...``)."""
+    n = len(numels)
+    k = 5 if d_step else 4
+    cols = np.asarray(ptrs, dtype=np.uint64).view(np.int64).reshape(k, n)
+    out = np.empty((n, ROW), dtype=np.int64)
+    out[:, P_COL] = cols[0]
+    out[:, G_COL] = cols[1]
+    out[:, H_COL] = cols[2] if d_step else cols[1]  # a plain step never reads h
+    out[:, M_COL] = cols[k - 2]
+    out[:, D_COL] = cols[k - 1]
+    out[:, NUMEL_COL] = numels
+    return out
+
+
+def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: Optional[int],
+               num_warps: Optional[int], device) -> _Addresses:
+    """The bucket's cached tables, refreshed if an address or a size changed.
+
+    ``block``/``num_warps`` None: chosen by :func:`choose_config` when the entry is made
+    (a layout change makes a new entry)."""
+    d_step = hvps is not None
+    lists = (params, grads, hvps, exp_avgs, exp_avg_ds) if d_step else (params, grads, exp_avgs, exp_avg_ds)
+    ptrs = tuple(map(_data_ptr, chain.from_iterable(lists)))
+    numels = tuple(map(_numel, params))
+    # one entry per bucket (told apart by its first parameter) and step kind
+    key = (device, block, num_warps, d_step, len(params), ptrs[0])
+    entry = _ADDRESSES.get(key)
+    if entry is not None and entry.ptrs == ptrs and entry.numels == numels:
+        return entry
+    on_gpu = device.type == "cuda"
+    host = torch.from_numpy(address_table_host(ptrs, numels, d_step))
+    if on_gpu:
+        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+        pinned.copy_(host)
+        host = pinned  # a fresh buffer each refresh: an earlier copy may still read the old one
+    if entry is not None and entry.numels == numels:
+        if on_gpu:
+            entry.table.copy_(host, non_blocking=True)  # stream-ordered after earlier launches
+        else:
+            entry.table = host
+        entry.ptrs, entry.host = ptrs, host
+        _ADDRESSES.move_to_end(key)
+        return entry
+    table = host.to(device, non_blocking=True) if on_gpu else host
+    config = choose_config(numels, params[0].dtype) if block is None else CONFIGS[params[0].dtype]
+    block = config["BLOCK"] if block is None else block
+    num_warps = config["num_warps"] if num_warps is None else num_warps
+    blocks = block_table(numels, block, device)
+    tickets = torch.zeros(len(params), dtype=torch.int32, device=device)
+    return _cache_put(_ADDRESSES, key, _Addresses(ptrs, numels, table, host, blocks, tickets, block,
+                                                  num_warps))
+
+
+def launch(blocks: torch.Tensor, table: torch.Tensor, tickets: torch.Tensor, p_ref: torch.Tensor,
+           s_ref: torch.Tensor, index: torch.Tensor, scalars: torch.Tensor, hparams: torch.Tensor,
+           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], d_step: bool,
+           flags: int = 0, seed: int = 0, block: Optional[int] = None,
+           num_warps: Optional[int] = None, hints: bool = True) -> None:
+    """Launches the kernel over prepared tables (one launch; nothing if no programs)."""
+    n_programs = blocks.shape[0]
+    if n_programs == 0:
         return
     config = CONFIGS[p_ref.dtype]
     block = config["BLOCK"] if block is None else block
     num_warps = config["num_warps"] if num_warps is None else num_warps
-    esgdm_step_kernel[(n_blocks,)](
-        blocks, table, table.view(torch.float32), p_ref,
-        ROW_=ROW, FLOAT_COL_=FLOAT_COL, BLOCK=block, D_STEP=bool(d_step), HINTS=bool(hints),
-        PRECISE_MATH=PRECISE, num_warps=num_warps,
+    rounding = ROUND_NEAREST
+    if flags & FLAG_STOCHASTIC_ROUNDING:
+        if p_ref.dtype == torch.bfloat16:
+            rounding = ROUND_STOCHASTIC_BF16
+        elif p_ref.dtype == torch.float16:
+            rounding = ROUND_STOCHASTIC_FP16
+    seed32 = int(seed) & 0xFFFFFFFF
+    if seed32 >= 2**31:
+        seed32 -= 2**32  # passed as int32; the kernel reads the bits as uint32
+    esgdm_step_kernel[(n_programs,)](
+        blocks, table, index, scalars, hparams,
+        scalars if grad_scale is None else grad_scale,
+        scalars if found_inf is None else found_inf,
+        tickets, p_ref, s_ref, seed32,
+        ROW_=ROW, NS=N_SCALAR_COLUMNS, NH=N_HPARAM_COLUMNS, BLOCK=block, D_STEP=bool(d_step),
+        EXACT=bool(flags & FLAG_EXACT), HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
+        ROUNDING=rounding, HINTS=bool(hints), EMULATE_BF16=INTERPRET, PRECISE_MATH=PRECISE,
+        num_warps=num_warps,
     )
 
 
-def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor,
-               block: Optional[int] = None, hints: bool = True) -> None:
-    """One ESGD-M step over a bucket's aligned lists, in one kernel launch.
-
-    The lists follow the contract of :mod:`esgdm.backends`; ``scalars`` is the float64
-    CPU ``[n, 5]`` table of :mod:`esgdm.rule`.  ``block`` and ``hints`` override the
-    launch configuration (tests use small blocks to reach the fast path).
-    """
-    n = len(params)
-    if n == 0:
-        return
-    p_ref = params[0]
-    device = p_ref.device
+def _check_device(device: torch.device) -> None:
     if device.type != ("cpu" if INTERPRET else "cuda"):
         raise RuntimeError(
             f"the esgdm Triton kernel got tensors on {device}: " + (
@@ -277,21 +586,45 @@ def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor,
                 if INTERPRET else
                 "CPU tensors run only in the Triton interpreter: set TRITON_INTERPRET=1 before "
                 "esgdm's Triton kernels are imported"))
-    block = CONFIGS[p_ref.dtype]["BLOCK"] if block is None else block
-    numels = tuple(t.numel() for t in params)
-    blocks = block_table(numels, block, device)
-    on_gpu = device.type == "cuda"
-    host = torch.empty((n, ROW), dtype=torch.int64, pin_memory=on_gpu and not INTERPRET)
-    fill_table(host.numpy(), params, grads, exp_avgs, exp_avg_ds, hvps,
-               scalars.numpy() if scalars.dtype == torch.float64 else scalars.double().numpy(),
-               numels)
-    table = host.to(device, non_blocking=True) if on_gpu else host
-    if on_gpu and device.index is not None and device.index != torch.cuda.current_device():
+
+
+def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor, index: torch.Tensor,
+               hparams: torch.Tensor, grad_scale: Optional[torch.Tensor] = None,
+               found_inf: Optional[torch.Tensor] = None, flags: int = 0, seed: int = 0,
+               block: Optional[int] = None, num_warps: Optional[int] = None, hints: bool = True) -> None:
+    """One ESGD-M step of a bucket (the contract of :mod:`esgdm.backends`), one launch.
+
+    Updates ``params``, ``exp_avgs`` (and ``exp_avg_ds`` on a D-step, ``hvps`` given) in
+    place and advances the ``bias, warm, steps`` columns of the tensors' rows of
+    ``scalars``; ``dscale`` is only read.  Reads nothing back to the host.  ``block``,
+    ``num_warps`` and ``hints`` override the launch configuration, which is otherwise
+    :func:`choose_config`'s (tests use small blocks to reach the fast path).
+    """
+    if not params:
+        return
+    p_ref = params[0]
+    if p_ref.dtype not in DTYPES or exp_avgs[0].dtype not in STATE_DTYPES:
+        raise TypeError(f"the esgdm Triton kernel steps {', '.join(map(str, DTYPES))} parameters with "
+                        f"{' or '.join(map(str, STATE_DTYPES))} state, not {p_ref.dtype} with "
+                        f"{exp_avgs[0].dtype} state")
+    device = p_ref.device
+    _check_device(device)
+    entry = _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block, num_warps, device)
+    args = (entry.blocks, entry.table, entry.tickets, p_ref, exp_avgs[0], index, scalars, hparams,
+            grad_scale, found_inf, hvps is not None, flags, seed, entry.block, entry.num_warps, hints)
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         with torch.cuda.device(device):  # Triton launches on the current device
-            launch_tables(blocks, table, p_ref, hvps is not None, block=block, hints=hints)
+            launch(*args)
     else:
-        launch_tables(blocks, table, p_ref, hvps is not None, block=block, hints=hints)
+        launch(*args)
 
 
-__all__ = ["CONFIGS", "DTYPES", "INTERPRET", "ROW", "block_table", "block_table_host",
-           "esgdm_step_kernel", "fill_table", "fused_step", "launch_tables"]
+def clear_caches() -> None:
+    """Forgets every cached block and address table (tests; freeing device memory)."""
+    _BLOCK_TABLES.clear()
+    _ADDRESSES.clear()
+
+
+__all__ = ["CONFIGS", "DTYPES", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING", "INTERPRET", "ROW",
+           "SMALL_CONFIG", "STATE_DTYPES", "address_table_host", "block_table", "block_table_host",
+           "choose_config", "clear_caches", "esgdm_step_kernel", "fused_step", "lanes", "launch"]

@@ -100,6 +100,26 @@ def _compiled_rule_eager(ps, gs, ms, ds, hs, sc):
                       torch.tensor([scale]), torch.tensor([decay]), b1, b2, eps)
 
 
+def _rule_reference(ps, gs, ms, ds, hs, sc):
+    """esgdm.rule.update_elements (the original rule, exact=True) on the benchmarks'
+    per-tensor table: beta1, beta2, eps, step_scale, decay."""
+    from esgdm.rule import update_elements
+
+    def f32(x):
+        return torch.tensor(x, dtype=torch.float64).float().item()
+
+    for i in range(len(ps)):
+        b1, b2, eps, scale, decay = sc[i].tolist()
+        h = None if hs is None else hs[i].float()
+        p, m, d = update_elements(ps[i].float(), gs[i].float(), ms[i], ds[i], h, w=f32(1 - b1),
+                                  beta2=f32(b2), eps=f32(eps), step_scale=f32(scale),
+                                  decay=f32(decay), dscale=0.0, exact=True)
+        ps[i].copy_(p)
+        ms[i].copy_(m)
+        if h is not None:
+            ds[i].copy_(d)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d_step", [False, True])
 @pytest.mark.parametrize("impl", ["loop", "compiled_rule"])
@@ -111,7 +131,7 @@ def test_step_functions_match_torch_backend(impl, dtype, d_step):
     p2, m2, d2 = _clone(ps), _clone(ms), _clone(ds)
     fn = loop_step if impl == "loop" else _compiled_rule_eager
     fn(ps, gs, ms, ds, hs, sc)
-    esgdm.backends.get("torch").step(p2, gs, m2, d2, hs, sc)
+    _rule_reference(p2, gs, m2, d2, hs, sc)
     ptol = F32 if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
     for a, b in zip(ps, p2):
         torch.testing.assert_close(a, b, **ptol)
@@ -128,6 +148,7 @@ def _run(args, timeout):
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_step_smoke(tmp_path):
     out = _run(["benchmarks/bench_step.py", "--smoke", "--device", "cpu", "--threads", "1",
                 "--compile", "off", "--json", str(tmp_path / "s.json"),
@@ -147,6 +168,7 @@ def test_bench_step_smoke(tmp_path):
     assert "Plain step" in (tmp_path / "s.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
     _run(["benchmarks/bench_train.py", "--smoke", "--device", "cpu", "--threads", "1",
           "--no-progress", "--plots", str(tmp_path), "--json", str(tmp_path / "t.json"),
@@ -165,6 +187,7 @@ def test_bench_train_smoke(tmp_path):
     assert "non-finite runs" in (tmp_path / "t.md").read_text()
 
 
+@pytest.mark.slow
 def test_pytest_benchmark_suite_runs():
     """The pytest-benchmark suite collects and runs (each case once, benchmarking off)."""
     env = dict(os.environ, ESGDM_BENCH_NUMEL="16K", ESGDM_BENCH_DEVICE="cpu", ESGDM_BENCH_DTYPES="fp32")
@@ -175,6 +198,7 @@ def test_pytest_benchmark_suite_runs():
     assert " passed" in proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_train_finite_difference_smoke(tmp_path):
     """The transformer with fused attention (no double backward) trains with
     hvp="finite_difference", D-steps on the same schedule."""

@@ -1,5 +1,6 @@
-"""benchmarks/ptx_report.py compiles every kernel variant for sm_80 and sm_90 without a
-GPU; the fp32 fast path must use 128-bit global loads and stores for all of its arrays."""
+"""benchmarks/ptx_report.py compiles kernel variants for sm_80 and sm_90 without a GPU;
+the fp32 fast path must use 128-bit global loads and stores for all of its arrays, and
+no variant may spill."""
 
 from __future__ import annotations
 
@@ -16,16 +17,49 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "ptx_report.py")
 
 
+def _run(tmp, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, SCRIPT, "--json", str(tmp / "rows.json"), "--dump", str(tmp / "ptx"),
+                          *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    with open(tmp / "rows.json") as f:
+        rows = json.load(f)
+    return rows, res.stdout, tmp / "ptx"
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ptx")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, SCRIPT, "--json", str(out / "rows.json"), "--dump", str(out / "ptx")],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert res.returncode == 0, res.stdout + res.stderr
-    with open(out / "rows.json") as f:
-        rows = json.load(f)
-    return rows, res.stdout, out / "ptx"
+    """The default report: every parameter dtype, plain and D-step, sm_80 and sm_90."""
+    return _run(tmp_path_factory.mktemp("ptx"))
+
+
+@pytest.fixture(scope="module")
+def report_variants(tmp_path_factory):
+    """bfloat16 state, stochastic rounding, grad_scale/found_inf, on sm_90."""
+    return _run(tmp_path_factory.mktemp("ptx_variants"), "--archs", "90", "--states", "bf16",
+                "--rounding", "stochastic", "--amp")
+
+
+def _fast_path_accesses(r, elem_bytes, arrays, want):
+    """Adds to ``want`` (width -> count) the vector accesses of ``arrays`` arrays of
+    ``elem_bytes``-byte elements on the fast path: each thread moves BLOCK / (32 * warps)
+    consecutive elements of each array, in accesses of up to 128 bits."""
+    per_thread = r["block"] // (32 * r["warps"]) * elem_bytes
+    width = f"{min(per_thread, 16) * 8}b"
+    want[width] = want.get(width, 0) + arrays * max(1, per_thread // 16)
+
+
+def _assert_vectorized(r, state_bytes):
+    p_bytes = 4 if r["dtype"] == "fp32" else 2
+    loads, stores = {}, {}
+    _fast_path_accesses(r, p_bytes, 3 if r["d_step"] else 2, loads)        # p, g (, h)
+    _fast_path_accesses(r, state_bytes, 2, loads)                          # m, D
+    _fast_path_accesses(r, p_bytes, 1, stores)                             # p
+    _fast_path_accesses(r, state_bytes, 2 if r["d_step"] else 1, stores)   # m (, D)
+    for width, count in loads.items():
+        assert r["ld"].get(width, 0) >= count, (width, count, r)
+    for width, count in stores.items():
+        assert r["st"].get(width, 0) >= count, (width, count, r)
 
 
 def test_every_variant_compiles(report):
@@ -51,15 +85,31 @@ def test_fp32_fast_path_is_128_bit(report):
 
 
 def test_half_precision_vectorized(report):
+    """16-bit parameters (float32 state): vector accesses for every array of the fast path."""
     rows, _, _ = report
     for r in rows:
         if r["dtype"] != "fp32":
+            _assert_vectorized(r, state_bytes=4)
             assert r["ld"].get("128b", 0) > 0 and r["st"].get("128b", 0) > 0, r
 
 
-def test_registers_and_spills(report):
-    rows, _, _ = report
+@pytest.mark.slow
+def test_variants_vectorized(report_variants):
+    """bfloat16 state, stochastic rounding and the AMP inputs compiled in: every array of
+    the fast path still moves in vector accesses, and nothing spills."""
+    rows, _, _ = report_variants
+    seen = {(r["dtype"], r["rounding"], r["d_step"]) for r in rows}
+    assert seen == {("fp32", "nearest", s) for s in (False, True)} | {
+        (d, "stochastic", s) for d in ("bf16", "fp16") for s in (False, True)}
     for r in rows:
+        assert r["state"] == "bf16" and r["amp"] and r["arch"] == 90
+        _assert_vectorized(r, state_bytes=2)
+        if "regs" in r:
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+
+
+def test_registers_and_spills(report):
+    for r in report[0]:
         if "regs" not in r:
             pytest.skip(f"no ptxas here: {r.get('ptxas_error', 'not found')}")
         assert 0 < r["regs"] <= 255

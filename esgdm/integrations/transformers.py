@@ -65,7 +65,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "pip install 'esgdm[transformers]'"
     ) from e
 
-from esgdm.hvp import RngSnapshot
+from esgdm.hvp import ComputePrecision, RngSnapshot
 from esgdm.integrations import quiet_create_graph, unwrap_optimizer
 from esgdm.optimizer import ESGDM
 
@@ -135,7 +135,8 @@ class _Plan:
     model: Any = None
     micro: list = dataclasses.field(default_factory=list)
     losses: list = dataclasses.field(default_factory=list)
-    clip: Optional[Tensor] = None  # the clipping factor applied to the gradients
+    raw_norm: Optional[Tensor] = None  # norm of the accumulated gradients, as backward left them
+    precision: ComputePrecision = dataclasses.field(default_factory=ComputePrecision)
 
 
 def _hooked_step(opt: ESGDM, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
@@ -150,6 +151,15 @@ def _hooked_step(opt: ESGDM, closure: Optional[Callable[[], Any]] = None, **kwar
     if closure is None:
         return previous(**kwargs)
     return previous(closure, **kwargs)
+
+
+def _replay_precision(precision: ComputePrecision) -> None:
+    """Makes one trivial nn.Module call under each autocast state ``precision`` saw, for
+    a ComputePrecision watching the closure (as ESGDM.step does) to record."""
+    probe = torch.nn.Identity()
+    for device_type, dtype in precision.dtypes.items():
+        with torch.autocast(device_type, dtype=dtype):
+            probe(torch.empty(0))
 
 
 class ESGDMTrainer(Trainer):
@@ -202,7 +212,29 @@ class ESGDMTrainer(Trainer):
         opt._esgdm_trainer_hook = (weakref.ref(self), previous)
         opt.step = types.MethodType(_hooked_step, opt)
 
+    def _esgdm_uninstall(self) -> None:
+        """Takes the step hook off again (after ``train()``), where it is still on top."""
+        opt = self._esgdm()
+        hook = None if opt is None else opt.__dict__.get("_esgdm_trainer_hook")
+        if hook is None or hook[0]() is not self:
+            return
+        del opt._esgdm_trainer_hook  # from now on _hooked_step, if still called, adds nothing
+        step = opt.__dict__.get("step")
+        if isinstance(step, types.MethodType) and step.__func__ is _hooked_step:
+            previous = hook[1]
+            if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is type(opt).step:
+                del opt.step  # back to the class's method
+            else:
+                opt.step = previous
+
     # ------------------------------------------------------------ training
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._esgdm_plan = None
+            self._esgdm_uninstall()
 
     def training_step(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Tensor:
         opt = self._esgdm()
@@ -220,13 +252,16 @@ class ESGDMTrainer(Trainer):
             plan.model = model
             saved = dict(inputs) if isinstance(inputs, dict) else inputs
             plan.micro.append(_MicroBatch(saved, args, dict(kwargs), RngSnapshot()))
-        if create_graph:
-            with self._esgdm_backward_kwargs(create_graph=True), quiet_create_graph():
-                loss = super().training_step(model, inputs, *args, **kwargs)
-        else:
+        with contextlib.ExitStack() as stack:
+            if plan is not None:  # what the forward computes in (autocast) sizes the probe's radius
+                stack.enter_context(plan.precision)
+            if create_graph:
+                stack.enter_context(self._esgdm_backward_kwargs(create_graph=True))
+                stack.enter_context(quiet_create_graph())
             loss = super().training_step(model, inputs, *args, **kwargs)
         if plan is not None:
             plan.losses.append(loss.detach())
+            plan.raw_norm = _total_norm([p.grad for p in _params(opt)])
         return loss
 
     @contextlib.contextmanager
@@ -250,16 +285,6 @@ class ESGDMTrainer(Trainer):
             else:
                 del acc.backward
 
-    def _clip_grad_norm(self, model: Any) -> Any:
-        norm = super()._clip_grad_norm(model)
-        plan = self._esgdm_plan
-        opt = self._esgdm()
-        if plan is not None and opt is not None and plan.step == opt.steps and isinstance(norm, Tensor):
-            # torch.nn.utils.clip_grad_norm_ multiplies the gradients by this factor
-            max_norm = float(self.args.max_grad_norm)
-            plan.clip = torch.clamp(max_norm / (norm.detach().float() + 1e-6), max=1.0)
-        return norm
-
     def _esgdm_closure(self, opt: ESGDM) -> Optional[Callable[[], Any]]:
         """The closure of a finite-difference D-step, or None on other steps."""
         plan = self._esgdm_plan
@@ -267,18 +292,21 @@ class ESGDMTrainer(Trainer):
             self._esgdm_plan = None
             return None
         self._esgdm_plan = None
-        params = [p for group in opt.param_groups for p in group["params"]]
+        params = _params(opt)
         base = [p.grad for p in params]  # the gradients the optimizer steps with
-        scaler = self.accelerator.scaler
+        unscale, clip = self._esgdm_units(opt, plan, base)
         calls = [0]
 
         def closure():
             calls[0] += 1
             total = torch.stack([loss.float() for loss in plan.losses]).sum()
             if calls[0] == 1:
-                return total  # the training loop has computed the gradients at θ already
+                # The training loop has computed the gradients at θ already; show the
+                # optimizer what precision it computed them in (it watches nn.Module calls).
+                _replay_precision(plan.precision)
+                return total
             self._esgdm_probe(plan)
-            self._esgdm_match_units(params, base, plan.clip, scaler)
+            _match_units(params, base, unscale, clip)
             return total
 
         return closure
@@ -297,22 +325,64 @@ class ESGDMTrainer(Trainer):
         finally:
             self._esgdm_probing = False
 
-    @staticmethod
-    @torch.no_grad()
-    def _esgdm_match_units(params, base, clip, scaler) -> None:
-        """Puts the probe gradients in the units of the step's gradients.
+    def _esgdm_units(self, opt: ESGDM, plan: _Plan, base: list) -> tuple[float, Optional[Tensor]]:
+        """``(u, c)``: the step's gradient is ``u * c * raw``, with ``raw`` what the
+        backward passes accumulated, ``u`` the GradScaler's unscaling (``1/S`` once
+        unscaled, else 1) and ``c`` the clipping factor (1 without clipping: measured as
+        a ratio of norms, so whatever clipped -- ``max_grad_norm`` in any transformers
+        version, a callback -- is accounted for; None when there is nothing to measure)."""
+        unscale = 1.0
+        scaler = self.accelerator.scaler
+        if scaler is not None and _unscaled(scaler, opt):
+            unscale = 1.0 / float(scaler.get_scale())
+        ratio = _total_norm(base)
+        if plan.raw_norm is None or ratio is None:
+            return unscale, None
+        factor = torch.where(plan.raw_norm > 0, ratio / plan.raw_norm.to(ratio.device), torch.ones_like(ratio))
+        clip = factor / unscale
+        return unscale, clip
 
-        The step's gradient is ``c * g`` (``c``: the clipping factor, 1 without it;
-        fp16 gradients already unscaled); the probe's is ``S * g'`` (``S``: the loss
-        scale).  The finite difference must see ``g' - g``, so the probe gradient
-        becomes ``g' / 1 + (1 - 1/c) * (c * g)``.
-        """
-        grads = [p.grad for p in params if p.grad is not None]
-        if scaler is not None and grads:
-            torch._foreach_mul_(grads, 1.0 / float(scaler.get_scale()))
-        if clip is None:
-            return
-        factor = 1.0 - 1.0 / clip
-        for p, b in zip(params, base):
-            if p.grad is not None and b is not None:
-                p.grad.add_(b.detach() * factor.to(device=b.device, dtype=b.dtype))
+
+def _params(opt: ESGDM) -> list:
+    return [p for group in opt.param_groups for p in group["params"]]
+
+
+def _total_norm(tensors: list) -> Optional[Tensor]:
+    """The 2-norm of all of ``tensors`` (None entries skipped), float64, on the device."""
+    tensors = [t.detach() for t in tensors if t is not None]
+    if not tensors:
+        return None
+    device = tensors[0].device
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([n.to(device=device, dtype=torch.float64) for n in norms]))
+
+
+def _unscaled(scaler: Any, opt: ESGDM) -> bool:
+    """Whether ``scaler`` has unscaled ``opt``'s gradients in place this step (what
+    transformers' Trainer does before every step); assumed so if it cannot be told."""
+    try:
+        from torch.amp.grad_scaler import OptState
+
+        return scaler._per_optimizer_states[id(opt)]["stage"] is OptState.UNSCALED
+    except (ImportError, AttributeError, KeyError, TypeError):
+        return True
+
+
+@torch.no_grad()
+def _match_units(params: list, base: list, unscale: float, clip: Optional[Tensor]) -> None:
+    """Puts the probe gradients in the units of the step's gradients.
+
+    The step holds ``u * c * g`` (see :meth:`ESGDMTrainer._esgdm_units`); the probe
+    accumulated ``g'`` in the backward's units.  The finite difference must see
+    ``u * (g' - g)``, the change of the loss's gradient (not of the clipped one, as in
+    autograd mode), so the probe gradient becomes ``u * g' + (1 - 1/c) * (u * c * g)``.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if unscale != 1.0 and grads:
+        torch._foreach_mul_(grads, unscale)
+    if clip is None:
+        return
+    factor = 1.0 - 1.0 / clip
+    for p, b in zip(params, base):
+        if p.grad is not None and b is not None:
+            p.grad.add_(b.detach() * factor.to(device=b.device, dtype=b.dtype))

@@ -1,0 +1,213 @@
+// The Python module esgdm._C: ``step`` (the "cpu" and "cuda" kernels behind the
+// esgdm::step_ operator, which esgdm/ops.py defines) and ``build_info``.
+//
+// ``step`` checks what memory safety needs (list lengths, dtypes, devices, shapes,
+// layouts, table shapes; esgdm.ops checks the same first, with friendlier messages),
+// then runs the CPU implementation (esgdm_cpu.cpp) or the CUDA one (esgdm_cuda_host.cpp)
+// for the parameters' device.  It defines no dispatcher operator: the one operator is
+// Python's, and calls this function eagerly.  The GIL is released while it runs.
+
+#include <torch/extension.h>
+
+#include <ATen/record_function.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "esgdm_common.h"
+#if defined(ESGDM_WITH_CUDA)
+#include "esgdm_cuda.h"
+#endif
+
+namespace esgdm {
+
+namespace {
+
+bool supported_param_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+bool supported_state_dtype(at::ScalarType param, at::ScalarType state) {
+  return param == at::kDouble ? state == at::kDouble : (state == at::kFloat || state == at::kBFloat16);
+}
+
+// Tensor `t` (the `what` of tensor `i`) must match its parameter `p` in dtype, device,
+// shape and, along every dimension longer than 1, stride.
+void check_like(const at::Tensor& t, const char* what, size_t i, const at::Tensor& p,
+                at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), "esgdm._C.step: ", what, "[", i, "] is undefined");
+  TORCH_CHECK(t.scalar_type() == dtype, "esgdm._C.step: ", what, "[", i, "] has dtype ",
+              t.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(t.device() == p.device(), "esgdm._C.step: ", what, "[", i, "] is on ",
+              t.device(), " but its parameter is on ", p.device());
+  TORCH_CHECK(t.sizes() == p.sizes(), "esgdm._C.step: ", what, "[", i, "] has shape ",
+              t.sizes(), " but its parameter has shape ", p.sizes());
+  for (int64_t k = 0; k < p.dim(); ++k) {
+    TORCH_CHECK(p.size(k) <= 1 || t.stride(k) == p.stride(k), "esgdm._C.step: ", what, "[",
+                i, "] has strides ", t.strides(), " but its parameter has strides ",
+                p.strides(), "; every tensor must be laid out like its parameter");
+  }
+}
+
+void check_table(const at::Tensor& t, const char* what, at::ScalarType dtype, int64_t width,
+                 int64_t rows, const at::Device& device) {
+  TORCH_CHECK(t.defined(), "esgdm._C.step: ", what, " is undefined");
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 2 && t.size(1) == width &&
+                  (rows < 0 || t.size(0) == rows),
+              "esgdm._C.step: ", what, " must be a ", dtype, " tensor of shape [",
+              rows < 0 ? std::string("n") : std::to_string(rows), ", ", width, "], got ",
+              t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device() == device, "esgdm._C.step: ", what, " is on ", t.device(),
+              ", the parameters on ", device);
+  TORCH_CHECK(t.is_contiguous(), "esgdm._C.step: ", what, " must be contiguous");
+}
+
+void check_one_element(const at::Tensor& t, const char* what, const at::Device& device) {
+  if (!t.defined()) return;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1 && t.device() == device,
+              "esgdm._C.step: ", what, " must be a one-element float32 tensor on ", device,
+              ", got ", t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
+}
+
+void check_step_args(const StepArgs& a) {
+  const size_t n = a.params.size();
+  TORCH_CHECK(a.grads.size() == n, "esgdm._C.step: got ", n, " params but ", a.grads.size(), " grads");
+  TORCH_CHECK(a.exp_avgs.size() == n, "esgdm._C.step: got ", n, " params but ",
+              a.exp_avgs.size(), " exp_avgs");
+  TORCH_CHECK(a.exp_avg_ds.size() == n, "esgdm._C.step: got ", n, " params but ",
+              a.exp_avg_ds.size(), " exp_avg_ds");
+  if (a.d_step) {
+    TORCH_CHECK(a.hvps.size() == n, "esgdm._C.step: got ", n, " params but ", a.hvps.size(), " hvps");
+  }
+  if (n == 0) return;
+
+  const at::Tensor& p0 = a.params[0];
+  TORCH_CHECK(p0.defined(), "esgdm._C.step: params[0] is undefined");
+  const at::ScalarType dtype = p0.scalar_type();
+  const at::Device device = p0.device();
+  TORCH_CHECK(supported_param_dtype(dtype),
+              "esgdm._C.step: parameters must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(),
+              "esgdm._C.step: parameters must be on a CPU or CUDA device, got ", device);
+  check_table(a.scalars, "scalars", at::kDouble, kNumScalarColumns, -1, device);
+  check_table(a.index, "index", at::kInt, 2, static_cast<int64_t>(n), device);
+  check_table(a.hparams, "hparams", at::kDouble, kNumHparamColumns, -1, device);
+  check_one_element(a.grad_scale, "grad_scale", device);
+  check_one_element(a.found_inf, "found_inf", device);
+
+  TORCH_CHECK(a.exp_avgs[0].defined(), "esgdm._C.step: exp_avgs[0] is undefined");
+  const at::ScalarType state = a.exp_avgs[0].scalar_type();
+  TORCH_CHECK(supported_state_dtype(dtype, state), "esgdm._C.step: exp_avgs[0] has dtype ", state,
+              "; state for ", dtype, " parameters must be ",
+              dtype == at::kDouble ? "float64" : "float32 or bfloat16");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = a.params[i];
+    TORCH_CHECK(p.defined(), "esgdm._C.step: params[", i, "] is undefined");
+    TORCH_CHECK(p.scalar_type() == dtype, "esgdm._C.step: params[", i, "] has dtype ",
+                p.scalar_type(), " but params[0] has ", dtype, "; one call steps one dtype");
+    TORCH_CHECK(p.device() == device, "esgdm._C.step: params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device);
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "esgdm._C.step: params[", i, "] (shape ",
+                p.sizes(), ", strides ", p.strides(), ") is not dense; step a dense copy instead");
+    check_like(a.grads[i], "grads", i, p, dtype);
+    check_like(a.exp_avgs[i], "exp_avgs", i, p, state);
+    check_like(a.exp_avg_ds[i], "exp_avg_ds", i, p, state);
+    if (a.d_step) check_like(a.hvps[i], "hvps", i, p, dtype);
+  }
+}
+
+// esgdm._C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+//               grad_scale, found_inf, flags, seed)
+void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_ds,
+          const std::optional<std::vector<at::Tensor>>& hvps, const at::Tensor& scalars,
+          const at::Tensor& index, const at::Tensor& hparams,
+          const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+          int64_t flags, int64_t seed) {
+  StepArgs a;
+  a.params = params;
+  a.grads = grads;
+  a.exp_avgs = exp_avgs;
+  a.exp_avg_ds = exp_avg_ds;
+  a.d_step = hvps.has_value();
+  if (a.d_step) a.hvps = *hvps;
+  a.scalars = scalars;
+  a.index = index;
+  a.hparams = hparams;
+  if (grad_scale.has_value()) a.grad_scale = *grad_scale;
+  if (found_inf.has_value()) a.found_inf = *found_inf;
+  a.flags = flags;
+  a.seed = seed;
+  check_step_args(a);
+  if (a.size() == 0) return;
+  if (a.params[0].is_cuda()) {
+#if defined(ESGDM_WITH_CUDA)
+    RECORD_FUNCTION("esgdm::cuda_step", std::vector<c10::IValue>());
+    step_cuda(a);
+#else
+    TORCH_CHECK(false, "esgdm._C.step: this build of esgdm._C has no CUDA kernel (it needs a "
+                "CUDA build of torch and nvcc at install time)");
+#endif
+  } else {
+    RECORD_FUNCTION("esgdm::cpu_step", std::vector<c10::IValue>());
+    step_cpu(a);
+  }
+}
+
+// esgdm._C.build_info() -> dict describing what this extension was compiled with.
+pybind11::dict build_info() {
+#if defined(__clang__)
+  const char* compiler = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  const char* compiler = "gcc " __VERSION__;
+#else
+  const char* compiler = "unknown compiler";
+#endif
+  pybind11::dict info;
+#if defined(ESGDM_WITH_CUDA)
+  info["cuda"] = true;
+  info["cuda_archs"] = esgdm::cuda::cuda_archs();
+  info["cuda_arch_list"] = esgdm::cuda::cuda_arch_list();
+  info["cuda_version"] = esgdm::cuda::cuda_version();
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = "";
+  info["cuda_arch_list"] = "";
+  info["cuda_version"] = "";
+#endif
+  info["cpu_isa"] = esgdm::cpu_isa();
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["compiler"] = compiler;
+  return info;
+}
+
+}  // namespace
+}  // namespace esgdm
+
+namespace esgdm {
+void register_frontend(pybind11::module& m);  // esgdm_frontend.cpp
+}  // namespace esgdm
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "Compiled ESGD-M kernels (the \"cpu\" and \"cuda\" backends of esgdm::step_).";
+  namespace py = pybind11;
+  m.def("step", &esgdm::step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
+        py::arg("exp_avg_ds"), py::arg("hvps"), py::arg("scalars"), py::arg("index"),
+        py::arg("hparams"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("flags"),
+        py::arg("seed"), py::call_guard<py::gil_scoped_release>(),
+        "step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams, grad_scale, "
+        "found_inf, flags, seed) -> None\n\n"
+        "One ESGD-M step of one bucket in place, as esgdm.rule says, on the parameters' device "
+        "(CPU or CUDA; on CUDA on the current stream, with no host synchronisation). Advances the "
+        "bias, warm and steps columns of the stepped tensors' rows of scalars; writes nothing when "
+        "found_inf is nonzero. hvps is None on a plain step; grad_scale and found_inf may be None.");
+  esgdm::register_frontend(m);
+  m.def("build_info", &esgdm::build_info,
+        "build_info() -> dict: whether the CUDA kernel was built, for which architectures, "
+        "and how the CPU kernel was compiled.");
+}
