@@ -205,18 +205,19 @@ def mix32_int(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def random_bits(seed: int, slot, steps, numel: int, device=None) -> Tensor:
+def random_bits(seed: int, slot, steps, numel: int, device=None, start: int = 0) -> Tensor:
     """int64 tensor of the 32-bit random numbers ``r`` of one tensor's elements.
 
     ``slot`` and ``steps`` (the tensor's new step count) are ints or 0-d tensors on the
-    device (then nothing is read back to the host)."""
+    device (then nothing is read back to the host).  ``start``: the first element's
+    index, for a piece of a tensor."""
     if isinstance(slot, Tensor) or isinstance(steps, Tensor):
         slot = torch.as_tensor(slot, device=device).long() & MASK32
         steps = torch.as_tensor(steps, device=device).long() & MASK32
         key = mix32(mix32(mix32_int(seed) ^ slot) ^ steps)
     else:
         key = mix32_int(mix32_int(mix32_int(seed) ^ (slot & MASK32)) ^ (steps & MASK32))
-    idx = torch.arange(numel, dtype=torch.int64, device=device) & MASK32
+    idx = torch.arange(start, start + numel, dtype=torch.int64, device=device) & MASK32
     return mix32(idx ^ key)
 
 

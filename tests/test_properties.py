@@ -112,49 +112,31 @@ def group_hparams(draw):
     )
 
 
-#: Package bugs these tests found, not fixed yet.  Each has an xfail test with a minimal
-#: reproducer at the end of this file; the generators steer around them meanwhile, so
-#: the properties keep checking everything else.  Delete an entry once its bug is fixed.
-KNOWN_BUGS = {
-    # ESGDM(...) refuses a 0-element channels-last parameter (torch gives it stride-0
-    # dimensions) as an "expanded tensor whose elements share memory".
-    "zero_element_stride_zero": True,
-    # backend="cpu" raises on every step for a 0-element parameter whose strides are not
-    # the contiguous ones (torch.randn(0, 5)[:, ::2], torch.randn(0, 2, 2).transpose(1, 2)):
-    # "grads[i] has strides ... but its parameter has strides ...".
-    "cpu_zero_element_strided": True,
-}
-
-
-def dodge_known_bugs(specs, backend):
-    for s in specs:
-        if math.prod(s.shape) == 0:
-            if KNOWN_BUGS["zero_element_stride_zero"] and s.layout == "channels_last":
-                s.layout = "contiguous"
-            if KNOWN_BUGS["cpu_zero_element_strided"] and backend == "cpu":
-                s.layout = "contiguous"
-
-
 @st.composite
-def cases(draw, dtypes, backend, max_tensors=3, max_steps=6):
+def cases(draw, dtypes, max_tensors=3, max_steps=6, exact=None, stochastic_rounding=None,
+          state_dtype=None):
     # One or two parameter dtypes per example (two dtypes: two buckets).
     chosen = draw(st.lists(st.sampled_from(dtypes), min_size=1, max_size=2, unique=True))
     n_groups = draw(st.integers(1, 3))
     n = draw(st.integers(1, max_tensors))
     specs = [draw(tensor_specs(chosen, n_groups, min_numel=1 if i == 0 else 0)) for i in range(n)]
-    dodge_known_bugs(specs, backend)
     used = sorted({s.group for s in specs})  # no empty groups
     for s in specs:
         s.group = used.index(s.group)
     groups = [draw(group_hparams()) for _ in used]
-    exact = draw(st.booleans())
-    steps = draw(st.integers(1, max_steps))
+    if exact is None:
+        exact = draw(st.booleans())
+    if stochastic_rounding is None:
+        stochastic_rounding = draw(st.booleans())
+    if state_dtype is None:
+        state_dtype = draw(st.sampled_from([F32, BF16]))
+    # Drawn so that the simplest example (which hypothesis favours) is the longest run.
+    steps = max_steps - draw(st.integers(0, max_steps - 1))
     drops = [draw(st.sets(st.integers(0, n - 1), max_size=n - 1)) if draw(st.integers(0, 3)) == 0
              else set() for _ in range(steps)]
     return Case(
         specs=specs, groups=groups, tensor_lr=[draw(st.integers(0, 3)) == 0 for _ in groups],
-        exact=exact, stochastic_rounding=draw(st.booleans()),
-        state_dtype=draw(st.sampled_from([F32, BF16])),
+        exact=exact, stochastic_rounding=stochastic_rounding, state_dtype=state_dtype,
         d_warmup=draw(st.integers(1, 3)), update_d_every=draw(st.integers(1, 3)),
         steps=steps, drops=drops, seed=draw(st.integers(0, 2**40)),
         data_seed=draw(st.integers(0, 2**31 - 1)),
@@ -183,11 +165,14 @@ def make_param(spec: TensorSpec, gen: torch.Generator) -> torch.Tensor:
 
 def make_coeffs(spec: TensorSpec, gen: torch.Generator):
     """(a, b, c, l) of the per-coordinate loss a x^4 + b x^2 + c sin(3x) + l x, in the
-    loss's dtype; a ``dead`` fraction of the coordinates has only the linear term."""
+    loss's dtype; a ``dead`` fraction of the coordinates has only the linear term (zero
+    curvature: D stays 0 there)."""
     shape = spec.shape
     a = torch.rand(shape, generator=gen, dtype=F64) * 0.5 + 0.1
     b = torch.rand(shape, generator=gen, dtype=F64) + 0.5
-    c = torch.randn(shape, generator=gen, dtype=F64)
+    # |c| <= 0.1 keeps each function convex (f'' >= 2b - 9|c| >= 0.1): no coordinate is
+    # thrown far away by a step through a near-zero curvature, whatever lr and betas.
+    c = (torch.rand(shape, generator=gen, dtype=F64) * 2 - 1) * 0.1
     lin = torch.randn(shape, generator=gen, dtype=F64) * 0.1
     dead = torch.rand(shape, generator=gen, dtype=F64) < spec.dead
     live = (~dead).to(F64)
@@ -284,7 +269,17 @@ class Comparer:
         ad, bd = a.detach().double(), b.detach().double()
         diff = (ad - bd).abs()
         where = f"{self.name}: {what} of parameter {i} ({self.case.specs[i]}) after step {k}"
-        assert torch.isfinite(bd).all(), f"{where}: the reference is not finite"
+        # Non-finite values (not expected with this loss) must match exactly; such
+        # elements are left out from then on.
+        finite_a, finite_b = torch.isfinite(ad), torch.isfinite(bd)
+        odd = live & ~(finite_a & finite_b)
+        assert torch.equal(ad[odd].nan_to_num(7.0), bd[odd].nan_to_num(7.0)), (
+            f"{where}: non-finite values differ: {ad[odd][:5].tolist()} vs {bd[odd][:5].tolist()}")
+        if odd.any():
+            event("non-finite values")
+            self.diverged[i] |= odd
+            live = live & ~odd
+        diff = torch.where(live, diff, torch.zeros_like(diff))
         if a.dtype in HALF:
             self.half_elements += a.numel()
             tol = ulp(torch.maximum(ad.abs(), bd.abs()), a.dtype)
@@ -357,19 +352,28 @@ def _dtypes(name: str):
     return tuple(d for d in DTYPES if _why_not(name, d) is None) or (F32,)
 
 
-@settings(max_examples=80, **SETTINGS)
+#: Every combination of the flags that select code paths in the kernels.
+FLAG_COMBOS = [dict(exact=e, stochastic_rounding=sr, state_dtype=sd)
+               for e in (False, True) for sr in (False, True) for sd in (F32, BF16)]
+FLAG_IDS = [f"exact={c['exact']}-sr={c['stochastic_rounding']}-state={str(c['state_dtype'])[6:]}"
+            for c in FLAG_COMBOS]
+
+
+@pytest.mark.parametrize("flags", FLAG_COMBOS, ids=FLAG_IDS)
+@settings(max_examples=15, **SETTINGS)
 @given(data=st.data())
-def test_cpu_backend_agrees_with_torch(data):
+def test_cpu_backend_agrees_with_torch(flags, data):
     _skip_unless("cpu")
-    check_agreement(data.draw(cases(_dtypes("cpu"), "cpu"), label="case"), "cpu")
+    check_agreement(data.draw(cases(_dtypes("cpu"), **flags), label="case"), "cpu")
 
 
-@settings(max_examples=14, **SETTINGS)
+@pytest.mark.parametrize("flags", FLAG_COMBOS, ids=FLAG_IDS)
+@settings(max_examples=4, **SETTINGS)
 @given(data=st.data())
-def test_triton_backend_agrees_with_torch(data):
+def test_triton_backend_agrees_with_torch(flags, data):
     _skip_unless("triton")
-    check_agreement(data.draw(cases(_dtypes("triton"), "triton", max_tensors=2, max_steps=5), label="case"),
-                    "triton")
+    check_agreement(data.draw(cases(_dtypes("triton"), max_tensors=2, max_steps=5, **flags),
+                              label="case"), "triton")
 
 
 # ------------------------------------------------------------------ failed steps
@@ -415,7 +419,7 @@ def valid_start(draw, hvp="autograd", fd_scheme="forward", min_steps=0, d_step_n
     names = _available_backends()
     backend = draw(st.sampled_from([n for n in names for _ in range(1 if n == "triton" else 3)]),
                    label="backend")
-    case = draw(cases(_dtypes(backend), backend, max_tensors=3, max_steps=4), label="case")
+    case = draw(cases(_dtypes(backend), max_tensors=3, max_steps=4), label="case")
     case.drops = [set() for _ in case.drops]
     valid_steps = draw(st.integers(min_steps, case.steps), label="valid steps")
     event(f"backend {backend}, {valid_steps} valid steps first")
@@ -438,7 +442,7 @@ def check_nothing_changed(run: Run, twin: Run, before, what: str):
 
 
 @pytest.mark.parametrize("bad", BAD_INPUTS)
-@settings(max_examples=10, **SETTINGS)
+@settings(max_examples=12, **SETTINGS)
 @given(data=st.data())
 def test_a_raising_step_changes_nothing(bad, data):
     """A bad input between valid steps: the step raises, and parameters, state and
@@ -488,7 +492,7 @@ def test_a_raising_step_changes_nothing(bad, data):
 
 @pytest.mark.parametrize("hvp,in_probe", [("autograd", False), ("auto", False),
                                            ("finite_difference", False), ("finite_difference", True)])
-@settings(max_examples=7, **SETTINGS)
+@settings(max_examples=8, **SETTINGS)
 @given(data=st.data())
 def test_a_raising_closure_changes_nothing(hvp, in_probe, data):
     """The closure raises: on its first call, or inside the finite-difference probe
@@ -526,7 +530,7 @@ def test_a_raising_closure_changes_nothing(hvp, in_probe, data):
                                              f"fd_scheme={fd_scheme!r}, backend {backend!r}")
 
 
-# ------------------------------------------------------------------ known bugs
+# ------------------------------------------------------------------ found by these tests
 
 def _zero_element_run(p, backend):
     q = torch.randn(3, requires_grad=True)
@@ -538,22 +542,19 @@ def _zero_element_run(p, backend):
     assert opt.state[p]["exp_avg"].shape == p.shape
 
 
-@pytest.mark.xfail(strict=True, reason="a 0-element channels-last parameter (stride-0 dims) is "
-                   "refused as an expanded tensor (optimizer._overlaps ignores numel == 0)")
-def test_known_bug_zero_element_channels_last_parameter():
+def test_zero_element_channels_last_parameter():
+    """torch gives a 0-element channels-last tensor stride-0 dimensions; it was refused
+    as an expanded tensor whose elements share memory."""
     p = torch.randn(2, 0, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
-    assert p.stride() == (0, 1, 0, 0)
+    assert 0 in p.stride()
     _zero_element_run(p, "torch")
 
 
-@pytest.mark.xfail(strict=True, reason="backend='cpu' raises on every step for a 0-element "
-                   "parameter with non-contiguous strides: its gradient is laid out like its "
-                   "(contiguous) state, and _C.step requires the parameter's strides to equal them "
-                   "(for a non-dense one, the 'dense copy' p.contiguous() of an empty tensor keeps "
-                   "its strides)")
 @pytest.mark.parametrize("make", [lambda: torch.randn(0, 5)[:, ::2],
                                   lambda: torch.randn(0, 2, 2).transpose(1, 2)],
                          ids=["strided", "transposed"])
-def test_known_bug_cpu_zero_element_strided_parameter(make):
+def test_cpu_zero_element_parameter_with_other_strides(make):
+    """backend='cpu' raised on every step for a 0-element parameter whose strides are not
+    the contiguous ones ("grads[i] has strides ... but its parameter has strides ...")."""
     _skip_unless("cpu")
     _zero_element_run(make().requires_grad_(), "cpu")

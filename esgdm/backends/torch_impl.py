@@ -20,6 +20,9 @@ from esgdm.rule import (
 
 _SR_DTYPES = (torch.bfloat16, torch.float16)
 
+#: Elements per piece: 256K (1 MiB of fp32) keeps a piece's temporaries near the caches.
+CHUNK = 1 << 18
+
 
 def _flat(t):
     """``t``'s memory as a 1-D view (``t`` is dense): element k = memory offset k."""
@@ -45,29 +48,34 @@ def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
     slots = co["slot"].unbind() if sr else None
     steps = co["steps"].unbind() if sr else None
     for i in range(n):
-        p, m, d = _flat(params[i]), _flat(exp_avgs[i]), _flat(exp_avg_ds[i])
-        if p.numel() == 0:
-            continue
-        h = _flat(hvps[i]).to(math) if d_step else None
-        p_new, m_new, d_new = update_elements(
-            p.to(math), _flat(grads[i]).to(math), m.to(math), d.to(math), h,
-            w=per["w"][i], beta2=per["beta2"][i], eps=per["eps"][i],
-            step_scale=per["step_scale"][i], decay=per["decay"][i], dscale=per["dscale"][i],
-            exact=exact, grad_scale=gs)
-        if sr:
-            r = random_bits(seed, slots[i], steps[i], p.numel(), p.device)
-            p_new = stochastic_round(p_new, p_dtype, r)
-        else:
-            p_new = p_new.to(p_dtype)
-        m_new = m_new.to(m.dtype)
-        if skip is not None:  # found_inf: keep the old values, decided on the device
-            p_new = torch.where(skip, p, p_new)
-            m_new = torch.where(skip, m, m_new)
-            d_new = torch.where(skip, d, d_new.to(d.dtype))
-        p.copy_(p_new)
-        m.copy_(m_new)
+        flats = [_flat(params[i]), _flat(grads[i]), _flat(exp_avgs[i]), _flat(exp_avg_ds[i])]
         if d_step:
-            d.copy_(d_new)
+            flats.append(_flat(hvps[i]))
+        total = flats[0].numel()
+        # Pieces of at most CHUNK elements: the temporaries stay small enough to be
+        # reused from the allocator's cache and to stay warm in the CPU's caches.
+        for start in range(0, total, CHUNK):
+            p, g, m, d, *h = (t[start:start + CHUNK] for t in flats)
+            h = h[0].to(math) if d_step else None
+            p_new, m_new, d_new = update_elements(
+                p.to(math), g.to(math), m.to(math), d.to(math), h,
+                w=per["w"][i], beta2=per["beta2"][i], eps=per["eps"][i],
+                step_scale=per["step_scale"][i], decay=per["decay"][i], dscale=per["dscale"][i],
+                exact=exact, grad_scale=gs)
+            if sr:
+                r = random_bits(seed, slots[i], steps[i], p.numel(), p.device, start=start)
+                p_new = stochastic_round(p_new, p_dtype, r)
+            else:
+                p_new = p_new.to(p_dtype)
+            m_new = m_new.to(m.dtype)
+            if skip is not None:  # found_inf: keep the old values, decided on the device
+                p_new = torch.where(skip, p, p_new)
+                m_new = torch.where(skip, m, m_new)
+                d_new = torch.where(skip, d, d_new.to(d.dtype))
+            p.copy_(p_new)
+            m.copy_(m_new)
+            if d_step:
+                d.copy_(d_new)
     slot = co["slot"]
     rows = new_rows[:, [BIAS, WARM, STEPS]]
     if skip is not None:
