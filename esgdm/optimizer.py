@@ -236,6 +236,7 @@ class ESGDM(Optimizer):
         self._schedule = _Schedule()
         self._fd_fallback = False
         self._buckets: list[Bucket] = []
+        self._meta_signature: Optional[tuple] = None
         self._any_dtensor = False
         self._signature: Optional[tuple] = None
         self._chosen: dict[tuple, tuple] = {}
@@ -314,20 +315,34 @@ class ESGDM(Optimizer):
         params = self._all_params()
         if self._any_dtensor:  # FSDP2: what matters is each rank's local shard
             params = [local(p) for p in params]
-        elif ops._is_compiling():  # Dynamo guards on tensor metadata, not addresses
-            return (ids, tuple(p.stride() for p in params), tuple(p.shape for p in params),
-                    tuple(p.dtype for p in params))
         elif _FRONTEND is not None:
             return (ids, _FRONTEND.layout_key(params))  # the same, hashed in C++
         return (ids, tuple(map(Tensor.data_ptr, params)), tuple(map(Tensor.stride, params)))
+
+    def _meta_layout(self) -> tuple:
+        """The parameters and their metadata (what a compiled step can compare)."""
+        ids = tuple(tuple(map(id, group["params"])) for group in self.param_groups)
+        params = [local(p) for p in self._all_params()]
+        return (ids, tuple(tuple(p.stride()) for p in params), tuple(tuple(p.shape) for p in params),
+                tuple(p.dtype for p in params), tuple(str(p.device) for p in params))
 
     def buckets(self) -> list[Bucket]:
         """The (device, dtype) buckets, rebuilt (moving the state along) when the
         parameters changed.  Raises before changing anything when state cannot follow."""
         self._any_dtensor = any(map(is_dtensor, self._all_params()))
-        layout = self._layout()
-        if layout == self._signature:
-            return self._buckets
+        if ops._is_compiling():
+            # Addresses cannot be traced: compare metadata (which Dynamo guards on too).
+            meta = self._meta_layout()
+            if self._buckets and meta == self._meta_signature:
+                return self._buckets
+            layout = None
+        else:
+            layout = self._layout()
+            if layout == self._signature:
+                return self._buckets
+            if self._signature is None and self._buckets and self._meta_layout() == self._meta_signature:
+                self._signature = layout  # built inside a compiled step: same parameters
+                return self._buckets
         old = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
         for p in self._all_params():
             if _overlaps(p):
@@ -346,6 +361,7 @@ class ESGDM(Optimizer):
         saved = {p: self._read_state(p) for p in list(self.state) if self.state[p]}
         self.state.clear()
         self._buckets, self._signature, self._chosen = new, layout, chosen
+        self._meta_signature = self._meta_layout()
         self._param_keys = {id(p): k for k, p in enumerate(self._all_params())}
         self._hparam_key = None
         for b in new:
@@ -466,7 +482,7 @@ class ESGDM(Optimizer):
         if any(g is None for g in grads):
             idx = [i for i, g in enumerate(grads) if g is not None]
             grads = [grads[i] for i in idx]
-        if any(map(_is_sparse, grads)):
+        if any(g.is_sparse for g in grads) if ops._is_compiling() else any(map(_is_sparse, grads)):
             k = next(k for k, g in enumerate(grads) if g.is_sparse)
             i = k if idx is None else idx[k]
             raise RuntimeError(
