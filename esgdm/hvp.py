@@ -12,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from esgdm.buckets import local  # a DTensor's local shard (same storage), else the tensor
+
 CREATE_GRAPH_HINT = (
     "ESGD-M needs a Hessian-vector product on this step, so the backward pass must "
     "keep its graph: call loss.backward(create_graph=opt.should_create_graph()) "
@@ -454,12 +456,6 @@ def _probe_grads(
     return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
 
 
-def _local(t: Tensor) -> Tensor:
-    """The part of ``t`` this process holds (a DTensor's local shard), same storage."""
-    to_local = getattr(t, "to_local", None)
-    return t if to_local is None else to_local()
-
-
 def finite_difference_hvp(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -507,13 +503,13 @@ def finite_difference_hvp(
     # The forward scheme frees the signs before its probe, unless a redo with a
     # radius for a lower precision than expected may need them.
     keep_signs = scheme == "central" or (radius is None and precision is None)
-    shards = [_local(p) for p in params]  # in-place arithmetic on what this rank holds
+    shards = [local(p) for p in params]  # in-place arithmetic on what this rank holds
     with torch.no_grad():
         backup = torch._foreach_mul(shards, 1.0)  # θ, bit for bit
     try:
         while True:
             with torch.no_grad():
-                torch._foreach_add_(shards, [_local(v) for v in signs], alpha=r)
+                torch._foreach_add_(shards, [local(v) for v in signs], alpha=r)
             if not keep_signs:
                 signs = None  # not needed any more: free it before the probe runs
             plus = _probe_grads(params, closure, rng, seen)
@@ -536,13 +532,13 @@ def finite_difference_hvp(
         else:
             with torch.no_grad():
                 torch._foreach_copy_(shards, backup)
-                torch._foreach_add_(shards, [_local(v) for v in signs], alpha=-r)
+                torch._foreach_add_(shards, [local(v) for v in signs], alpha=-r)
             signs = None
             base, step = _probe_grads(params, closure, rng, seen), 2 * r
         with torch.no_grad():
             hvps = [h.detach() for h in plus]
-            out = [_local(h) for h in hvps]  # the same storage as hvps
-            torch._foreach_sub_(out, [_local(b.detach()) for b in base])
+            out = [local(h) for h in hvps]  # the same storage as hvps
+            torch._foreach_sub_(out, [local(b.detach()) for b in base])
             torch._foreach_div_(out, step)
         return hvps
     finally:

@@ -928,8 +928,7 @@ def _shard_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
     if tuple(shape[1:]) == tuple(p.shape[1:]):  # rows [offset[0], offset[0] + shape[0])
         row = math.prod(p.shape[1:])
         return rademacher(seed, step, key, shape, dtype=p.dtype, device=device, start=offset[0] * row)
-    full = rademacher(seed, step, key, p.shape, dtype=p.dtype, device=device)
-    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))].contiguous()
+    return _local_block(rademacher(seed, step, key, p.shape, dtype=p.dtype, device=device), p).contiguous()
 
 
 def _capturing() -> bool:
