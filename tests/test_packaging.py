@@ -70,6 +70,52 @@ def test_pep621_metadata_and_extras():
     assert (ROOT / "esgdm" / "py.typed").exists()
 
 
+def test_no_top_level_folder_is_an_importable_package():
+    """Python and pytest put the repository root first on sys.path.  A folder there
+    with an __init__.py would shadow any installed package of the same name (our
+    kernels/ once hid Hugging Face's `kernels`, which transformers imports); folders
+    without one are namespace portions, which never win over an installed package."""
+    shadowing = sorted(d.name for d in ROOT.iterdir()
+                       if d.is_dir() and d.name != "esgdm" and (d / "__init__.py").exists())
+    assert not shadowing, f"top-level folders that shadow installed packages: {shadowing}"
+
+
+SHADOW = textwrap.dedent("""
+    import json, sys, types
+    # a stand-in for an installed package called `kernels`, just after the root
+    site = sys.argv[1]
+    sys.path.insert(1, site)
+    import kernels
+    import esgdm, esgdm.kernels.esgdm_step
+    print(json.dumps(dict(kernels=kernels.__file__, ours=esgdm.kernels.esgdm_step.__file__)))
+""")
+
+
+def test_an_installed_kernels_package_wins_over_the_kernels_folder(tmp_path):
+    """Run from the repository root (as `python -m pytest` is): `import kernels` finds
+    the installed package, and esgdm still finds its own Triton kernels."""
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("CUDAProperties = object\n")
+    done = subprocess.run([sys.executable, "-c", SHADOW, str(tmp_path / "site")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert Path(got["kernels"]) == fake / "__init__.py"
+    assert Path(got["ours"]) == ROOT / "kernels" / "esgdm_step.py"
+
+
+def test_transformers_imports_from_the_repository_root():
+    """The failure users hit: transformers imports the PyPI package `kernels`."""
+    pytest.importorskip("transformers")
+    code = "import kernels, transformers; from transformers import Trainer; print(kernels.__file__)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not Path(done.stdout.strip().splitlines()[-1]).is_relative_to(ROOT / "kernels")
+
+
 def _build_sdist(out: Path) -> Path:
     env = dict(os.environ, ESGDM_BUILD_EXTENSION="0")
     code = "import sys; from setuptools import build_meta as b; print(b.build_sdist(sys.argv[1]))"
@@ -90,7 +136,7 @@ def test_sdist_holds_what_the_build_needs(sdist):
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "csrc/setup_ext.py",
               "esgdm/__init__.py", "esgdm/_version.py", "esgdm/py.typed", "esgdm/integrations/__init__.py",
               "esgdm/integrations/transformers.py", "esgdm/integrations/lightning.py",
-              "kernels/__init__.py", "tests/conftest.py"}
+              "kernels/esgdm_step.py", "tests/conftest.py"}
     assert needed <= names, needed - names
     tracked = subprocess.run(["git", "ls-files", "csrc", "kernels", "esgdm"], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
@@ -125,7 +171,7 @@ ONE_STEP = textwrap.dedent("""
     (p ** 4).sum().backward(create_graph=opt.should_create_graph())
     opt.step()
     print(json.dumps(dict(version=getattr(esgdm, "__version__", None), file=esgdm.__file__,
-                          kernels=esgdm.kernels.__file__, moved=bool((p != 1).all()))))
+                          kernels=list(esgdm.kernels.__path__)[0], moved=bool((p != 1).all()))))
 """)
 
 
@@ -166,7 +212,7 @@ def test_editable_install_imports_from_the_folder_holding_the_clone(tmp_path):
     got = _run_from(python, clone.parent)
     assert got["version"] == esgdm.__version__
     assert Path(got["file"]) == clone / "esgdm" / "__init__.py"
-    assert Path(got["kernels"]) == clone / "kernels" / "__init__.py"
+    assert Path(got["kernels"]) == clone / "kernels"
     assert got["moved"]
 
 
@@ -181,7 +227,7 @@ def test_sdist_installs_and_runs_a_step(sdist, tmp_path):
                                capture_output=True, text=True, check=True).stdout.strip())
     assert got["version"] == esgdm.__version__ and got["moved"]
     assert Path(got["file"]).parent == site / "esgdm"
-    assert Path(got["kernels"]).parent == site / "esgdm" / "kernels"
+    assert Path(got["kernels"]) == site / "esgdm" / "kernels"
     assert (site / "esgdm" / "py.typed").exists()
 
 

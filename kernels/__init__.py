@@ -1,1 +1,0 @@
-"""Triton kernels of esgdm (installed as the ``esgdm.kernels`` package)."""
