@@ -211,17 +211,19 @@ class Family:
         self.rows = []
 
 
-def esgdm_bytes(w: Workload, d_step: bool) -> int:
-    return bytes_moved(1, d_step, param_bytes=w.pbytes, state_bytes=4)
+def esgdm_bytes(w: Workload, d_step: bool, state_bytes: int = 4) -> int:
+    return bytes_moved(1, d_step, param_bytes=w.pbytes, state_bytes=state_bytes)
 
 
 class EsgdmOpt(Family):
-    """``esgdm.ESGDM(params, backend=name)``: rows ``plain`` and ``dstep+hvp``."""
+    """``esgdm.ESGDM(params, backend=name)``: rows ``plain`` and ``dstep+hvp`` (with
+    ``state_dtype``, the impl is labelled ``name+<dtype> state``)."""
 
-    def __init__(self, w, backend):
+    def __init__(self, w, backend, state_dtype: Optional[torch.dtype] = None):
         super().__init__(w)
-        self.backend = backend
-        self.name = f"ESGD-M/{backend}"
+        self.backend, self.state_dtype = backend, state_dtype
+        self.impl = backend if state_dtype is None else f"{backend}+{dtype_name(state_dtype)} state"
+        self.name = f"ESGD-M/{self.impl}"
 
     def est_bytes(self):
         # state + on a D-step: graph grads, signs, HVPs, h*h temporaries
@@ -230,7 +232,7 @@ class EsgdmOpt(Family):
     def setup(self):
         w = self.w
         self.opt = esgdm.ESGDM(w.params, lr=LR, betas=BETAS, eps=EPS, d_warmup=1,
-                               update_d_every=NEVER, backend=self.backend)
+                               update_d_every=NEVER, backend=self.backend, state_dtype=self.state_dtype)
         w.install_graph_grads()  # the first step is a D-step
         self.opt.step()
         w.restore_grads()
@@ -239,9 +241,10 @@ class EsgdmOpt(Family):
             w.install_graph_grads()
             self.opt.steps_since_d = self.opt.update_d_every
 
+        sb = 4 if self.state_dtype is None else self.state_dtype.itemsize
         self.rows = [
-            Row("ESGD-M", self.backend, "plain", esgdm_bytes(w, False), self.opt.step),
-            Row("ESGD-M", self.backend, "dstep+hvp", esgdm_bytes(w, True), self.opt.step,
+            Row("ESGD-M", self.impl, "plain", esgdm_bytes(w, False, sb), self.opt.step),
+            Row("ESGD-M", self.impl, "dstep+hvp", esgdm_bytes(w, True, sb), self.opt.step,
                 prepare=force_d_step, finish=w.restore_grads),
         ]
 
@@ -434,6 +437,8 @@ def families_for(w: Workload, args, notes: dict) -> list[Family]:
     fams: list[Family] = []
     for name in available_backends(w.device, w.dtype, notes):
         fams.append(EsgdmOpt(w, name))
+        if w.dtype == torch.bfloat16 and name != "torch":  # compact state for 16-bit weights
+            fams.append(EsgdmOpt(w, name, state_dtype=torch.bfloat16))
         fams.append(EsgdmKernel(w, name))
     if args.compile == "off":
         notes.setdefault("torch.compile rows skipped", args.compile_off_reason)

@@ -1,0 +1,307 @@
+"""GPU figures that bench_step.py does not take: host cost, launches, whole training steps.
+
+Four measurements, each printed as one markdown table (and written with --markdown):
+
+1. **Host time per plain step** against the tensor count (1M fp32 elements split into
+   1, 64, 1024 and 4096 tensors), for every esgdm backend that runs on the GPU and for
+   ``AdamW(fused=True)``: the wall time of ``opt.step()`` without CUDA graphs, where the
+   GPU work per step is a few microseconds, so the host sets the pace.
+2. **Launches per step** under ``torch.profiler``: GPU kernels launched by one plain
+   step and one D-step (HVP excluded: the gradients are given).
+3. **Eager against compiled step**: ``torch.compile(opt.step)`` against ``opt.step``.
+4. **A whole training step of a small GPT** (forward, backward, optimizer) with the
+   optimizer step eager and captured in a CUDA graph, against ``AdamW(fused=True)``
+   the same way; ESGD-M runs 1 D-step in 10 (finite differences) outside the graph.
+
+    python benchmarks/bench_gpu.py --markdown gpu_extras.md
+    python benchmarks/bench_gpu.py --device cpu --quick      # checks that it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import esgdm  # noqa: E402
+from esgdm import backends  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def gpu_backends(device: torch.device) -> list[str]:
+    names = ["triton", "cuda", "torch"] if device.type == "cuda" else ["cpu", "torch"]
+    return [n for n in names if backends.get(n).why_not(device, torch.float32) is None]
+
+
+def _params(count: int, numel: int, device: torch.device) -> list[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    per = max(1, numel // count)
+    params = [torch.randn(per, generator=gen, device=device).requires_grad_() for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn(per, generator=gen, device=device)
+    return params
+
+
+def _make(name: str, params, lr_tensor: bool = False):
+    if name == "AdamW(fused)":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if name == "AdamW(foreach)":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    lr = torch.tensor(1e-3, device=params[0].device) if lr_tensor else 1e-3
+    opt = esgdm.ESGDM(params, lr=lr, backend=name, d_warmup=1, update_d_every=10**9)
+    grads = [p.grad for p in params]
+    with torch.enable_grad():  # the first step is a D-step: gradients with a graph
+        loss = sum((p * p).sum() for p in params) * 0.5
+        gs = torch.autograd.grad(loss, params, create_graph=True)
+    for p, g in zip(params, gs):
+        p.grad = g
+    opt.step()
+    for p, g in zip(params, grads):
+        p.grad = g
+    return opt
+
+
+def host_time(device, counts, numel, repeats, steps):
+    """Median wall time of one eager plain step (ms) and its host share."""
+    rows = []
+    names = gpu_backends(device) + (["AdamW(fused)", "AdamW(foreach)"] if device.type == "cuda"
+                                    else ["AdamW(foreach)"])
+    for count in counts:
+        for name in names:
+            params = _params(count, numel, device)
+            opt = _make(name, params, lr_tensor=True)
+            for _ in range(3):
+                opt.step()
+            sync(device)
+            walls, hosts = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                host = 0.0
+                for _ in range(steps):
+                    h0 = time.perf_counter()
+                    opt.step()
+                    host += time.perf_counter() - h0
+                sync(device)
+                walls.append((time.perf_counter() - t0) / steps * 1e3)
+                hosts.append(host / steps * 1e3)
+            rows.append((count, name, statistics.median(walls), statistics.median(hosts)))
+            del opt, params
+    return rows
+
+
+def launches(device, numel, count):
+    """GPU kernels launched by one plain step and one D-step (given HVPs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out = []
+    for name in gpu_backends(device) + ["AdamW(fused)", "AdamW(foreach)"]:
+        params = _params(count, numel, device)
+        opt = _make(name, params, lr_tensor=True)
+        opt.step()
+        sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            opt.step()
+            sync(device)
+        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+        out.append((name, "plain", len(kernels)))
+        if isinstance(opt, esgdm.ESGDM):
+            opt.update_d_every = 1  # the next step is a D-step
+            with torch.enable_grad():
+                loss = sum((p * p).sum() for p in params) * 0.5
+                gs = torch.autograd.grad(loss, params, create_graph=True)
+            for p, g in zip(params, gs):
+                p.grad = g
+            sync(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                opt.step()
+                sync(device)
+            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            # the HVP's own backward kernels are in this count too: see the note
+            out.append((name, "D-step incl. HVP of 0.5*sum(p^2)", len(kernels)))
+        del opt, params
+    return out
+
+
+def compiled_vs_eager(device, numel, count, repeats, steps):
+    rows = []
+    for name in gpu_backends(device):
+        params = _params(count, numel, device)
+        opt = _make(name, params, lr_tensor=True)
+        fn = torch.compile(opt.step)
+        for _ in range(5):
+            fn()
+        sync(device)
+        for label, call in (("eager", opt.step), ("compiled", fn)):
+            times = []
+            for _ in range(repeats):
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    call()
+                sync(device)
+                times.append((time.perf_counter() - t0) / steps * 1e3)
+            rows.append((name, label, statistics.median(times)))
+        del opt, params, fn
+    return rows
+
+
+class TinyGPT(torch.nn.Module):
+    def __init__(self, vocab=4096, d=512, layers=6, heads=8, ctx=256):
+        super().__init__()
+        self.tok = torch.nn.Embedding(vocab, d)
+        self.pos = torch.nn.Parameter(torch.randn(ctx, d) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True,
+                                                 norm_first=True, activation="gelu")
+        self.blocks = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(d)
+        self.head = torch.nn.Linear(d, vocab, bias=False)
+        self.register_buffer("mask", torch.nn.Transformer.generate_square_subsequent_mask(ctx), persistent=False)
+
+    def forward(self, idx):
+        x = self.tok(idx) + self.pos[: idx.shape[1]]
+        x = self.blocks(x, mask=self.mask[: idx.shape[1], : idx.shape[1]], is_causal=True)
+        return self.head(self.norm(x))
+
+
+def train_step_times(device, repeats, steps, batch=16, ctx=256, quick=False):
+    """ms per whole training step, steady state (1 D-step in 10 for ESGD-M)."""
+    kw = dict(d=128, layers=2, ctx=64, vocab=512) if quick else {}
+    ctx = kw.get("ctx", ctx)
+    rows = []
+    configs = [("AdamW(fused)", None, False), ("AdamW(fused)", None, True)]
+    configs += [("ESGD-M", b, g) for b in gpu_backends(device) if b != "torch" for g in (False, True)]
+    for name, backend, graphed in configs:
+        if graphed and device.type != "cuda":
+            continue
+        torch.manual_seed(0)
+        model = TinyGPT(**kw).to(device)
+        n = sum(p.numel() for p in model.parameters())
+        vocab = model.head.out_features
+        x = torch.randint(0, vocab, (batch, ctx), device=device)
+        y = torch.randint(0, vocab, (batch, ctx), device=device)
+        lr = torch.tensor(3e-4 if backend is None else 0.3, device=device)
+        if backend is None:
+            opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=graphed)
+        else:
+            opt = esgdm.ESGDM(model.parameters(), lr=lr, backend=backend, hvp="finite_difference",
+                              capturable=graphed, d_warmup=1, update_d_every=10, lr_warmup=0)
+
+        def loss_fn():
+            return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+        def closure():
+            opt.zero_grad(set_to_none=False)
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        graph = None
+        if graphed:
+            closure()
+            opt.step(closure) if backend is not None else opt.step()
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    opt.step()
+            torch.cuda.current_stream().wait_stream(s)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                opt.step()
+
+        def train_step(k):
+            if backend is not None and (_is_dstep(opt) or (graph is not None and k % 10 == 0)):
+                # A D-step, eager (closure and probe).  Graph replays do not advance the
+                # host schedule, so with a graph every 10th step is made a D-step here.
+                opt._schedule.since_d = max(opt._schedule.since_d, opt.update_d_every)
+                opt.step(closure)
+                return
+            closure()
+            if graph is not None:
+                graph.replay()
+            else:
+                opt.step()
+
+        for k in range(12):
+            train_step(k)
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for k in range(steps):
+                train_step(k)
+            sync(device)
+            times.append((time.perf_counter() - t0) / steps * 1e3)
+        rows.append((name, backend or "-", "graphed step" if graphed else "eager step", n,
+                     statistics.median(times)))
+        del model, opt, graph
+    return rows
+
+
+def _is_dstep(opt) -> bool:
+    """Whether opt's next step refreshes curvature (finite differences need the closure)."""
+    s = opt._schedule
+    return s.steps < opt.d_warmup or s.since_d >= opt.update_d_every
+
+
+def table(header, rows, fmt):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="small sizes: checks that it runs")
+    ap.add_argument("--only", default="host,launches,compile,train",
+                    help="comma-separated subset of host,launches,compile,train")
+    ap.add_argument("--markdown", help="write the tables to this path")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    only = set(args.only.split(","))
+    quick = args.quick
+    numel = (1 << 16) if quick else (1 << 20)
+    repeats, steps = (3, 5) if quick else (7, 50)
+    out = [f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+           f"torch {torch.__version__}"]
+    if "host" in only:
+        counts = (1, 64, 256) if quick else (1, 64, 1024, 4096)
+        rows = host_time(device, counts, numel, repeats, steps)
+        base = {name: wall for count, name, wall, _ in rows if count == 1}
+        out.append(f"### Plain step against tensor count ({numel} fp32 elements in all, eager)\n\n" + table(
+            ["tensors", "optimizer", "ms per step", "host ms per call", "vs 1 tensor"], rows,
+            lambda r: [str(r[0]), r[1], f"{r[2]:.4f}", f"{r[3]:.4f}", f"{r[2] / base[r[1]]:.2f}x"]))
+    if "launches" in only and device.type == "cuda":
+        rows = launches(device, numel, 148)
+        out.append("### GPU kernels launched per step (148 tensors)\n\n" + table(
+            ["optimizer", "step", "kernels"], rows, lambda r: [r[0], r[1], str(r[2])]))
+    if "compile" in only:
+        rows = compiled_vs_eager(device, numel * (1 if quick else 16), 148, repeats, steps)
+        out.append("### Eager against torch.compile(opt.step), plain step, 148 tensors\n\n" + table(
+            ["backend", "step", "ms"], rows, lambda r: [r[0], r[1], f"{r[2]:.4f}"]))
+    if "train" in only:
+        rows = train_step_times(device, repeats, 20 if not quick else 3, quick=quick)
+        out.append("### Whole training step of a small GPT (batch 16 x 256 tokens)\n\n" + table(
+            ["optimizer", "backend", "optimizer step", "parameters", "ms per training step"], rows,
+            lambda r: [r[0], r[1], r[2], f"{r[3] / 1e6:.1f}M", f"{r[4]:.3f}"]))
+    text = "\n\n".join(out) + "\n"
+    print(text)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
