@@ -20,7 +20,6 @@ Four measurements, each printed as one markdown table (and written with --markdo
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -139,7 +138,7 @@ def compiled_vs_eager(device, numel, count, repeats, steps):
         params = _params(count, numel, device)
         opt = _make(name, params, lr_tensor=True)
         fn = torch.compile(opt.step)
-        for _ in range(5):
+        for _ in range(12):  # the step counters cause a recompilation or two first
             fn()
         sync(device)
         for label, call in (("eager", opt.step), ("compiled", fn)):
@@ -176,77 +175,71 @@ class TinyGPT(torch.nn.Module):
 
 def train_step_times(device, repeats, steps, batch=16, ctx=256, quick=False):
     """ms per whole training step, steady state (1 D-step in 10 for ESGD-M)."""
-    kw = dict(d=128, layers=2, ctx=64, vocab=512) if quick else {}
-    ctx = kw.get("ctx", ctx)
-    rows = []
+    kw = dict(d=128, layers=2, ctx=64, vocab=512) if quick else dict(ctx=ctx)
     configs = [("AdamW(fused)", None, False), ("AdamW(fused)", None, True)]
     configs += [("ESGD-M", b, g) for b in gpu_backends(device) if b != "torch" for g in (False, True)]
-    for name, backend, graphed in configs:
-        if graphed and device.type != "cuda":
-            continue
-        torch.manual_seed(0)
-        model = TinyGPT(**kw).to(device)
-        n = sum(p.numel() for p in model.parameters())
-        vocab = model.head.out_features
-        x = torch.randint(0, vocab, (batch, ctx), device=device)
-        y = torch.randint(0, vocab, (batch, ctx), device=device)
-        lr = torch.tensor(3e-4 if backend is None else 0.3, device=device)
-        if backend is None:
-            opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=graphed)
+    return [_train_one(device, name, backend, graphed, kw, batch, repeats, steps)
+            for name, backend, graphed in configs if not (graphed and device.type != "cuda")]
+
+
+def _train_one(device, name, backend, graphed, kw, batch, repeats, steps):
+    torch.manual_seed(0)
+    model = TinyGPT(**kw).to(device)
+    n = sum(p.numel() for p in model.parameters())
+    vocab, ctx = model.head.out_features, kw["ctx"]
+    x = torch.randint(0, vocab, (batch, ctx), device=device)
+    y = torch.randint(0, vocab, (batch, ctx), device=device)
+    lr = torch.tensor(3e-4 if backend is None else 0.3, device=device)
+    if backend is None:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=graphed)
+    else:
+        opt = esgdm.ESGDM(model.parameters(), lr=lr, backend=backend, hvp="finite_difference",
+                          capturable=graphed, d_warmup=1, update_d_every=10, lr_warmup=0)
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()
+        return loss
+
+    graph = None
+    if graphed:
+        closure()
+        opt.step(closure) if backend is not None else opt.step()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                opt.step()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+
+    def train_step(k):
+        if backend is not None and (_is_dstep(opt) or (graph is not None and k % 10 == 0)):
+            # A D-step, eager (closure and probe).  Graph replays do not advance the
+            # host schedule, so with a graph every 10th step is made a D-step here.
+            opt._schedule.since_d = max(opt._schedule.since_d, opt.update_d_every)
+            opt.step(closure)
+            return
+        closure()
+        if graph is not None:
+            graph.replay()
         else:
-            opt = esgdm.ESGDM(model.parameters(), lr=lr, backend=backend, hvp="finite_difference",
-                              capturable=graphed, d_warmup=1, update_d_every=10, lr_warmup=0)
+            opt.step()
 
-        def loss_fn():
-            return torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-
-        def closure():
-            opt.zero_grad(set_to_none=False)
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        graph = None
-        if graphed:
-            closure()
-            opt.step(closure) if backend is not None else opt.step()
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    opt.step()
-            torch.cuda.current_stream().wait_stream(s)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                opt.step()
-
-        def train_step(k):
-            if backend is not None and (_is_dstep(opt) or (graph is not None and k % 10 == 0)):
-                # A D-step, eager (closure and probe).  Graph replays do not advance the
-                # host schedule, so with a graph every 10th step is made a D-step here.
-                opt._schedule.since_d = max(opt._schedule.since_d, opt.update_d_every)
-                opt.step(closure)
-                return
-            closure()
-            if graph is not None:
-                graph.replay()
-            else:
-                opt.step()
-
-        for k in range(12):
+    for k in range(12):
+        train_step(k)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for k in range(steps):
             train_step(k)
         sync(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for k in range(steps):
-                train_step(k)
-            sync(device)
-            times.append((time.perf_counter() - t0) / steps * 1e3)
-        rows.append((name, backend or "-", "graphed step" if graphed else "eager step", n,
-                     statistics.median(times)))
-        del model, opt, graph
-    return rows
+        times.append((time.perf_counter() - t0) / steps * 1e3)
+    return (name, backend or "-", "graphed step" if graphed else "eager step", n, statistics.median(times))
 
 
 def _is_dstep(opt) -> bool:
