@@ -712,6 +712,8 @@ class ESGDM(Optimizer):
         anyway, and the sign keys are host integers that must not be traced."""
         params = [b.params[i] for b, idx, _ in work for i in (range(len(b)) if idx is None else idx)]
         grads = [g for _, _, gs in work for g in gs]
+        if not any(map(Tensor.numel, grads)):  # only empty tensors: nothing to observe, no
+            return [[torch.zeros_like(g) for g in gs] for _, _, gs in work]  # graph needed
         use_fd = self.hvp == "finite_difference" or (self.hvp == "auto" and self._fd_fallback)
         if not use_fd and self._any_dtensor:
             if self.hvp == "auto" and closure is not None:
@@ -733,7 +735,6 @@ class ESGDM(Optimizer):
         else:
             try:
                 hvps = autograd_hvp(params, grads, self._signs(params), fd_available=self.hvp == "auto")
-                hvps = _undo_unscaled_scale(self, hvps)
             except RuntimeError as e:
                 if not no_double_backward(e):
                     raise
@@ -748,6 +749,8 @@ class ESGDM(Optimizer):
                               RuntimeWarning, stacklevel=3)
                 self._fd_fallback = True
                 hvps = self._fd_hvps(params, grads, closure, rng)
+            else:
+                hvps = _undo_unscaled_scale(self, hvps)
         out, start = [], 0
         for _, _, gs in work:
             out.append(hvps[start:start + len(gs)])

@@ -93,12 +93,16 @@ NAN, INF = float("nan"), float("inf")
     (_set_state(1, "exp_avg", _poke(5, -INF)), r"state 'exp_avg' of parameter id 1 holds -inf \(element 5\)"),
     (_set_state(0, "exp_avg_d", _poke(1, INF)), r"state 'exp_avg_d' of parameter id 0 holds inf \(element 1\)"),
     (_set_state(1, "exp_avg_d", _poke(0, NAN)), r"state 'exp_avg_d' of parameter id 1 holds nan \(element 0\)"),
-    (_set_state(0, "exp_avg_d", _poke(3, -0.5)), r"state 'exp_avg_d' of parameter id 0 holds -0.5 \(element 3\).*>= 0"),
-    (_set_state(0, "exp_avg_bias_corr", 1.5), r"state 'exp_avg_bias_corr' of parameter id 0 must be in \[0, 1\], got 1.5"),
+    (_set_state(0, "exp_avg_d", _poke(3, -0.5)),
+     r"state 'exp_avg_d' of parameter id 0 holds -0.5 \(element 3\).*>= 0"),
+    (_set_state(0, "exp_avg_bias_corr", 1.5),
+     r"state 'exp_avg_bias_corr' of parameter id 0 must be in \[0, 1\], got 1.5"),
     (_set_state(0, "exp_avg_bias_corr", torch.tensor(-0.1, dtype=torch.float64)),
      r"'exp_avg_bias_corr' of parameter id 0 must be in \[0, 1\], got -0.1"),
-    (_set_state(1, "lr_warmup_cumprod", 5), r"state 'lr_warmup_cumprod' of parameter id 1 must be in \[0, 1\], got 5.0"),
-    (_set_state(1, "lr_warmup_cumprod", -1e-3), r"'lr_warmup_cumprod' of parameter id 1 must be in \[0, 1\], got -0.001"),
+    (_set_state(1, "lr_warmup_cumprod", 5),
+     r"state 'lr_warmup_cumprod' of parameter id 1 must be in \[0, 1\], got 5.0"),
+    (_set_state(1, "lr_warmup_cumprod", -1e-3),
+     r"'lr_warmup_cumprod' of parameter id 1 must be in \[0, 1\], got -0.001"),
     (_set_state(0, "step", -3), r"state 'step' of parameter id 0 must be a whole number >= 0, got -3.0"),
     (_set_state(0, "step", torch.tensor(2.5, dtype=torch.float64)),
      r"state 'step' of parameter id 0 must be a whole number >= 0, got 2.5"),
@@ -159,7 +163,7 @@ def test_values_real_runs_produce_load(backend):
 
 
 def test_state_dtype_may_be_absent_or_a_dtype():
-    opt, ps = _train("torch", steps=2)
+    opt, _ = _train("torch", steps=2)
     sd = copy.deepcopy(opt.state_dict())
     del sd["global_state"]["state_dtype"]  # as in the original's checkpoints
     opt.load_state_dict(sd)

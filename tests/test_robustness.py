@@ -439,6 +439,13 @@ def test_an_overflowing_square_is_dropped_on_every_backend(backend):
     want = torch.tensor([2.0, 2.0, 1e19 * 1e19, 2.0, 2.0, 2.0, 9.0, 2.0])  # 2e19**2 overflows
     assert torch.equal(d, want), d
     assert torch.isfinite(p).all()
+    if esgdm.backends.get(backend).why_not(torch.device("cpu"), torch.float64) is None:
+        h64 = torch.tensor([1e160, 1e150, float("nan"), 3.0], dtype=torch.float64)
+        d64 = torch.full((4,), 4.0, dtype=torch.float64)
+        ops.step_([torch.ones(4, dtype=torch.float64)], [torch.full((4,), 0.1, dtype=torch.float64)],
+                  [torch.zeros(4, dtype=torch.float64)], [d64], [h64], scalars, index, hparams, None, None,
+                  rule.FLAG_EXACT, 0, backend)
+        assert torch.equal(d64, torch.tensor([2.0, 1e150 * 1e150, 2.0, 9.0], dtype=torch.float64)), d64
 
 
 @pytest.mark.parametrize("backend", _backends())
@@ -543,12 +550,12 @@ def test_distributed_checkpoint_state_initialisation_still_works(tensor_lr):
     assert opt.steps == 2
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-def test_unscale_before_an_autograd_d_step_matches_the_run_without_scaler(backend):
+@pytest.mark.parametrize("backend,wrapped", [("torch", False), ("cpu", False), ("torch", True)])
+def test_unscale_before_an_autograd_d_step_matches_the_run_without_scaler(backend, wrapped):
     """scaler.unscale_(opt) (to clip, say) divides the gradients in place, but the
     double-backward graph still differentiates the scaled ones.  h is divided by the
     scale, so the run equals the run without a scaler; the scale is a power of two,
-    so bit for bit."""
+    so bit for bit.  ``wrapped``: opt.step patched by a wrapper, as accelerate does."""
     if backend == "cpu" and esgdm.backends.get("cpu").why_not(torch.device("cpu"), torch.float32):
         pytest.skip("cpu backend unavailable")
     results = []
@@ -556,6 +563,8 @@ def test_unscale_before_an_autograd_d_step_matches_the_run_without_scaler(backen
         torch.manual_seed(0)
         net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
         opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend=backend, seed=3, d_warmup=4, update_d_every=2)
+        if wrapped:
+            opt.step = lambda *args, _inner=opt.step, **kwargs: _inner(*args, **kwargs)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if use_scaler else None
         gen = torch.Generator().manual_seed(1)
         for _ in range(8):
@@ -577,3 +586,16 @@ def test_unscale_before_an_autograd_d_step_matches_the_run_without_scaler(backen
         assert torch.equal(a, b)
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "auto"])
+def test_d_step_where_only_empty_tensors_have_gradients_is_counted(hvp):
+    """An empty tensor's gradient carries no graph and there is nothing to observe: the
+    D-step runs (and counts) without asking for one.  (It used to pass for the state
+    initialisation of torch.distributed.checkpoint and be skipped.)"""
+    e = torch.zeros(0, 2, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    opt = esgdm.ESGDM([e, w], backend="torch", hvp=hvp)
+    e.grad = torch.zeros(0, 2)
+    opt.step()
+    assert opt.steps == 1 and float(opt.state[e]["step"]) == 1.0 and w not in opt.state
