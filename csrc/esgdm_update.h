@@ -201,7 +201,8 @@ ESGDM_HOST_DEVICE void update(T& p, T g_raw, T& m, T& d, T h_raw, T scale, const
   T d_new = d;
   if (kDStep) {
     const T h = h_raw / scale;
-    const T h2 = is_finite(h) ? h * h : T(0);  // a non-finite observation is dropped
+    const T hh = h * h;
+    const T h2 = is_finite(hh) ? hh : T(0);  // h NaN or inf, or h * h overflowing: dropped
     d_new = nan_max(c.beta2 * d, h2);          // D <- max(b2 * D, h * h)
   }
   const T mhat = lerp<kFma>(m_new, g, c);  // Nesterov look-ahead

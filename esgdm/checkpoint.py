@@ -6,6 +6,12 @@ took, which keys stochastic rounding); the top level holds ``global_state`` with
 original's counters plus this implementation's ``seed`` and ``state_dtype``.
 Checkpoints of the original (no ``step``, no ``seed``) load too.
 
+Values are checked against what a run can produce: ``exp_avg`` finite, ``exp_avg_d``
+finite and ``>= 0``, ``exp_avg_bias_corr`` (``beta1**k``) and ``lr_warmup_cumprod``
+(``lr_warmup**j``) in ``[0, 1]`` (both reach 0: ``beta1 = 0``, or ``0.9**k`` underflowing
+after some 7,000 steps), ``step`` a whole number ``>= 0``, the counters integers, the
+seed an integer in ``[0, 2**64)``, the state dtype one the optimizer keeps.
+
 :func:`validate` turns a state dict into plain values (or raises ``ValueError``
 naming the bad entry) without touching the optimizer, so that a failed load changes
 nothing; the optimizer then writes them.
@@ -21,9 +27,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from esgdm.buckets import local
+
 EXP_AVG, EXP_AVG_D, BIAS, WARM, STEP = (
     "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "lr_warmup_cumprod", "step")
 STATE_KEYS = (EXP_AVG, EXP_AVG_D, BIAS, WARM)
+
+#: Seeds are 64-bit: every bit keys the signs (:mod:`esgdm.signs`).
+SEED_LIMIT = 2**64
+
+#: What ``global_state["state_dtype"]`` may say (``state_dict`` writes one of these).
+STATE_DTYPE_NAMES = ("float32", "bfloat16")
 
 #: Each saved param group carries a copy of ``global_state`` under this key, because
 #: torch.distributed.checkpoint keeps only ``state`` and ``param_groups``.
@@ -37,6 +51,14 @@ def check_count(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {minimum})")
     return int(value)
+
+
+def check_seed(value: Any, name: str = "seed") -> int:
+    """An integer in ``[0, 2**64)``."""
+    value = check_count(name, value, 0)
+    if value >= SEED_LIMIT:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer in [0, 2**64))")
+    return value
 
 
 def scalar(name: str, value: Any) -> float:
@@ -67,6 +89,50 @@ def state_tensor(name: str, value: Any, shape) -> Tensor:
     return value
 
 
+def _first_bad(t: Tensor, ok: Tensor) -> str:
+    """``t``'s first element where ``ok`` is False, with its index, for a message."""
+    flat = ok.reshape(-1)
+    i = int((~flat).nonzero()[0, 0])
+    return f"{t.reshape(-1)[i].item()!r} (element {i})"
+
+
+def check_values(name: str, value: Tensor, nonnegative: bool) -> None:
+    """Refuses NaN and +-inf, and negative values when ``nonnegative`` (one host read:
+    loading is not a step).  A DTensor's local shard is what this process checks."""
+    value = local(value)
+    ok = torch.isfinite(value)
+    if nonnegative:
+        ok &= value >= 0
+    if not bool(ok.all()):
+        want = "finite and >= 0" if nonnegative else "finite"
+        raise ValueError(f"{name} holds {_first_bad(value, ok)}: every value must be {want}")
+
+
+def in_unit_interval(name: str, value: Any) -> float:
+    """A :func:`scalar` in ``[0, 1]``."""
+    value = scalar(name, value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return value
+
+
+def step_count(name: str, value: Any) -> float:
+    """A :func:`scalar` that is a whole number ``>= 0`` (held as a float)."""
+    value = scalar(name, value)
+    if value < 0 or value != math.floor(value):
+        raise ValueError(f"{name} must be a whole number >= 0, got {value!r}")
+    return value
+
+
+def check_state_dtype(value: Any) -> None:
+    if value is None:
+        return  # checkpoints of the original do not say
+    name = str(value).replace("torch.", "")
+    if not isinstance(value, (str, torch.dtype)) or name not in STATE_DTYPE_NAMES:
+        raise ValueError(f"Invalid state_dtype: {value!r} (a checkpoint holds "
+                         f"{' or '.join(map(repr, STATE_DTYPE_NAMES))})")
+
+
 def validate(state_dict: dict, param_groups: list, check_group) -> dict:
     """Everything :meth:`ESGDM.load_state_dict` needs, checked; raises ``ValueError``.
 
@@ -90,7 +156,8 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
     except KeyError as e:
         raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {e}") from None
     seed = glob.get("seed", glob.get("sign_seed"))
-    counters["seed"] = None if seed is None else check_count("seed", seed, 0)
+    counters["seed"] = None if seed is None else check_seed(seed)
+    check_state_dtype(glob.get("state_dtype"))
     for key in ("state", "param_groups"):
         if key not in state_dict:
             raise ValueError(f"loaded state dict is not an ESGD-M checkpoint: missing {key!r}")
@@ -120,16 +187,18 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
         missing = [k for k in STATE_KEYS if k not in entry]
         if missing:
             raise ValueError(f"state of parameter id {key!r} lacks {missing}")
-        where = f"state {{}} of parameter id {key!r}"
+        where = f"state {{}} of parameter id {key!r}".format
         per_param[p] = {
-            EXP_AVG: state_tensor(where.format(repr(EXP_AVG)), entry[EXP_AVG], p.shape),
-            EXP_AVG_D: state_tensor(where.format(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape),
-            BIAS: scalar(where.format(repr(BIAS)), entry[BIAS]),
-            WARM: scalar(where.format(repr(WARM)), entry[WARM]),
-            STEP: scalar(where.format(repr(STEP)), entry.get(STEP, 0.0)),
+            EXP_AVG: state_tensor(where(repr(EXP_AVG)), entry[EXP_AVG], p.shape),
+            EXP_AVG_D: state_tensor(where(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape),
+            BIAS: in_unit_interval(where(repr(BIAS)), entry[BIAS]),
+            WARM: in_unit_interval(where(repr(WARM)), entry[WARM]),
+            STEP: step_count(where(repr(STEP)), entry.get(STEP, 0.0)),
         }
+        check_values(where(repr(EXP_AVG)), per_param[p][EXP_AVG], nonnegative=False)
+        check_values(where(repr(EXP_AVG_D)), per_param[p][EXP_AVG_D], nonnegative=True)
     return {"counters": counters, "groups": groups, "state": per_param}
 
 
-__all__ = ["BIAS", "EXP_AVG", "GROUP_KEY", "EXP_AVG_D", "STATE_KEYS", "STEP", "WARM", "check_count", "scalar",
-           "validate"]
+__all__ = ["BIAS", "EXP_AVG", "GROUP_KEY", "EXP_AVG_D", "SEED_LIMIT", "STATE_KEYS", "STEP", "WARM",
+           "check_count", "check_seed", "check_values", "scalar", "validate"]

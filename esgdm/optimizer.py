@@ -13,6 +13,7 @@ import collections
 import math
 import numbers
 import operator
+import sys
 import warnings
 from typing import Any, Callable, Optional
 
@@ -23,14 +24,14 @@ from torch.optim import Optimizer
 
 from esgdm import backends, checkpoint, ops
 from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, is_dtensor, local, same_layout
-from esgdm.checkpoint import BIAS, EXP_AVG, EXP_AVG_D, STEP, WARM, check_count
+from esgdm.checkpoint import BIAS, EXP_AVG, EXP_AVG_D, STEP, WARM, check_count, check_seed
 from esgdm.hvp import (
     FD_SCHEMES, ComputePrecision, RngSnapshot, autograd_hvp, finite_difference_hvp,
     no_double_backward,
 )
 from esgdm.rule import (
     BIAS as BIAS_COL, DSCALE, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, HPARAM_COLUMNS, STEPS,
-    WARM as WARM_COL, curvature_scale,
+    WARM as WARM_COL, curvature_scale, seed32,
 )
 from esgdm.signs import rademacher
 
@@ -45,11 +46,41 @@ def _check_lr(lr: Any, where: str) -> None:
         if lr.numel() != 1 or not lr.dtype.is_floating_point:
             raise ValueError(f"Invalid lr{where}: a tensor lr must hold one floating-point value, "
                              f"got {lr.dtype} of shape {tuple(lr.shape)}")
-        return  # its value lives on the device: checked once, at construction
+        return  # its value lives on the device: read once, when it is given (_check_lr_value)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"Invalid lr{where}: {lr!r} (must be a float or a one-element tensor)")
     if not (0.0 <= lr and math.isfinite(lr)):
         raise ValueError(f"Invalid lr{where}: {lr!r} (must be finite and >= 0)")
+
+
+def _default_seed() -> int:
+    """A seed derived from ``torch.initial_seed()`` (what ``torch.manual_seed`` set, or
+    what torch drew from the OS at start-up) without drawing from the generator: the
+    user's data order and dropout masks stay as they were, and a script that seeds torch
+    gets the same optimizer seed every run.  splitmix64, kept to 63 bits (an int64)."""
+    m = 2**64 - 1
+    x = (torch.initial_seed() + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return (x ^ (x >> 31)) >> 1
+
+
+def _check_lr_value(lr: Any, where: str) -> None:
+    """A tensor lr's value, read once when it is given (construction, add_param_group,
+    load_state_dict); steps never read it."""
+    if isinstance(lr, Tensor) and not lr.is_meta:
+        value = lr.item()
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"Invalid lr{where}: {value!r} (must be finite and >= 0)")
+
+
+def _flag(name: str, value: Any, none_ok: bool = False) -> Optional[bool]:
+    """A bool (or None where that means "default"): strings and numbers are refused, not
+    coerced (``exact="no"`` is truthy)."""
+    if isinstance(value, bool) or (none_ok and value is None):
+        return value
+    raise TypeError(f"Invalid {name}: {value!r} (must be True or False"
+                    f"{' or None' if none_ok else ''})")
 
 
 def _real(name: str, value: Any, where: str) -> float:
@@ -58,9 +89,10 @@ def _real(name: str, value: Any, where: str) -> float:
     return float(value)
 
 
-def check_group(group: dict, where: str = "") -> None:
+def check_group(group: dict, where: str = "", exact: bool = False) -> None:
     """Raises ValueError (TypeError for a wrong type) naming the first invalid
-    hyper-parameter of ``group``."""
+    hyper-parameter of ``group``.  ``exact``: the optimizer computes the original rule,
+    which divides by ``eps`` where ``D == 0``, so ``eps`` must be > 0."""
     missing = [k for k in ("lr", "betas", "lr_warmup", "eps", "weight_decay") if k not in group]
     if missing:
         raise ValueError(f"Missing hyper-parameters{where}: {', '.join(missing)}")
@@ -81,6 +113,10 @@ def check_group(group: dict, where: str = "") -> None:
     eps = _real("eps", group["eps"], where)
     if not (0.0 <= eps and math.isfinite(eps)):
         raise ValueError(f"Invalid eps{where}: {eps!r} (must be finite and >= 0)")
+    if exact and eps == 0:
+        raise ValueError(f"Invalid eps{where}: 0.0 with exact=True (the original rule divides by "
+                         "sqrt(D) + eps, and D is 0 until curvature is observed): use eps > 0, "
+                         "or exact=False, whose rule never divides by zero")
     wd = _real("weight_decay", group["weight_decay"], where)
     if not (0.0 <= wd and math.isfinite(wd)):
         raise ValueError(f"Invalid weight_decay{where}: {wd!r} (must be finite and >= 0)")
@@ -140,9 +176,11 @@ class ESGDM(Optimizer):
         backend (str, optional): ``"auto" | "triton" | "cuda" | "cpu" | "torch"``;
             defaults to ``$ESGDM_BACKEND`` or ``"auto"``.
         generator (torch.Generator, optional): where the optimizer's seed is drawn from
-            (default: the global generator, once, at construction).
-        seed (int, optional): the seed of the sign vectors and stochastic rounding
-            (overrides ``generator``).  Saved in ``state_dict()``.
+            (default: derived from ``torch.initial_seed()``, which ``torch.manual_seed``
+            sets; the global generator is never drawn from).
+        seed (int, optional): the seed of the sign vectors and stochastic rounding, an
+            integer in ``[0, 2**64)`` (every bit counts; overrides ``generator``).  Saved
+            in ``state_dict()``.
         hvp (str): how D-steps get ``H v``: ``"autograd"`` (default; the backward pass
             needs ``create_graph=True``), ``"finite_difference"`` (needs
             ``step(closure)``; no double backward) or ``"auto"`` (autograd when the
@@ -152,8 +190,9 @@ class ESGDM(Optimizer):
             ``"central"`` (two extra gradients, more accurate).
         fd_radius (float, optional): the finite-difference step ``r``.
         exact (bool): compute the original ESGD-M rule bit for bit: coordinates whose
-            curvature was never observed (``D == 0``) step by ``g / eps``.  By default
-            they use the tensor's mean observed curvature instead (see README).
+            curvature was never observed (``D == 0``) step by ``g / eps`` (so every
+            group's ``eps`` must be > 0).  By default they use the tensor's mean observed
+            curvature instead (see README).
         stochastic_rounding (bool, optional): round 16-bit parameters stochastically
             when writing them back (default: True unless ``exact``).
         state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
@@ -196,18 +235,18 @@ class ESGDM(Optimizer):
         fused: Optional[bool] = None,
     ):
         defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
-        check_group(defaults)
-        if isinstance(lr, Tensor) and not lr.is_meta:
-            value = lr.item()  # construction may read it; steps never do
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"Invalid lr: {value!r} (must be finite and >= 0)")
+        exact = _flag("exact", exact)
+        stochastic_rounding = _flag("stochastic_rounding", stochastic_rounding, none_ok=True)
+        capturable = _flag("capturable", capturable)
+        check_group(defaults, exact=exact)
+        _check_lr_value(lr, "")  # construction may read it; steps never do
         self.update_d_every = check_count("update_d_every", update_d_every)
         self.d_warmup = check_count("d_warmup", d_warmup)
         self.backend = backends.check_name(backend if backend is not None else backends.default_name())
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"Invalid generator: {generator!r} (must be a torch.Generator)")
         if seed is not None:
-            seed = check_count("seed", seed, 0)
+            seed = check_seed(seed)
         if hvp not in HVP_MODES:
             raise ValueError(f"Invalid hvp: {hvp!r}; choose one of {', '.join(map(repr, HVP_MODES))}")
         if fd_scheme not in FD_SCHEMES:
@@ -222,12 +261,15 @@ class ESGDM(Optimizer):
                 raise ValueError(f"{name}=False is not supported: ESGDM always steps each bucket "
                                  "with one fused kernel (pick a kernel with backend=...)")
         self.hvp, self.fd_scheme, self.fd_radius = hvp, fd_scheme, fd_radius
-        self.exact = bool(exact)
-        self.stochastic_rounding = (not self.exact) if stochastic_rounding is None else bool(stochastic_rounding)
+        self.exact = exact
+        self.stochastic_rounding = (not exact) if stochastic_rounding is None else stochastic_rounding
         self.state_dtype = state_dtype
-        self.capturable = bool(capturable)
+        self.capturable = capturable
         if seed is None:
-            seed = int(torch.randint(0, 2**62, (), generator=generator).item())
+            if generator is not None:
+                seed = int(torch.randint(0, 2**62, (), generator=generator).item())
+            else:
+                seed = _default_seed()
             self._seed_shared = False  # ranks of a distributed run agree on it at first use
         else:
             self._seed_shared = True
@@ -266,7 +308,8 @@ class ESGDM(Optimizer):
             super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            check_group(group, f" in param group {n_before}")
+            check_group(group, f" in param group {n_before}", exact=self.exact)
+            _check_lr_value(group["lr"], f" in param group {n_before}")
             ids = [id(p) for p in group["params"]]
             if len(set(ids)) != len(ids) or seen.intersection(ids):
                 raise ValueError(f"param group {n_before} repeats a parameter (the same tensor passed "
@@ -443,7 +486,7 @@ class ESGDM(Optimizer):
         devices = {b.device for b in buckets}
         if key != self._hparam_key or not devices.issubset(self._hparams):
             for gi, group in enumerate(self.param_groups):
-                check_group(group, f" in param group {gi}")
+                check_group(group, f" in param group {gi}", exact=self.exact)
             rows = torch.tensor([_hparam_row(g) for g in self.param_groups], dtype=torch.float64)
             rows = rows.reshape(-1, len(HPARAM_COLUMNS))
             if self.capturable and _capturing():
@@ -548,7 +591,7 @@ class ESGDM(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         hvps_by_bucket: list[Optional[list[Tensor]]] = [None] * len(work)
-        if d_step and closure is None and work and _state_init_call(work):
+        if d_step and closure is None and work and _state_init_call(self, work):
             # torch.distributed.checkpoint creates optimizer state by stepping with zero
             # gradients (and lr 0): show fresh state and change nothing else.
             for b, idx, _ in work:
@@ -638,7 +681,7 @@ class ESGDM(Optimizer):
         if hvps is not None:
             hvps = self._match_layout(b, idx, [local(h) for h in hvps] if b.any_dtensor else hvps)
         ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
-                  grad_scale, found_inf, flags, self.seed, kernel, _checked=True)
+                  grad_scale, found_inf, flags, seed32(self.seed), kernel, _checked=True)
         for p, work in writeback:
             p.copy_(work)
 
@@ -669,6 +712,8 @@ class ESGDM(Optimizer):
         anyway, and the sign keys are host integers that must not be traced."""
         params = [b.params[i] for b, idx, _ in work for i in (range(len(b)) if idx is None else idx)]
         grads = [g for _, _, gs in work for g in gs]
+        if not any(map(Tensor.numel, grads)):  # only empty tensors: nothing to observe, no
+            return [[torch.zeros_like(g) for g in gs] for _, _, gs in work]  # graph needed
         use_fd = self.hvp == "finite_difference" or (self.hvp == "auto" and self._fd_fallback)
         if not use_fd and self._any_dtensor:
             if self.hvp == "auto" and closure is not None:
@@ -704,6 +749,8 @@ class ESGDM(Optimizer):
                               RuntimeWarning, stacklevel=3)
                 self._fd_fallback = True
                 hvps = self._fd_hvps(params, grads, closure, rng)
+            else:
+                hvps = _undo_unscaled_scale(self, hvps)
         out, start = [], 0
         for _, _, gs in work:
             out.append(hvps[start:start + len(gs)])
@@ -743,6 +790,10 @@ class ESGDM(Optimizer):
             group[checkpoint.GROUP_KEY] = dict(global_state)
         return out
 
+    def _check_loaded_group(self, group: dict, where: str) -> None:
+        check_group(group, where, exact=self.exact)
+        _check_lr_value(group["lr"], where)
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint written by :meth:`state_dict` or by the original ``esgd.ESGD``.
 
@@ -753,7 +804,7 @@ class ESGDM(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        loaded = checkpoint.validate(state_dict, self.param_groups, check_group)
+        loaded = checkpoint.validate(state_dict, self.param_groups, self._check_loaded_group)
         self.buckets()  # raises (before any write) if the parameters cannot be bucketed
 
         # All checked: now write.
@@ -886,11 +937,62 @@ def _frontend_helpers():
 _FRONTEND = _frontend_helpers()
 
 
-def _state_init_call(work) -> bool:
-    """Whether this D-step is torch.distributed.checkpoint's state initialisation: no
-    closure, no gradient with a graph, every gradient zero (read back only here)."""
+def _state_init_call(opt: ESGDM, work) -> bool:
+    """Whether this D-step (without a closure) is torch.distributed.checkpoint's state
+    initialisation (``_init_optim_state``): no state yet, every group's lr set to 0 (a
+    float, or a CPU tensor), every gradient zero and without a graph.  Anything else,
+    all-zero gradients of a user's step included, is a real step (which then needs its
+    Hessian-vector product like any other).  The cheap tests come first: the gradients
+    are read back only when everything else matched."""
+    if any(opt.state.values()):
+        return False
+    for group in opt.param_groups:
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if lr.device.type != "cpu" or float(lr) != 0:
+                return False
+        elif lr != 0:
+            return False
     grads = [g for _, _, gs in work for g in gs]
     return all(g.grad_fn is None for g in grads) and not any(bool(g.any()) for g in grads)
+
+
+def _scale_of_unscaling_scaler(opt: ESGDM) -> Optional[Tensor]:
+    """The scale of the ``torch.amp.GradScaler`` that unscaled ``opt``'s gradients in
+    place (``scaler.unscale_(opt)``) and is now running ``scaler.step(opt)``, or None.
+
+    In that stage the scaler hands the step ``found_inf`` without ``grad_scale``; the
+    scaler itself is found up the call stack (``scaler.step`` called this ``step``,
+    perhaps through wrappers) and must say that it unscaled this optimizer."""
+    if getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is None:
+        return None
+    from torch.amp.grad_scaler import GradScaler, OptState
+
+    frame = sys._getframe(1)
+    for _ in range(64):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, GradScaler):
+            state = owner._per_optimizer_states.get(id(opt))  # .get: a defaultdict
+            if state is not None and state.get("stage") is OptState.UNSCALED:
+                return owner._scale
+            return None
+        frame = frame.f_back
+    return None
+
+
+def _undo_unscaled_scale(opt: ESGDM, hvps: list[Tensor]) -> list[Tensor]:
+    """Autograd Hessian-vector products in the units of the gradients ``opt`` holds.
+
+    ``scaler.unscale_(opt)`` divides the gradients in place, but the double-backward
+    graph still differentiates the scaled ones: its ``h`` is ``scale`` times too large.
+    Divided here (on the device, nothing read back); without an unscaling scaler the
+    kernels divide ``g`` and ``h`` by ``grad_scale`` themselves."""
+    scale = _scale_of_unscaling_scaler(opt)
+    if scale is None:
+        return hvps
+    return [h / scale.to(h.device).reshape(()) for h in hvps]  # (h may be a view: not in place)
 
 
 def _is_view(exposed: Any, view: Tensor) -> bool:

@@ -52,7 +52,8 @@ Per element, in float32 (float64 for float64 parameters); ``S`` is ``grad_scale`
     m = lerp(m, g, w)                  # torch.lerp's formula (see _lerp)
     if D-step:
         h  = h_raw / S
-        h2 = h * h if h is finite else 0   # a non-finite observation is dropped
+        h2 = h * h if h * h is finite else 0   # a non-finite observation is dropped
+                                           # (h NaN, inf, or so large that h * h overflows)
         D  = nan_max(beta2 * D, h2)
     mhat  = lerp(m, g, w)
     denom = sqrt(D) + eps
@@ -84,7 +85,8 @@ counter-based hash, identical on every backend::
           x' = (floor(q) + (u < q - floor(q))) * ulp,  u = (r >> 8) * 2**-24   (x finite)
 
 with ``mix32`` the 32-bit integer hash :func:`mix32` and ``seed32`` the low 32 bits of
-the op's ``seed``.  Non-finite ``x`` rounds to nearest.
+the op's ``seed``.  Non-finite ``x`` rounds to nearest.  (The optimizer hands the op
+:func:`seed32` of its 64-bit seed, so every bit of that seed keys the rounding.)
 """
 
 from __future__ import annotations
@@ -161,7 +163,8 @@ def update_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Optional[Tens
     if h is not None:
         if grad_scale is not None:
             h = h / grad_scale
-        h2 = torch.where(torch.isfinite(h), h * h, torch.zeros_like(h))
+        h2 = h * h  # NaN or inf where h is, and where a finite h's square overflows:
+        h2 = torch.where(torch.isfinite(h2), h2, torch.zeros_like(h2))  # then dropped
         d_new = torch.maximum(d * beta2, h2)
     mhat = _lerp(m_new, g0, w)
     denom = d_new.sqrt() + eps
@@ -203,6 +206,13 @@ def mix32_int(x: int) -> int:
     x ^= x >> 15
     x = (x * MIX_M2) & MASK32
     return x ^ (x >> 16)
+
+
+def seed32(seed: int) -> int:
+    """A seed of up to 64 bits folded to the 32 bits the hashes are keyed with: the low
+    word XOR :func:`mix32` of the high word.  A seed below ``2**32`` is its own fold
+    (``mix32(0) == 0``), and for a given low word every high word gives another key."""
+    return (seed ^ mix32_int(seed >> 32)) & MASK32
 
 
 def random_bits(seed: int, slot, steps, numel: int, device=None, start: int = 0) -> Tensor:
@@ -324,6 +334,6 @@ def update_dscale(scalars: Tensor, slot: Tensor, exp_avg_ds: Sequence[Tensor],
 __all__ = [
     "BETA1", "BETA2", "BIAS", "DSCALE", "EPS", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING",
     "HPARAM_COLUMNS", "LR", "LR_WARMUP", "SCALAR_COLUMNS", "STEPS", "WARM", "WEIGHT_DECAY",
-    "curvature_scale", "derive", "mix32", "mix32_int", "random_bits", "reference_step",
+    "curvature_scale", "derive", "mix32", "mix32_int", "random_bits", "reference_step", "seed32",
     "stochastic_round", "update_dscale", "update_elements",
 ]

@@ -6,11 +6,13 @@ row-major index in the full parameter)``::
     key = mix32(mix32(mix32(seed32 ^ SALT) ^ param_key) ^ step32)
     v   = -1 if mix32(index32 ^ key) >= 2**31 else +1   (index: low 32 bits)
 
-with :func:`esgdm.rule.mix32`.  So a run sharded in any way (DDP replicas, FSDP2 shards,
-a single process) probes exactly the same direction, a restored checkpoint continues
-with the same signs, and drawing them never touches torch's global random state (so
-switching an existing training script from AdamW to ESGD-M does not change its data
-order or dropout masks).
+with :func:`esgdm.rule.mix32` and ``seed32`` the 64-bit seed folded by
+:func:`esgdm.rule.seed32` (a seed below ``2**32`` is itself; every higher bit changes
+the key).  The kernels draw no signs: only this module does.  So a run sharded in any
+way (DDP replicas, FSDP2 shards, a single process) probes exactly the same direction,
+a restored checkpoint continues with the same signs, and drawing them never touches
+torch's global random state (so switching an existing training script from AdamW to
+ESGD-M does not change its data order or dropout masks).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from esgdm.rule import MASK32, MIX_M1, MIX_M2, mix32_int
+from esgdm.rule import MASK32, MIX_M1, MIX_M2, mix32_int, seed32
 
 #: Separates the sign stream from the stochastic-rounding stream of the same seed.
 SIGN_SALT = 0x5BD1E995
@@ -28,7 +30,7 @@ SIGN_SALT = 0x5BD1E995
 
 def stream_key(seed: int, step: int, param_key: int) -> int:
     """The 32-bit key of one parameter's signs at one step."""
-    return mix32_int(mix32_int(mix32_int((seed ^ SIGN_SALT) & MASK32) ^ (param_key & MASK32))
+    return mix32_int(mix32_int(mix32_int(seed32(seed) ^ SIGN_SALT) ^ (param_key & MASK32))
                      ^ (step & MASK32))
 
 

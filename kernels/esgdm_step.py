@@ -226,7 +226,8 @@ def _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale, dscale_e
         h = h.to(tl.float32)
         if HAS_GS:
             h = _div(h, S, PRECISE_MATH)
-        h2 = tl.where(_isfinite(h), h * h, 0.0)  # a non-finite observation is dropped
+        h2 = h * h
+        h2 = tl.where(_isfinite(h2), h2, 0.0)  # h NaN or inf, or h * h overflowing: dropped
         d = tl.where(ok, tl.maximum(d * beta2, h2, propagate_nan=tl.PropagateNan.ALL), d)
     mhat = _lerp(m, g, w)  # Nesterov look-ahead
     if PRECISE_MATH:

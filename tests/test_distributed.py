@@ -178,7 +178,10 @@ def test_ddp_matches_one_process(ranks):
     same, _ = one_process(make_mlp, "mlp", seed=r0["ddp_seed"])
     other, _ = one_process(make_mlp, "mlp", seed=r0["ddp_seed"] + 1)
     for q, p, o in zip(r0["ddp"], same.parameters(), other.parameters()):
-        assert rel_err(q, p) < 1e-6  # a sum split in two rounds differently; r magnifies it
+        # a sum split in two rounds differently and r magnifies it, by how much depends on
+        # the signs: 5e-9 to 2.3e-6 over five seeds (the default seed follows the ranks'
+        # torch.manual_seed); another seed's trajectory is > 1e-4 away
+        assert rel_err(q, p) < 1e-5
         assert rel_err(q, o) > 1e-4  # other signs, other trajectory: the signs were shared
 
 

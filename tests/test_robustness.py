@@ -318,3 +318,284 @@ def test_copies_are_working_optimizers(how):
     train(net2, opt2, 4)
     assert torch.equal(net.weight, net2.weight)
     assert torch.equal(net.bias, net2.bias)
+
+
+# ------------------------------------------------------------ issue 18: refusals and seams
+
+def _backends(dtype=torch.float32):
+    out = []
+    for name in ("torch", "cpu", "triton"):
+        try:
+            why = esgdm.backends.get(name).why_not(torch.device("cpu"), dtype)
+        except Exception as e:  # noqa: BLE001 - an unimportable backend is skipped, with the reason
+            why = f"{type(e).__name__}: {e}"
+        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])
+def test_tensor_lr_with_a_bad_value_is_refused_wherever_it_is_given(bad):
+    p, q = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match=f"Invalid lr in param group 0: {bad}"):
+        esgdm.ESGDM([{"params": [p], "lr": torch.tensor(bad)}], lr=0.5)
+    opt = esgdm.ESGDM([p], lr=torch.tensor(0.5))
+    with pytest.raises(ValueError, match=f"Invalid lr in param group 1: {bad}"):
+        opt.add_param_group({"params": [q], "lr": torch.tensor(bad, dtype=torch.float64)})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("name,value", [
+    ("exact", "no"), ("exact", 1), ("exact", None), ("capturable", "yes"), ("capturable", 0),
+    ("stochastic_rounding", "false"), ("stochastic_rounding", 1.0),
+])
+def test_flags_must_be_bools(name, value):
+    with pytest.raises(TypeError, match=f"Invalid {name}: {value!r} \\(must be True or False"):
+        esgdm.ESGDM([torch.zeros(2, requires_grad=True)], **{name: value})
+
+
+def test_flags_keep_their_defaults_and_bool_values():
+    p = torch.zeros(2, requires_grad=True)
+    opt = esgdm.ESGDM([p], exact=True, stochastic_rounding=None, capturable=False)
+    assert (opt.exact, opt.stochastic_rounding, opt.capturable) == (True, False, False)
+    assert esgdm.ESGDM([p], stochastic_rounding=False).stochastic_rounding is False
+
+
+def test_default_seed_leaves_the_global_rng_alone():
+    """Switching from AdamW must not change data order or dropout masks; the seed
+    follows torch.manual_seed, so a seeded script is reproducible."""
+    seeds = []
+    for torch_seed in (0, 0, 1):
+        torch.manual_seed(torch_seed)
+        before = torch.get_rng_state()
+        seeds.append(esgdm.ESGDM([torch.zeros(2, requires_grad=True)]).seed)
+        assert torch.equal(torch.get_rng_state(), before)
+    assert seeds[0] == seeds[1] != seeds[2] and all(0 <= s < 2**63 for s in seeds)
+    # an explicit generator still decides the seed
+    a = esgdm.ESGDM([torch.zeros(2, requires_grad=True)], generator=torch.Generator().manual_seed(5))
+    b = esgdm.ESGDM([torch.zeros(2, requires_grad=True)], generator=torch.Generator().manual_seed(5))
+    assert a.seed == b.seed
+
+
+def _old_stream_key(seed, step, key):
+    """The sign key as it was computed from the low 32 bits only (for seeds < 2**32)."""
+    from esgdm.rule import mix32_int
+    from esgdm.signs import SIGN_SALT
+    m = 0xFFFFFFFF
+    return mix32_int(mix32_int(mix32_int((seed ^ SIGN_SALT) & m) ^ (key & m)) ^ (step & m))
+
+
+def test_every_bit_of_the_seed_keys_the_signs():
+    from esgdm.signs import rademacher, stream_key
+
+    def signs(seed):
+        return rademacher(seed, 3, 1, (4000,), dtype=torch.float32, device="cpu")
+
+    base = signs(1)
+    for high in (1 + 2**32, 1 + 2**40, 1 + 2**63):
+        assert 0.4 < (signs(high) != base).float().mean().item() < 0.6, high
+    # seeds below 2**32 keep the signs they always had
+    for seed in (0, 1, 12345, 2**31 + 7, 2**32 - 1):
+        for step, key in ((0, 0), (7, 3), (2**33 + 1, 2**40)):
+            assert stream_key(seed, step, key) == _old_stream_key(seed, step, key)
+
+
+def test_seeds_that_differ_above_bit_32_train_differently():
+    """The signs (D) and the stochastic rounding of bf16 parameters both follow the
+    high bits; a seed below 2**32 hands the op the seed itself."""
+    from esgdm.rule import seed32
+
+    assert [seed32(s) for s in (0, 7, 2**32 - 1)] == [0, 7, 2**32 - 1]
+    results = []
+    for seed in (1, 1 + 2**40):
+        torch.manual_seed(0)
+        w = torch.randn(64, requires_grad=True)
+        b = torch.randn(256, dtype=torch.bfloat16, requires_grad=True)
+        opt = esgdm.ESGDM([w, b], backend="torch", seed=seed, lr=0.3)
+        _steps(opt, [w, b], 1, loss=lambda ps: (ps[0] @ ps[0]) ** 2 + (ps[1].float() ** 4).sum())
+        results.append((opt.state[w]["exp_avg_d"].clone(), b.detach().clone()))
+    (da, ba), (db, bb) = results
+    assert not torch.equal(da, db)
+    assert not torch.equal(ba, bb)
+    for bad in (2**64, -1, 1.5):
+        with pytest.raises(ValueError, match="Invalid seed"):
+            esgdm.ESGDM([torch.zeros(2, requires_grad=True)], seed=bad)
+    assert esgdm.ESGDM([torch.zeros(2, requires_grad=True)], seed=2**64 - 1).seed == 2**64 - 1
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_an_overflowing_square_is_dropped_on_every_backend(backend):
+    """h = 1e20 (float32: h * h = inf) is dropped like inf or NaN: D <- b2 * D there.
+    Expected values are computed here by hand (beta2 = 0.5, D = 4 before)."""
+    from esgdm import ops, rule
+
+    h = torch.tensor([1e20, -1e20, 1e19, 2e19, float("inf"), float("nan"), 3.0, 0.0])
+    n = h.numel()
+    p, g = torch.ones(n), torch.full((n,), 0.1)
+    m, d = torch.zeros(n), torch.full((n,), 4.0)
+    scalars = torch.tensor([[1.0, 1.0, 0.0, 0.0]], dtype=torch.float64)
+    index = torch.tensor([[0, 0]], dtype=torch.int32)
+    hparams = torch.tensor([[0.1, 0.9, 0.5, 0.9, 1e-4, 0.0]], dtype=torch.float64)
+    ops.step_([p], [g], [m], [d], [h], scalars, index, hparams, None, None, rule.FLAG_EXACT, 0, backend)
+    want = torch.tensor([2.0, 2.0, 1e19 * 1e19, 2.0, 2.0, 2.0, 9.0, 2.0])  # 2e19**2 overflows
+    assert torch.equal(d, want), d
+    assert torch.isfinite(p).all()
+    if esgdm.backends.get(backend).why_not(torch.device("cpu"), torch.float64) is None:
+        h64 = torch.tensor([1e160, 1e150, float("nan"), 3.0], dtype=torch.float64)
+        d64 = torch.full((4,), 4.0, dtype=torch.float64)
+        ops.step_([torch.ones(4, dtype=torch.float64)], [torch.full((4,), 0.1, dtype=torch.float64)],
+                  [torch.zeros(4, dtype=torch.float64)], [d64], [h64], scalars, index, hparams, None, None,
+                  rule.FLAG_EXACT, 0, backend)
+        assert torch.equal(d64, torch.tensor([2.0, 1e150 * 1e150, 2.0, 9.0], dtype=torch.float64)), d64
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_a_curvature_spike_beyond_float32_does_not_freeze_the_coordinate(backend):
+    """One D-step sees h = 1e20 for x[0] (the loss gains 0.5e20 * (x - x_now)**2: no
+    gradient, only curvature).  Before, D became inf there for good and x[0] never
+    moved again; now the observation is dropped and x[0] keeps converging."""
+    x = torch.tensor([2.0, 2.0], requires_grad=True)
+    opt = esgdm.ESGDM([x], backend=backend, lr=0.5, seed=1, d_warmup=3, update_d_every=2)
+    for k in range(40):
+        opt.zero_grad(set_to_none=True)
+        loss = 0.5 * (x ** 2).sum()
+        if k == 1:
+            loss = loss + 0.5e20 * ((x[0] - x[0].detach()) ** 2)
+        loss.backward(create_graph=opt.should_create_graph())
+        opt.step()
+    assert torch.isfinite(opt.state[x]["exp_avg_d"]).all()
+    # x[0] follows its twin x[1] (one dropped observation of 1 apart) from 2.0 to ~0.14
+    assert abs(x[0].item()) < 0.5 and abs(x[0].item() - x[1].item()) < 1e-3
+
+
+def test_eps_zero_with_exact_is_refused_everywhere():
+    p, q = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="Invalid eps: 0.0 with exact=True"):
+        esgdm.ESGDM([p], eps=0.0, exact=True)
+    with pytest.raises(ValueError, match="Invalid eps in param group 0: 0.0 with exact=True"):
+        esgdm.ESGDM([{"params": [p], "eps": 0}], exact=True)
+    opt = esgdm.ESGDM([p], exact=True, backend="torch")
+    with pytest.raises(ValueError, match="Invalid eps in param group 1: 0.0 with exact=True"):
+        opt.add_param_group({"params": [q], "eps": 0.0})
+    assert len(opt.param_groups) == 1
+    # edited between steps: refused before anything changes
+    _steps(opt, [p], 2)
+    opt.zero_grad(set_to_none=True)
+    _quartic([p]).backward(create_graph=opt.should_create_graph())
+    opt.param_groups[0]["eps"] = 0.0
+    before = snapshot(opt, [p])
+    with pytest.raises(ValueError, match="Invalid eps in param group 0: 0.0 with exact=True"):
+        opt.step()
+    assert_unchanged(before, opt, [p])
+    # a checkpoint of a default-rule run with eps=0 does not load into an exact one
+    free = esgdm.ESGDM([q], eps=0.0, backend="torch")
+    exact = esgdm.ESGDM([q], exact=True, backend="torch")
+    with pytest.raises(ValueError, match="Invalid eps in loaded param group 0: 0.0 with exact=True"):
+        exact.load_state_dict(free.state_dict())
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_eps_zero_is_safe_in_the_default_rule(backend):
+    """Where D == 0 the default rule never divides by eps: no inf written."""
+    w = torch.tensor([1.0, 1.0, 1.0], requires_grad=True)
+    opt = esgdm.ESGDM([w], eps=0.0, backend=backend, lr=0.5, d_warmup=2, update_d_every=100)
+    for k in range(4):  # w[2] has no curvature on the D-steps, then a gradient
+        opt.zero_grad(set_to_none=True)
+        ((w[:2] ** 4).sum() + (3 * w[2] if k >= 2 else 0)).backward(create_graph=opt.should_create_graph())
+        opt.step()
+    assert torch.isfinite(w).all()
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "auto", "finite_difference"])
+def test_zero_gradients_without_graph_are_not_a_silent_skip(hvp):
+    """A user's D-step with zero gradients that carry no graph used to return early
+    (no weight decay, not counted, nothing said): it now asks for the graph or the
+    closure like any D-step, and changes nothing."""
+    p = torch.ones(3, requires_grad=True)
+    opt = esgdm.ESGDM([p], weight_decay=0.5, lr=0.5, backend="torch", hvp=hvp)
+    p.grad = torch.zeros(3)
+    before = snapshot(opt, [p])
+    with pytest.raises(RuntimeError, match="create_graph|closure"):
+        opt.step()
+    assert_unchanged(before, opt, [p])
+    assert not opt.state
+
+
+def test_zero_gradient_plain_step_decays_and_counts():
+    p = torch.ones(3, requires_grad=True)
+    opt = esgdm.ESGDM([p], weight_decay=0.5, lr=0.5, backend="torch", seed=1)
+    _steps(opt, [p], 25, loss=lambda ps: (ps[0] ** 2).sum())
+    p.grad = torch.zeros(3)
+    value, steps = p.detach().clone(), opt.steps
+    opt.step()  # a plain step
+    assert opt.steps == steps + 1
+    assert not torch.equal(p.detach(), value)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_distributed_checkpoint_state_initialisation_still_works(tensor_lr):
+    """torch.distributed.checkpoint's _init_optim_state steps once with zero gradients
+    and lr set to 0 to create state: that call shows fresh state and changes nothing."""
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+
+    p = torch.ones(3, requires_grad=True)
+    lr = torch.tensor(0.5) if tensor_lr else 0.5
+    opt = esgdm.ESGDM([p], weight_decay=0.5, lr=lr, backend="torch", seed=2)
+    _init_optim_state(opt)
+    assert torch.equal(p.detach(), torch.ones(3)) and opt.steps == 0
+    assert float(opt.state[p]["exp_avg_bias_corr"]) == 1.0 and p.grad is None
+    assert float(opt.param_groups[0]["lr"]) == 0.5
+    sd = opt.state_dict()
+    assert sd["state"][0]["exp_avg"].shape == (3,)
+    _steps(opt, [p], 2)
+    assert opt.steps == 2
+
+
+@pytest.mark.parametrize("backend,wrapped", [("torch", False), ("cpu", False), ("torch", True)])
+def test_unscale_before_an_autograd_d_step_matches_the_run_without_scaler(backend, wrapped):
+    """scaler.unscale_(opt) (to clip, say) divides the gradients in place, but the
+    double-backward graph still differentiates the scaled ones.  h is divided by the
+    scale, so the run equals the run without a scaler; the scale is a power of two,
+    so bit for bit.  ``wrapped``: opt.step patched by a wrapper, as accelerate does."""
+    if backend == "cpu" and esgdm.backends.get("cpu").why_not(torch.device("cpu"), torch.float32):
+        pytest.skip("cpu backend unavailable")
+    results = []
+    for use_scaler in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
+        opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend=backend, seed=3, d_warmup=4, update_d_every=2)
+        if wrapped:
+            opt.step = lambda *args, _inner=opt.step, **kwargs: _inner(*args, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12) if use_scaler else None
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(8):
+            x = torch.randn(16, 5, generator=gen)
+            opt.zero_grad(set_to_none=True)
+            loss = net(x).pow(2).mean()
+            if scaler is None:
+                loss.backward(create_graph=opt.should_create_graph())
+                opt.step()
+            else:
+                scaler.scale(loss).backward(create_graph=opt.should_create_graph())
+                scaler.unscale_(opt)
+                scaler.step(opt)
+                scaler.update()
+        results.append(([p.detach().clone() for p in net.parameters()],
+                        [opt.state[p]["exp_avg_d"].clone() for p in net.parameters()]))
+    (pa, da), (pb, db) = results
+    for a, b in zip(da, db):
+        assert torch.equal(a, b)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "auto"])
+def test_d_step_where_only_empty_tensors_have_gradients_is_counted(hvp):
+    """An empty tensor's gradient carries no graph and there is nothing to observe: the
+    D-step runs (and counts) without asking for one.  (It used to pass for the state
+    initialisation of torch.distributed.checkpoint and be skipped.)"""
+    e = torch.zeros(0, 2, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    opt = esgdm.ESGDM([e, w], backend="torch", hvp=hvp)
+    e.grad = torch.zeros(0, 2)
+    opt.step()
+    assert opt.steps == 1 and float(opt.state[e]["step"]) == 1.0 and w not in opt.state
