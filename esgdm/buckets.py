@@ -38,6 +38,13 @@ def local(t: Tensor) -> Tensor:
     """What this process holds of ``t``: a DTensor's local shard (same storage), else ``t``."""
     return t._local_tensor if is_dtensor(t) else t
 
+
+def real_view(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (``torch.view_as_real``: a trailing dimension
+    of 2, same storage), any other tensor as itself.  Complex parameters are stepped,
+    probed and stored as this view, as the built-in torch optimizers do."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
 #: Every tensor's slice of a flat buffer starts on a multiple of this many bytes.
 ALIGN_BYTES = 16
 
@@ -116,8 +123,12 @@ class Bucket:
         #: local shard, and the state is exposed as DTensors sharded like the parameter.
         self.dtensor = [is_dtensor(p) for p in self.params]
         self.any_dtensor = any(self.dtensor)
-        #: The tensors the kernels step: the parameters, or their local shards.
-        self.tensors = [local(p) for p in self.params] if self.any_dtensor else self.params
+        #: Which parameters are complex: the kernels step their real views.
+        self.complex = [p.is_complex() for p in self.params]
+        self.any_complex = any(self.complex)
+        #: The tensors the kernels step: the parameters, or their local shards (real views).
+        self.tensors = ([real_view(local(p)) for p in self.params] if self.any_dtensor or self.any_complex
+                        else self.params)
         p0 = self.tensors[0]
         self.device = p0.device
         self.dtype = p0.dtype
@@ -170,7 +181,10 @@ class Bucket:
 
     def exposed_view(self, view: Tensor, i: int) -> Tensor:
         """``view`` as the user sees state: a DTensor sharded like parameter ``i`` if
-        that is a DTensor (so a sharded optimizer's state dict is a sharded state dict)."""
+        that is a DTensor (so a sharded optimizer's state dict is a sharded state dict),
+        a complex view for a complex parameter (as torch.optim keeps complex state)."""
+        if self.complex[i]:
+            view = torch.view_as_complex(view)
         if not self.dtensor[i]:
             return view
         p = self.params[i]
@@ -224,7 +238,7 @@ def build_buckets(param_groups: Sequence[dict], state_dtype: Optional[torch.dtyp
     members: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
     for gi, group in enumerate(param_groups):
         for p in group["params"]:
-            params, groups = members.setdefault((local(p).device, p.dtype), ([], []))
+            params, groups = members.setdefault((local(p).device, p.dtype.to_real()), ([], []))
             params.append(p)
             groups.append(gi)
     return [Bucket(params, groups, state_dtype) for params, groups in members.values()]
@@ -245,5 +259,5 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
 
 __all__ = [
     "ALIGN_BYTES", "Bucket", "STATE_DTYPES", "build_buckets", "bytes_moved", "is_dense",
-    "is_dtensor", "local", "same_layout", "state_dtype_for", "state_strides",
+    "is_dtensor", "local", "real_view", "same_layout", "state_dtype_for", "state_strides",
 ]

@@ -77,12 +77,16 @@ def scalar(name: str, value: Any) -> float:
     return value
 
 
-def state_tensor(name: str, value: Any, shape) -> Tensor:
+def state_tensor(name: str, value: Any, shape, complex_state: bool = False) -> Tensor:
+    """A state tensor of ``shape``: floating point, or complex for a complex parameter
+    (``complex_state``), whose state is shown as complex as in torch.optim."""
     if not isinstance(value, Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(value).__name__}")
     if value.is_meta:
         raise ValueError(f"{name} is a tensor on the meta device (it holds no values)")
-    if not value.dtype.is_floating_point:
+    if complex_state and not value.is_complex():
+        raise ValueError(f"{name} must be complex like its parameter, got {value.dtype}")
+    if not complex_state and not value.dtype.is_floating_point:
         raise ValueError(f"{name} must be floating point, got {value.dtype}")
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(value.shape)}, the parameter has shape {tuple(shape)}")
@@ -100,6 +104,8 @@ def check_values(name: str, value: Tensor, nonnegative: bool) -> None:
     """Refuses NaN and +-inf, and negative values when ``nonnegative`` (one host read:
     loading is not a step).  A DTensor's local shard is what this process checks."""
     value = local(value)
+    if value.is_complex():  # a complex parameter's state: its real view holds the values
+        value = torch.view_as_real(value)
     ok = torch.isfinite(value)
     if nonnegative:
         ok &= value >= 0
@@ -136,7 +142,8 @@ def check_state_dtype(value: Any) -> None:
 def validate(state_dict: dict, param_groups: list, check_group) -> dict:
     """Everything :meth:`ESGDM.load_state_dict` needs, checked; raises ``ValueError``.
 
-    Returns ``{"counters": {...}, "groups": [...], "state": {param: {...}}}``.
+    Returns ``{"counters": {...}, "groups": [...], "state": {param: {...}}, "other": {...}}``
+    (``other``: the state entries whose key is not a parameter id, passed through).
     """
     if not isinstance(state_dict, dict):
         raise ValueError(f"loaded state dict is not a dict: {type(state_dict).__name__}")
@@ -174,11 +181,20 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
         id_to_param.update(zip(saved["params"], group["params"]))
         new = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", GROUP_KEY)}
         new["params"] = group["params"]
+        if "param_names" in group and "param_names" not in new:  # as torch.optim: saved names win,
+            new["param_names"] = group["param_names"]               # else this optimizer's stay
         check_group(new, f" in loaded param group {gi}")
         groups.append(new)
 
-    per_param = {}
+    names = {n for g in (*param_groups, *saved_groups) for n in g.get("param_names", ())}
+    per_param, other = {}, {}
     for key, entry in state_dict["state"].items():
+        if key not in id_to_param and (not isinstance(key, int) or isinstance(key, bool)):
+            if isinstance(key, str) and key in names:  # keyed by name: it would load nothing
+                raise ValueError(f"loaded state dict keys its state by parameter name ({key!r}), "
+                                 "its param groups do not: the keys must be what 'params' lists")
+            other[key] = entry  # not a parameter's: passed through, as torch.optim does
+            continue
         if key not in id_to_param:
             raise ValueError(f"loaded state dict has state for unknown parameter id {key!r}")
         p = id_to_param[key]
@@ -189,15 +205,15 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
             raise ValueError(f"state of parameter id {key!r} lacks {missing}")
         where = f"state {{}} of parameter id {key!r}".format
         per_param[p] = {
-            EXP_AVG: state_tensor(where(repr(EXP_AVG)), entry[EXP_AVG], p.shape),
-            EXP_AVG_D: state_tensor(where(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape),
+            EXP_AVG: state_tensor(where(repr(EXP_AVG)), entry[EXP_AVG], p.shape, p.is_complex()),
+            EXP_AVG_D: state_tensor(where(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape, p.is_complex()),
             BIAS: in_unit_interval(where(repr(BIAS)), entry[BIAS]),
             WARM: in_unit_interval(where(repr(WARM)), entry[WARM]),
             STEP: step_count(where(repr(STEP)), entry.get(STEP, 0.0)),
         }
         check_values(where(repr(EXP_AVG)), per_param[p][EXP_AVG], nonnegative=False)
         check_values(where(repr(EXP_AVG_D)), per_param[p][EXP_AVG_D], nonnegative=True)
-    return {"counters": counters, "groups": groups, "state": per_param}
+    return {"counters": counters, "groups": groups, "state": per_param, "other": other}
 
 
 __all__ = ["BIAS", "EXP_AVG", "GROUP_KEY", "EXP_AVG_D", "SEED_LIMIT", "STATE_KEYS", "STEP", "WARM",

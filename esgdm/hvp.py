@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from esgdm.buckets import local  # a DTensor's local shard (same storage), else the tensor
+from esgdm.buckets import real_view  # a complex tensor's real view, else the tensor
 
 CREATE_GRAPH_HINT = (
     "ESGD-M needs a Hessian-vector product on this step, so the backward pass must "
@@ -57,12 +58,15 @@ def autograd_hvp(
 ) -> list[Tensor]:
     """``d/dθ Σ_p <g_p, v_p>`` in one autograd call over every parameter.
 
+    A complex parameter is taken as its real view: its sign vector and its HVP are
+    shaped like ``torch.view_as_real(p)`` (its gradient may be given either way).
     A parameter that the gradients do not depend on, or whose gradient has no graph
     (the loss is linear in it), gets a zero HVP.  The graph is retained: two
     optimizers over disjoint parts of one loss both differentiate it (it is freed
     with the gradients, at the next ``zero_grad``).
     """
     check_graphs(params, grads, fd_available)
+    grads = [real_view(g) for g in grads]  # <real view of g, v>: a real scalar to differentiate
     with_graph = [k for k, g in enumerate(grads) if g.grad_fn is not None]
     hvps: list = [None] * len(params)
     with torch.enable_grad():
@@ -71,7 +75,7 @@ def autograd_hvp(
                                     allow_unused=True, retain_graph=True)
     for k, h in enumerate(found):
         hvps[k] = h
-    return [torch.zeros_like(p) if h is None else h for p, h in zip(params, hvps)]
+    return [torch.zeros_like(real_view(p)) if h is None else real_view(h) for p, h in zip(params, hvps)]
 
 
 # --------------------------------------------------------------------------
@@ -453,7 +457,7 @@ def _probe_grads(
                     closure()
     finally:
         after.restore()
-    return [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    return [real_view(torch.zeros_like(p) if p.grad is None else p.grad) for p in params]
 
 
 def finite_difference_hvp(
@@ -473,7 +477,9 @@ def finite_difference_hvp(
             FSDP2's; always the parameters themselves, whose ``.grad`` the closure
             sets, not views of them); ``grads`` their gradients at θ.
         signs: the Rademacher vectors ``v``, shaped like ``params`` (for a DTensor
-            parameter: a DTensor like it, or its local shard's part of ``v``).
+            parameter: a DTensor like it, or its local shard's part of ``v``; for a
+            complex parameter: like its real view, which is what is perturbed, and
+            what its HVP, the radius's ``||θ||`` and ``n`` are taken over).
         closure: re-evaluates the loss on the same batch and calls ``backward()``.
         rng: the random-number state from before the main evaluation.
         scheme: ``"forward"`` (one extra gradient) or ``"central"`` (two).
@@ -489,21 +495,22 @@ def finite_difference_hvp(
     if scheme not in FD_SCHEMES:
         raise ValueError(f"Invalid finite-difference scheme: {scheme!r}; choose one of {FD_SCHEMES}")
     params, grads = list(params), list(grads)
+    reals = [real_view(p) for p in params]  # what is perturbed (complex: as the real view)
     seen = ComputePrecision(device_types=("cpu", "cuda", *(_device_type(p) for p in params)))
     seen.record()  # the autocast state around this call
     if precision is not None:
         seen.merge(precision)
     if radius is None:
-        theta_norm = param_norm(params)
-        n = sum(p.numel() for p in params)
-        u = seen.unit_roundoff(params)
-        r = fd_radius(params, n, scheme, u=u, theta_norm=theta_norm)
+        theta_norm = param_norm(reals)
+        n = sum(p.numel() for p in reals)
+        u = seen.unit_roundoff(reals)
+        r = fd_radius(reals, n, scheme, u=u, theta_norm=theta_norm)
     else:
         r = radius
     # The forward scheme frees the signs before its probe, unless a redo with a
     # radius for a lower precision than expected may need them.
     keep_signs = scheme == "central" or (radius is None and precision is None)
-    shards = [local(p) for p in params]  # in-place arithmetic on what this rank holds
+    shards = [real_view(local(p)) for p in params]  # in-place arithmetic on what this rank holds
     with torch.no_grad():
         backup = torch._foreach_mul(shards, 1.0)  # θ, bit for bit
     try:
@@ -513,16 +520,16 @@ def finite_difference_hvp(
             if not keep_signs:
                 signs = None  # not needed any more: free it before the probe runs
             plus = _probe_grads(params, closure, rng, seen)
-            if radius is not None or seen.unit_roundoff(params) <= u:
+            if radius is not None or seen.unit_roundoff(reals) <= u:
                 break
-            u = seen.unit_roundoff(params)  # the probe computes less precisely than assumed
+            u = seen.unit_roundoff(reals)  # the probe computes less precisely than assumed
             if signs is None:
                 _warn_once("precision", (
                     "finite differences: the probe computed in a lower precision (autocast) "
                     "than the main evaluation showed; this step's curvature used a radius "
                     "sized for the higher precision"))
                 break
-            r = fd_radius(params, n, scheme, u=u, theta_norm=theta_norm)
+            r = fd_radius(reals, n, scheme, u=u, theta_norm=theta_norm)
             del plus
             with torch.no_grad():
                 torch._foreach_copy_(shards, backup)
@@ -538,7 +545,7 @@ def finite_difference_hvp(
         with torch.no_grad():
             hvps = [h.detach() for h in plus]
             out = [local(h) for h in hvps]  # the same storage as hvps
-            torch._foreach_sub_(out, [local(b.detach()) for b in base])
+            torch._foreach_sub_(out, [real_view(local(b.detach())) for b in base])
             torch._foreach_div_(out, step)
         return hvps
     finally:

@@ -218,7 +218,7 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
     ``_checked=True`` (the optimizer's eager calls) skips the per-tensor checks of
     :func:`check_step_args` that the caller's bookkeeping guarantees; at 4096 small
     tensors they cost the host more than the kernel does."""
-    if _is_compiling():
+    if _is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
         torch.ops.esgdm.step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                               grad_scale, found_inf, flags, seed, kernel)
     else:

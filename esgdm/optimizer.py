@@ -10,6 +10,7 @@ is stepped by one call of the ``esgdm::step_`` operator (:mod:`esgdm.ops`).
 from __future__ import annotations
 
 import collections
+import copy
 import math
 import numbers
 import operator
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from esgdm import backends, checkpoint, ops
-from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, is_dtensor, local, same_layout
+from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, is_dtensor, local, real_view, same_layout
 from esgdm.checkpoint import BIAS, EXP_AVG, EXP_AVG_D, STEP, WARM, check_count, check_seed
 from esgdm.hvp import (
     FD_SCHEMES, ComputePrecision, RngSnapshot, autograd_hvp, finite_difference_hvp,
@@ -89,6 +90,56 @@ def _real(name: str, value: Any, where: str) -> float:
     return float(value)
 
 
+def _check_flags(group: dict, where: str) -> None:
+    """``maximize`` and ``differentiable``, optional in a group (absent means False)."""
+    for name in ("maximize", "differentiable"):
+        value = group.get(name, False)
+        if not isinstance(value, bool):
+            raise TypeError(f"Invalid {name}{where}: {value!r} (must be True or False)")
+    if group.get("differentiable", False):
+        raise ValueError(f"differentiable=True is not supported{where}: the ESGD-M step runs in-place fused "
+                         "kernels (and a Hessian-vector product) that autograd cannot differentiate through; "
+                         "use differentiable=False")
+
+
+def _check_switch(name: str, value: Any) -> Optional[bool]:
+    """``foreach``/``fused``: None or a bool, as in torch.optim."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid {name}: {value!r} (must be None, True or False)")
+    return value
+
+
+def _backend_for_switches(backend: Optional[str], foreach: Optional[bool], fused: Optional[bool]) -> str:
+    """The backend name that ``backend=``, ``foreach=`` and ``fused=`` ask for together.
+
+    As in torch.optim: ``fused=True`` asks for a fused kernel (every backend but
+    ``"torch"``); ``fused=False``, and ``foreach=False`` unless ``fused=True``, ask for
+    the per-tensor implementation, which is the ``"torch"`` backend; ``foreach=True``
+    asks for a multi-tensor step, which every backend but ``"torch"`` is.  An explicit
+    ``backend=`` that contradicts them raises; ``$ESGDM_BACKEND`` gives way to them.
+    """
+    fused, foreach = _check_switch("fused", fused), _check_switch("foreach", foreach)
+    if fused and foreach:
+        raise ValueError("fused=True and foreach=True cannot both hold: pick one (ESGDM's fused "
+                         "kernels are also multi-tensor, so fused=True alone covers both)")
+    per_tensor = fused is False or (foreach is False and not fused)
+    if backend is None:
+        name = backends.check_name(backends.default_name())
+        if per_tensor:
+            return "torch"
+        return "auto" if name == "torch" and (fused or foreach) else name
+    name = backends.check_name(backend)
+    if per_tensor and name not in ("auto", "torch"):
+        flag = "fused=False" if fused is False else "foreach=False"
+        raise ValueError(f"{flag} asks for the unfused per-tensor step, the 'torch' backend, but "
+                         f"backend={name!r} is a fused kernel: drop one of them")
+    if name == "torch" and (fused or foreach):
+        flag = "fused=True" if fused else "foreach=True"
+        raise ValueError(f"{flag} asks for a fused multi-tensor kernel, but backend='torch' steps one "
+                         "tensor at a time: drop one of them")
+    return "torch" if per_tensor else name
+
+
 def check_group(group: dict, where: str = "", exact: bool = False) -> None:
     """Raises ValueError (TypeError for a wrong type) naming the first invalid
     hyper-parameter of ``group``.  ``exact``: the optimizer computes the original rule,
@@ -120,6 +171,7 @@ def check_group(group: dict, where: str = "", exact: bool = False) -> None:
     wd = _real("weight_decay", group["weight_decay"], where)
     if not (0.0 <= wd and math.isfinite(wd)):
         raise ValueError(f"Invalid weight_decay{where}: {wd!r} (must be finite and >= 0)")
+    _check_flags(group, where)
 
 
 def _hparam_row(group: dict) -> tuple:
@@ -201,6 +253,22 @@ class ESGDM(Optimizer):
             refuses host uploads during capture (set hyper-parameters before
             capturing; change lr through a tensor lr).  The step never syncs with the
             host either way.
+        maximize (bool): maximize the objective: the gradient's sign is flipped, the
+            curvature estimate (built from ``h * h``) is not (default False; can be set
+            per parameter group).
+        differentiable (bool): only False: the step cannot be differentiated through
+            (True raises ValueError).
+        foreach, fused (bool, optional): torch.optim's implementation switches.
+            ``fused=True`` asks for a fused kernel (any backend but ``"torch"``),
+            ``fused=False`` or ``foreach=False`` for the unfused per-tensor step (the
+            ``"torch"`` backend), ``foreach=True`` for a multi-tensor one (any backend
+            but ``"torch"``); None leaves the choice to ``backend``.  Both True, or a
+            ``backend=`` that contradicts them, raises ValueError.
+
+    Complex parameters are stepped as their real view (``torch.view_as_real``), the
+    Hessian-vector product and the sign vector included, as the built-in optimizers
+    do; their ``exp_avg`` and ``exp_avg_d`` are shown as complex tensors (views of the
+    real state; ``state_dtype=torch.bfloat16`` is refused for them).
 
     State: each parameter's ``exp_avg`` (``m``) and ``exp_avg_d`` (``D``) are views into
     flat per-(device, dtype) buffers; ``exp_avg_bias_corr`` (``bias``),
@@ -231,10 +299,13 @@ class ESGDM(Optimizer):
         stochastic_rounding: Optional[bool] = None,
         state_dtype: Optional[torch.dtype] = None,
         capturable: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
     ):
-        defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
+        defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
+                        maximize=maximize, differentiable=differentiable)
         exact = _flag("exact", exact)
         stochastic_rounding = _flag("stochastic_rounding", stochastic_rounding, none_ok=True)
         capturable = _flag("capturable", capturable)
@@ -242,7 +313,8 @@ class ESGDM(Optimizer):
         _check_lr_value(lr, "")  # construction may read it; steps never do
         self.update_d_every = check_count("update_d_every", update_d_every)
         self.d_warmup = check_count("d_warmup", d_warmup)
-        self.backend = backends.check_name(backend if backend is not None else backends.default_name())
+        self.backend = _backend_for_switches(backend, foreach, fused)
+        self.foreach, self.fused = foreach, fused
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"Invalid generator: {generator!r} (must be a torch.Generator)")
         if seed is not None:
@@ -256,10 +328,6 @@ class ESGDM(Optimizer):
             raise ValueError(f"Invalid fd_radius: {fd_radius!r} (must be finite and > 0)")
         if state_dtype is not None and state_dtype not in STATE_DTYPES:
             raise ValueError(f"Invalid state_dtype: {state_dtype!r} (choose torch.float32 or torch.bfloat16)")
-        for name, value in (("foreach", foreach), ("fused", fused)):
-            if value is False:
-                raise ValueError(f"{name}=False is not supported: ESGDM always steps each bucket "
-                                 "with one fused kernel (pick a kernel with backend=...)")
         self.hvp, self.fd_scheme, self.fd_radius = hvp, fd_scheme, fd_radius
         self.exact = exact
         self.stochastic_rounding = (not exact) if stochastic_rounding is None else stochastic_rounding
@@ -293,7 +361,8 @@ class ESGDM(Optimizer):
         self._watch = _Watch()
         state = _WatchedState(self._watch)
         for p, entry in dict(self.state).items():
-            dict.__setitem__(state, p, _WatchedEntry(self._watch, entry) if entry else entry)
+            wrap = entry and isinstance(entry, dict)  # (an entry that is not a parameter's may be anything)
+            dict.__setitem__(state, p, _WatchedEntry(self._watch, entry) if wrap else entry)
         self.state = state
         self._state_obj = state
 
@@ -315,8 +384,12 @@ class ESGDM(Optimizer):
                 raise ValueError(f"param group {n_before} repeats a parameter (the same tensor passed "
                                  "twice would be stepped twice): pass each parameter once")
             for p in group["params"]:
-                if not p.dtype.is_floating_point:
-                    raise ValueError(f"ESGDM optimizes floating-point parameters only, got one of dtype {p.dtype}")
+                if not (p.dtype.is_floating_point or p.is_complex()):
+                    raise ValueError("ESGDM optimizes floating-point parameters only (complex ones as their "
+                                     f"real view), got one of dtype {p.dtype}")
+                if p.is_complex() and self.state_dtype == torch.bfloat16:
+                    raise ValueError(f"a complex parameter ({p.dtype}) cannot have state_dtype=torch.bfloat16: "
+                                     "its state is shown as complex, and torch has no bfloat16 complex dtype")
                 if _overlaps(p):
                     raise ValueError(f"a parameter of shape {tuple(p.shape)} has strides {p.stride()}: "
                                      "its elements share memory (an expanded tensor), which an optimizer "
@@ -393,16 +466,20 @@ class ESGDM(Optimizer):
                                  "its elements share memory (an expanded tensor), which cannot be stepped")
             b, i = old.get(id(p), (None, 0))
             if b is not None and p in self.state and self.state[p]:
-                if tuple(b.exp_avg_views[i].shape) != tuple(local(p).shape):
+                if tuple(b.exp_avg_views[i].shape) != tuple(real_view(local(p)).shape):
                     raise ValueError(
                         f"a parameter changed shape from {tuple(b.exp_avg_views[i].shape)} to "
-                        f"{tuple(local(p).shape)} (p.data = ... with another shape): its optimizer "
+                        f"{tuple(real_view(local(p)).shape)} (p.data = ... with another shape): its optimizer "
                         "state cannot follow; reset it with opt.state[p] = {} first")
         new = build_buckets(self.param_groups, self.state_dtype)
-        chosen = {b.key: backends.resolve(self.backend, b.device, b.dtype) for b in new}
-        # Nothing above mutated anything; now move the existing state across.
-        saved = {p: self._read_state(p) for p in list(self.state) if self.state[p]}
-        self.state.clear()
+        chosen = {b.key: self._resolve(b) for b in new}
+        # Nothing above mutated anything; now move the existing state across (entries
+        # whose key is not a parameter, which torch.optim passes through, stay as they are).
+        ours = {id(p) for b in self._buckets for p in b.params} | {id(p) for p in self._all_params()}
+        saved = {p: self._read_state(p) for p in list(self.state)
+                 if isinstance(p, Tensor) and id(p) in ours and self.state[p]}
+        for key in [k for k in self.state if isinstance(k, Tensor) and id(k) in ours]:
+            del self.state[key]
         self._buckets, self._signature, self._chosen = new, layout, chosen
         self._meta_signature = self._meta_layout()
         self._param_keys = {id(p): k for k, p in enumerate(self._all_params())}
@@ -413,6 +490,15 @@ class ESGDM(Optimizer):
                     self._write_state(b, i, saved[p])
         return self._buckets
 
+    def _resolve(self, b: Bucket) -> tuple:
+        """The backend for bucket ``b`` (and its note); with ``fused=True``, a fused one."""
+        backend, note = backends.resolve(self.backend, b.device, b.dtype)
+        if getattr(self, "fused", None) and backend.name == "torch":
+            raise backends.BackendUnavailableError(
+                f"fused=True, but no fused esgdm kernel can step {b.dtype} parameters on {b.device}"
+                + (f" ({note})" if note else "") + ": construct ESGDM without fused=True")
+        return backend, note
+
     def backend_for(self, bucket: Bucket) -> backends.Backend:
         return self._chosen[bucket.key][0]
 
@@ -422,8 +508,8 @@ class ESGDM(Optimizer):
 
     def _write_state(self, b: Bucket, i: int, saved: dict) -> None:
         """Copies one parameter's state into bucket ``b`` and exposes it as views."""
-        b.exp_avg_views[i].copy_(_shard_of(saved[EXP_AVG], b.params[i]))
-        b.exp_avg_d_views[i].copy_(_shard_of(saved[EXP_AVG_D], b.params[i]))
+        b.exp_avg_views[i].copy_(real_view(_shard_of(saved[EXP_AVG], b.params[i])))
+        b.exp_avg_d_views[i].copy_(real_view(_shard_of(saved[EXP_AVG_D], b.params[i])))
         for col, key in ((BIAS_COL, BIAS), (WARM_COL, WARM), (STEPS, STEP)):
             b.scalars[i, col] = torch.as_tensor(saved.get(key, 0.0), dtype=torch.float64).to(b.device)
         b.scalars[i, DSCALE] = curvature_scale([b.exp_avg_d_views[i]])[0].to(b.device)
@@ -462,12 +548,15 @@ class ESGDM(Optimizer):
                     b.all_exposed = False
                     self.state.pop(p, None)
                     continue
-                merged = {EXP_AVG: b.exp_avg_views[i], EXP_AVG_D: b.exp_avg_d_views[i],
+                as_shown = torch.view_as_complex if b.complex[i] else (lambda t: t)
+                merged = {EXP_AVG: as_shown(b.exp_avg_views[i]), EXP_AVG_D: as_shown(b.exp_avg_d_views[i]),
                           BIAS: b.scalar(i, BIAS_COL), WARM: b.scalar(i, WARM_COL),
                           STEP: b.scalar(i, STEPS), **entry}
+                shape = b.tensors[i].shape[:-1] if b.complex[i] else b.tensors[i].shape
                 for key in (EXP_AVG, EXP_AVG_D):
                     merged[key] = local(merged[key])
-                    checkpoint.state_tensor(f"opt.state[p][{key!r}]", merged[key], b.tensors[i].shape)
+                    checkpoint.state_tensor(f"opt.state[p][{key!r}]", merged[key], shape,
+                                            complex_state=b.complex[i])
                 for key in (BIAS, WARM, STEP):
                     checkpoint.scalar(f"opt.state[p][{key!r}]", merged[key])
                 self._write_state(b, i, {k: v.clone() if isinstance(v, Tensor) else v
@@ -513,7 +602,7 @@ class ESGDM(Optimizer):
     def _gather(self, b: Bucket) -> tuple[Optional[list[int]], list[Tensor]]:
         """Indices (None: all) and gradients of the tensors of ``b`` that have one, laid
         out like their state.  Raises before anything is written."""
-        if _FRONTEND is not None and not b.any_dtensor and not ops._is_compiling():
+        if _FRONTEND is not None and not b.any_dtensor and not b.any_complex and not ops._is_compiling():
             grads, present, like = _FRONTEND.gather_grads(b.params)
             if present and like and b.all_dense:
                 return None, grads  # every gradient there and laid out like its state
@@ -530,6 +619,9 @@ class ESGDM(Optimizer):
             i = k if idx is None else idx[k]
             raise RuntimeError(
                 f"ESGDM does not support sparse gradients (parameter of shape {tuple(b.params[i].shape)})")
+        if b.any_complex:  # stepped as the real view, like the parameter
+            with torch.enable_grad():  # (a view that keeps the gradient's graph, for the HVP)
+                grads = [real_view(g) for g in grads]
         return idx, self._match_layout(b, idx, grads)
 
     @staticmethod
@@ -607,7 +699,12 @@ class ESGDM(Optimizer):
 
         # Everything that can fail on bad input has run; from here on we write.
         flags = self._flags()
+        ascend = [bool(g.get("maximize", False)) for g in self.param_groups]
+        ascend = ascend if any(ascend) else None
         for (b, idx, grads), hvps in zip(work, hvps_by_bucket):
+            if ascend is not None:  # maximize: the gradient flips sign; D = max(.., h*h) needs no flip
+                grads = [g.neg() if ascend[b.group_index[i]] else g
+                         for i, g in zip(range(len(b)) if idx is None else idx, grads)]
             backend, note = self._chosen[b.key]
             if note is not None:
                 backends.warn_once(note)
@@ -723,12 +820,9 @@ class ESGDM(Optimizer):
                     "sharded (DTensor, e.g. FSDP2 fully_shard) parameters cannot take a double backward: "
                     "construct ESGDM(..., hvp='finite_difference') and call opt.step(closure) with a "
                     "closure that zeroes the gradients, computes the loss and calls loss.backward()")
-        if self.hvp == "auto" and not use_fd and not any(g.grad_fn is not None for g in grads):
-            if closure is None:
-                raise RuntimeError(
-                    "ESGD-M needs a Hessian-vector product on this step and the gradients carry no graph. "
-                    "Either call loss.backward(create_graph=opt.should_create_graph()) before "
-                    "opt.step(), or pass a closure, opt.step(closure), to take it by finite differences")
+        if not use_fd and not any(g.grad_fn is not None for g in grads):
+            if closure is None or self.hvp == "autograd":
+                raise RuntimeError(self._no_graph_message())
             use_fd = True
         if use_fd:
             hvps = self._fd_hvps(params, grads, closure, rng)
@@ -757,12 +851,28 @@ class ESGDM(Optimizer):
             start += len(gs)
         return out
 
+    def _no_graph_message(self) -> str:
+        """One line for the plain ``loss.backward(); opt.step()`` loop on a D-step."""
+        other = ("pass a closure, opt.step(closure), to take it by finite differences" if self.hvp == "auto"
+                 else "construct ESGDM(..., hvp='finite_difference') and call opt.step(closure)")
+        return (f"write loss.backward(create_graph=opt.should_create_graph()) instead of loss.backward() "
+                f"before opt.step() (or {other}): step {self.steps} is a curvature step (the first "
+                f"d_warmup={self.d_warmup} steps and every update_d_every={self.update_d_every}-th step "
+                "take a Hessian-vector product by double backward) and no gradient carries a graph")
+
     def _fd_hvps(self, params, grads, closure, rng) -> list[Tensor]:
         if closure is None:
             raise RuntimeError("finite-difference curvature needs opt.step(closure) on D-steps")
+        if any(p.is_meta for p in params):  # no values to difference: shape-only, like the rest
+            if not all(p.is_meta for p in params):
+                raise RuntimeError("finite-difference curvature cannot mix meta parameters (no values) "
+                                   "with parameters that hold values in one step")
+            return [torch.empty_like(real_view(p)) for p in params]
         idle = [p for b in self._buckets for p in b.params if p.grad is None]
-        # The probe restores each .grad: give it the parameters' own (DTensors under FSDP2).
-        grads = [p.grad.detach() if is_dtensor(p) else g.detach() for p, g in zip(params, grads)]
+        # The probe restores each .grad: give it the parameters' own (DTensors under FSDP2,
+        # complex tensors for complex parameters).
+        grads = [p.grad.detach() if is_dtensor(p) or p.is_complex() else g.detach()
+                 for p, g in zip(params, grads)]
         try:
             return finite_difference_hvp(params, grads, self._signs(params), closure, rng,
                                          self.fd_scheme, self.fd_radius, precision=self._precision)
@@ -785,7 +895,8 @@ class ESGDM(Optimizer):
             "state_dtype": str(self.state_dtype or torch.float32).replace("torch.", ""),
         }
         out = {"global_state": global_state, **super().state_dict()}
-        out["state"] = {k: dict(v) for k, v in out["state"].items()}  # plain dicts: weights_only loads
+        # Plain dicts (weights_only loads); an entry that is not a parameter's passes through.
+        out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
         for group in out["param_groups"]:  # torch.distributed.checkpoint keeps only these
             group[checkpoint.GROUP_KEY] = dict(global_state)
         return out
@@ -811,6 +922,8 @@ class ESGDM(Optimizer):
         for group, new in zip(self.param_groups, loaded["groups"]):
             group.clear()
             group.update(new)
+            for key in ("maximize", "differentiable"):  # checkpoints from before these existed
+                group.setdefault(key, False)
         counters = loaded["counters"]
         seed = counters.pop("seed")
         self._schedule = _Schedule(counters.pop("steps"), counters.pop("steps_since_d"))
@@ -819,6 +932,7 @@ class ESGDM(Optimizer):
             self.seed, self._seed_shared = seed, True
         self._hparam_key = None
         self.state.clear()
+        self.state.update(loaded["other"])  # entries that are not a parameter's, as torch.optim
         for b in self._buckets:
             b.exposed = [False] * len(b)
             for i, p in enumerate(b.params):
@@ -842,7 +956,7 @@ class ESGDM(Optimizer):
         self.buckets()
         state = dict(self.__dict__)
         state["state"] = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
-                          for p, s in self.state.items()}
+                          if isinstance(s, dict) else copy.deepcopy(s) for p, s in self.state.items()}
         for key in ("_buckets", "_chosen", "_hparams"):
             state[key] = [] if key == "_buckets" else {}
         state["_signature"] = None
@@ -921,7 +1035,9 @@ class _Schedule:
 
 
 def draw_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
-    """The signs of parameter ``p`` (optimizer-order index ``key``) at ``step``."""
+    """The signs of parameter ``p`` (optimizer-order index ``key``) at ``step``: those of
+    its real view for a complex ``p`` (the signs a real parameter of that shape gets)."""
+    p = real_view(p)
     return rademacher(seed, step, key, p.shape, dtype=p.dtype, device=p.device)
 
 
@@ -954,6 +1070,8 @@ def _state_init_call(opt: ESGDM, work) -> bool:
         elif lr != 0:
             return False
     grads = [g for _, _, gs in work for g in gs]
+    if any(g.is_meta for g in grads):
+        return False  # no values to read: a meta step runs the whole path shape-only
     return all(g.grad_fn is None for g in grads) and not any(bool(g.any()) for g in grads)
 
 
@@ -996,7 +1114,15 @@ def _undo_unscaled_scale(opt: ESGDM, hvps: list[Tensor]) -> list[Tensor]:
 
 
 def _is_view(exposed: Any, view: Tensor) -> bool:
-    return exposed is view or (is_dtensor(exposed) and exposed._local_tensor is view)
+    """Whether ``exposed`` is how :meth:`ESGDM._expose_state` showed ``view`` (itself, a
+    DTensor around it, or, for a complex parameter, its complex view)."""
+    if exposed is view or (is_dtensor(exposed) and exposed._local_tensor is view):
+        return True
+    if isinstance(exposed, Tensor) and exposed.is_complex() and not is_dtensor(exposed):
+        real = torch.view_as_real(exposed)
+        return (real.data_ptr() == view.data_ptr() and real.shape == view.shape
+                and real.stride() == view.stride() and real.dtype == view.dtype)
+    return False
 
 
 def _shard_of(value: Tensor, p: Tensor) -> Tensor:
