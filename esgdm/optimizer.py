@@ -42,6 +42,8 @@ _device_of = operator.attrgetter("device")
 _shape_of = operator.attrgetter("shape")
 _layout_of = operator.attrgetter("layout")
 _STRIDED = {torch.strided}
+# Device-type tests cheaper than building each tensor's torch.device (with get_device).
+_ON_DEVICE_TYPE = {"cpu": operator.attrgetter("is_cpu"), "cuda": operator.attrgetter("is_cuda")}
 
 
 def _check_lr(lr: Any, where: str) -> None:
@@ -506,15 +508,19 @@ class ESGDM(Optimizer):
         parameter's dtype, device and shape: what the kernels may read as such (any
         strides: :meth:`_match_layout` copies what is not laid out like the state)."""
         shapes = b.shapes if idx is None else [b.shapes[i] for i in idx]
-        if ops._is_compiling():  # no attrgetter maps under Dynamo
-            ok = all(isinstance(t, Tensor) and t.layout == torch.strided and not t.is_neg()
-                     and t.dtype == b.dtype and t.device == b.device and t.shape == s
-                     for t, s in zip(tensors, shapes))
+        if ops._is_compiling():
+            # No attrgetter maps, nor is_neg(), under Dynamo; the compiled operator's
+            # dispatcher resolves negated views (and its implementation checks again).
+            ok = all(isinstance(t, Tensor) and t.layout == torch.strided and t.dtype == b.dtype
+                     and t.device == b.device and t.shape == s for t, s in zip(tensors, shapes))
         else:  # list-wise, at C speed
+            on_device = _ON_DEVICE_TYPE.get(b.device.type)
             try:
                 ok = (set(map(_layout_of, tensors)) <= _STRIDED and set(map(_dtype_of, tensors)) <= {b.dtype}
-                      and set(map(_device_of, tensors)) <= {b.device} and not any(map(Tensor.is_neg, tensors))
-                      and list(map(_shape_of, tensors)) == shapes)
+                      and set(map(Tensor.get_device, tensors)) <= {b.device_index}
+                      and (all(map(on_device, tensors)) if on_device is not None
+                           else set(map(_device_of, tensors)) <= {b.device})
+                      and list(map(_shape_of, tensors)) == shapes and not any(map(Tensor.is_neg, tensors)))
             except (AttributeError, TypeError):  # not a tensor: named below
                 ok = False
         if not ok:
@@ -561,7 +567,8 @@ class ESGDM(Optimizer):
         for k, (t, st) in enumerate(zip(tensors, want)):
             p = b.tensors[k if idx is None else idx[k]]
             if not same_layout(t, p.shape, st):
-                t = torch.empty_strided(p.shape, st, dtype=t.dtype, device=t.device).copy_(t)
+                with torch.set_grad_enabled(t.requires_grad):  # a D-step differentiates the copy
+                    t = torch.empty_strided(p.shape, st, dtype=t.dtype, device=t.device).copy_(t)
             out.append(t)
         return out
 
