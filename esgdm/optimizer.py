@@ -483,7 +483,7 @@ class ESGDM(Optimizer):
         (:meth:`_check_like`) and laid out like their state.  Raises before anything is
         written."""
         if _FRONTEND is not None and not b.any_dtensor and not ops._is_compiling():
-            grads, present, like, bad = _FRONTEND.gather_checked_grads(b.params)
+            grads, _present, like, bad = _FRONTEND.gather_checked_grads(b.params)
             if like and b.all_dense:
                 return None, grads  # every gradient there, checked and laid out like its state
             if bad >= 0:

@@ -835,7 +835,8 @@ def check_operator(backend, data):
         now, want = args[key], ref[key]
         for i, (a, b) in enumerate(zip(now if isinstance(now, list) else [now], want if isinstance(want, list) else [want])):
             rtol, atol = OP_TOL[b.dtype] if key != "scalars" else (1e-6, 0.0)
-            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{key}[{i}]: {m}")
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True,
+                                       msg=lambda m, where=f"{key}[{i}]": f"{where}: {m}")
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpu"])

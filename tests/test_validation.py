@@ -96,13 +96,13 @@ def two_buckets():
 # Each: (make parameters, break the gradients, error message)
 BAD_GRADIENTS = {
     "shape": (lambda: make_params([((8,), torch.float32)]),
-              lambda ps: setattr(ps[0].grad, "data", torch.ones(1)),
+              lambda ps: setattr(ps[0].grad, "data", torch.ones(1, device=ps[0].device)),
               r"gradient of parameter 0 in group 0 has shape \(1,\), parameter has shape \(8,\)"),
     "dtype": (lambda: make_params([((8,), torch.float32)]),
               lambda ps: setattr(ps[0].grad, "data", ps[0].grad.data.double()),
               "gradient of parameter 0 in group 0 has dtype torch.float64, parameter has dtype torch.float32"),
     "last_of_two_buckets": (two_buckets,
-                            lambda ps: setattr(ps[2].grad, "data", torch.ones(3)),
+                            lambda ps: setattr(ps[2].grad, "data", torch.ones(3, device=ps[2].device)),
                             r"gradient of parameter 2 in group 0 has shape \(3,\), parameter has shape \(8,\)"),
     "missing_and_wrong": (two_buckets,
                           lambda ps: (setattr(ps[0], "grad", None), setattr(ps[2].grad, "data", torch.ones(2, 4))),
@@ -318,3 +318,62 @@ def test_operator_index_written_after_a_valid_call_is_checked_again(backend):
     args["index"][1, 0] = 5
     with pytest.raises(ValueError, match=r"index\[1, 0\] = 5 is not a row of scalars"):
         ops.step_(**args)
+
+
+# ------------------------------------------------------------ on a GPU
+
+
+def _cuda_backend(name):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    reason = backends.get(name).why_not(torch.device("cuda"), torch.float32)
+    if reason is not None:
+        pytest.skip(reason)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+@pytest.mark.parametrize("case", ["shape", "dtype", "last_of_two_buckets"])
+def test_bad_gradient_is_refused_on_cuda(backend, case):
+    _cuda_backend(backend)
+    make, spoil, message = BAD_GRADIENTS[case]
+    ps = [p.detach().cuda().requires_grad_() for p in make()]
+    opt = trained(backend, ps)
+    spoil(ps)
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(RuntimeError, match=message):
+        opt.step()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(before, ps))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["triton", "cuda", "torch"])
+def test_operator_checks_index_values_on_cuda_and_during_capture(kernel):
+    """A CUDA index table is read once (one sync) and remembered; during graph capture
+    a table never checked is refused rather than read."""
+    _cuda_backend(kernel)
+    args = op_args(kernel)
+    for key, value in list(args.items()):
+        if isinstance(value, list):
+            args[key] = [t.cuda() for t in value]
+        elif isinstance(value, torch.Tensor):
+            args[key] = value.cuda()
+    args["index"][1, 0] = 99
+    with pytest.raises(ValueError, match=r"index\[1, 0\] = 99 is not a row of scalars"):
+        ops.step_(**args)
+    args["index"][1, 0] = 1
+    ops.step_(**args)  # read once, remembered
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.step_(**args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.step_(**args)  # no read of a remembered table
+    graph.replay()
+    args["index"] = args["index"].clone()  # never checked
+    with pytest.raises(ValueError, match="during CUDA graph capture"), torch.cuda.graph(torch.cuda.CUDAGraph()):
+        ops.step_(**args)
+    torch.cuda.synchronize()
