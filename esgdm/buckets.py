@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM
 
@@ -136,6 +137,7 @@ class Bucket:
         self.state_dtype = state_dtype_for(self.dtype, state_dtype)
         self.group_index = [int(g) for g in group_index]
         self.numels = [t.numel() for t in self.tensors]
+        self.shapes = [t.shape for t in self.tensors]
         # Parameters that are not dense (a strided slice of something) are stepped
         # through a dense copy; everything else is stepped in place.
         # (An empty tensor counts as dense only with the contiguous strides its state gets.)
@@ -202,8 +204,11 @@ class Bucket:
         table = self._index_cache.get(key)
         if table is None:
             slots = range(len(self.params)) if idx is None else idx
-            host = torch.tensor([[s, self.group_index[s]] for s in slots], dtype=torch.int32)
+            rows = [[s, self.group_index[s]] for s in slots]
+            host = torch.tensor(rows, dtype=torch.int32)
             table = host.reshape(-1, 2).to(self.device)
+            if rows:
+                note_index_bounds(table, max(r[0] for r in rows), max(r[1] for r in rows))
             if len(self._index_cache) > 8:  # active sets rarely vary; keep a few
                 self._index_cache.pop(next(iter(self._index_cache)))
             self._index_cache[key] = table
@@ -233,6 +238,40 @@ class Bucket:
         )
 
 
+# Index tables whose values are known on the host (built by Bucket.index, or read once
+# by esgdm.ops): ``esgdm::step_`` then checks their bounds without reading the device.
+_INDEX_BOUNDS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling()
+
+
+def note_index_bounds(table: Tensor, max_slot: int, max_group: int) -> None:
+    """Records that every entry of the int32 ``[n, 2]`` ``table`` is >= 0, its slots at
+    most ``max_slot`` and its groups at most ``max_group`` (until it is written to)."""
+    if _compiling():
+        return  # a traced table is not the tensor the operator will see
+    try:
+        _INDEX_BOUNDS[table] = (table._version, max_slot, max_group)
+    except RuntimeError:  # an inference tensor has no version counter: not recorded
+        pass
+
+
+def index_bounds(table: Tensor) -> Optional[tuple[int, int]]:
+    """``(max_slot, max_group)`` of a table recorded by :func:`note_index_bounds` and not
+    written to since, else None."""
+    known = _INDEX_BOUNDS.get(table)
+    if known is None:
+        return None
+    try:
+        version = table._version
+    except RuntimeError:  # pragma: no cover - never recorded
+        return None
+    return known[1:] if known[0] == version else None
+
+
 def build_buckets(param_groups: Sequence[dict], state_dtype: Optional[torch.dtype] = None) -> list[Bucket]:
     """Groups every parameter of ``param_groups`` into buckets by (device, dtype)."""
     members: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
@@ -258,6 +297,7 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
 
 
 __all__ = [
-    "ALIGN_BYTES", "Bucket", "STATE_DTYPES", "build_buckets", "bytes_moved", "is_dense",
-    "is_dtensor", "local", "real_view", "same_layout", "state_dtype_for", "state_strides",
+    "ALIGN_BYTES", "Bucket", "STATE_DTYPES", "build_buckets", "bytes_moved", "index_bounds",
+    "is_dense", "is_dtensor", "local", "note_index_bounds", "real_view", "same_layout",
+    "state_dtype_for", "state_strides",
 ]

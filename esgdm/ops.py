@@ -10,8 +10,8 @@ arguments:
   float64 parameters), the rest are in the parameters' dtype.
 * ``scalars`` float64 ``[n_slots, 4]``: per-tensor ``bias, warm, steps, dscale``,
   advanced in place; ``index`` int32 ``[n, 2]``: each tensor's slot in ``scalars`` and
-  row in ``hparams``; ``hparams`` float64 ``[n_groups, 6]``.  All on the parameters'
-  device.
+  row in ``hparams`` (checked to be rows of them); ``hparams`` float64
+  ``[n_groups, 6]``.  All on the parameters' device.
 * ``grad_scale``, ``found_inf``: optional one-element float32 tensors on the device
   (``torch.amp.GradScaler``); the step divides ``g`` and ``h`` by ``grad_scale`` and does
   nothing at all when ``found_inf`` is nonzero.
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from esgdm import backends
-from esgdm.buckets import is_dense, same_layout
+from esgdm.buckets import index_bounds, is_dense, note_index_bounds, same_layout
 from esgdm.rule import FLAG_EXACT, HPARAM_COLUMNS, SCALAR_COLUMNS, update_dscale
 
 NAMESPACE = "esgdm"
@@ -85,9 +85,13 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
 
     The common case (everything fine) is checked list-wise, a few attribute reads per
     tensor at C speed; only a failure walks the tensors one by one to name the culprit.
+    The values of ``index`` are checked too: on the host, without reading the device,
+    when they are known there (tables built by the optimizer, or read once before),
+    else read once (one device sync; refused during CUDA graph capture).
     ``per_tensor=False`` checks the lists' lengths and the tables only: the optimizer's
-    own calls, whose tensors its buckets laid out and checked when they were built
-    (and whose gradients it has just checked).
+    own calls, whose tensors its buckets laid out and checked when they were built,
+    whose gradients and Hessian-vector products it has just checked, and whose index
+    tables it built.
     """
     n = len(params)
     lengths = {"grads": len(grads), "exp_avgs": len(exp_avgs), "exp_avg_ds": len(exp_avg_ds)}
@@ -99,6 +103,8 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     if n == 0:
         return
     p0 = params[0]
+    if not isinstance(p0, Tensor) or p0.layout != torch.strided:
+        _name_culprit(params, {}, None)
     device = p0.device
     if kernel not in KERNELS.get(device.type, ()):
         _fail(f"kernel {kernel!r} cannot run on {device.type} tensors "
@@ -107,16 +113,19 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     _check_table("index", index, torch.int32, 2, device, rows=n)
     _check_table("hparams", hparams, torch.float64, len(HPARAM_COLUMNS), device)
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if t is not None and (t.dtype != torch.float32 or t.numel() != 1 or t.device != device):
-            _fail(f"{name} must be a one-element float32 tensor on {device}, got {t.dtype} "
-                  f"with {t.numel()} elements on {t.device}")
+        if t is not None and (not isinstance(t, Tensor) or t.dtype != torch.float32 or t.numel() != 1
+                              or t.device != device or t.layout != torch.strided):
+            _fail(f"{name} must be a one-element float32 tensor on {device}, got "
+                  + (f"{t.dtype} with {t.numel()} elements on {t.device}" if isinstance(t, Tensor)
+                     else type(t).__name__))
     dtype = p0.dtype
     if not per_tensor:
         return
     if dtype not in STATE_DTYPES:
         _fail(f"parameters of dtype {dtype} are not supported "
               f"(supported: {', '.join(str(d) for d in STATE_DTYPES)})")
-    state_dtype = exp_avgs[0].dtype
+    e0 = exp_avgs[0]
+    state_dtype = e0.dtype if isinstance(e0, Tensor) else None
     if state_dtype not in STATE_DTYPES[dtype]:
         _fail(f"exp_avgs[0] has dtype {state_dtype}; state for {dtype} parameters must be "
               f"{' or '.join(str(d) for d in STATE_DTYPES[dtype])}")
@@ -124,33 +133,57 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
              "exp_avg_ds": (exp_avg_ds, state_dtype)}
     if hvps is not None:
         lists["hvps"] = (hvps, dtype)
-    # List-wise, at C speed (attrgetter/method maps): a few tenths of a µs per tensor.
-    index = p0.get_device()
-    shapes = list(map(_shape_of, params))
-    strides = list(map(Tensor.stride, params))
-    ok = all(map(Tensor.is_contiguous, params)) or all(map(is_dense, params))
-    for tensors, want in lists.values():
-        if not ok:
-            break
-        ok = (set(map(_dtype_of, tensors)) == {want}
-              and set(map(Tensor.get_device, tensors)) == {index}
-              and set(map(_device_type_of, tensors)) == {device.type}
-              and (tensors is params or (list(map(_shape_of, tensors)) == shapes
-                                         and list(map(Tensor.stride, tensors)) == strides)))
+    try:
+        ok = _all_like(params, lists, device)
+    except (AttributeError, TypeError, RuntimeError):  # not a tensor, no strides: named below
+        ok = False
     if not ok:
         _name_culprit(params, lists, device)
+    _check_index(index, scalars.shape[0], hparams.shape[0])
+
+
+def _all_like(params, lists, device) -> bool:
+    """List-wise, at C speed (attrgetter/method maps): a few tenths of a µs per tensor.
+    True when every tensor is strided, not a negated view, of its list's dtype, on
+    ``device``, and laid out exactly as its dense parameter."""
+    index = params[0].get_device()
+    for tensors, want in lists.values():
+        if not (set(map(_layout_of, tensors)) == _STRIDED and not any(map(Tensor.is_neg, tensors))
+                and set(map(_dtype_of, tensors)) == {want}
+                and set(map(Tensor.get_device, tensors)) == {index}
+                and set(map(_device_type_of, tensors)) == {device.type}):
+            return False
+    if not (all(map(Tensor.is_contiguous, params)) or all(map(is_dense, params))):
+        return False
+    shapes = list(map(_shape_of, params))
+    strides = list(map(Tensor.stride, params))
+    return all(tensors is params or (list(map(_shape_of, tensors)) == shapes
+                                     and list(map(Tensor.stride, tensors)) == strides)
+               for tensors, _ in lists.values())
 
 
 _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
+_layout_of = operator.attrgetter("layout")
 _device_type_of = operator.attrgetter("device.type")
+_STRIDED = {torch.strided}
 
 
 def _name_culprit(params, lists, device) -> None:
-    """Walks the tensors one by one and raises for the first one that is wrong."""
+    """Walks the tensors one by one and raises for the first one that is wrong
+    (``device`` None: only that each parameter is a strided tensor)."""
+    lists = {"params": (params, None), **lists}
     for i, p in enumerate(params):
         for name, (tensors, want) in lists.items():
             t = tensors[i]
+            if not isinstance(t, Tensor):
+                _fail(f"{name}[{i}] is a {type(t).__name__}, not a tensor")
+            if t.layout != torch.strided:
+                _fail(f"{name}[{i}] is a {t.layout} tensor; every tensor must be strided (dense)")
+            if t.is_neg():
+                _fail(f"{name}[{i}] is a negated view (is_neg()); pass t.resolve_neg()")
+            if want is None:
+                continue  # params[i] itself: compared with params[0] through the other lists
             if t.dtype != want:
                 _fail(f"{name}[{i}] has dtype {t.dtype}, expected {want}")
             if t.device != device:
@@ -159,9 +192,29 @@ def _name_culprit(params, lists, device) -> None:
                 _fail(f"{name}[{i}] has shape {tuple(t.shape)}, params[{i}] has shape {tuple(p.shape)}")
             if not same_layout(t, p.shape, p.stride()):
                 _fail(f"{name}[{i}] has strides {t.stride()}, params[{i}] has strides {p.stride()}")
-        if not is_dense(p):
+        if device is not None and not is_dense(p):
             _fail(f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) is not dense; "
                   "step a dense copy instead")
+
+
+def _check_index(index: Tensor, n_slots: int, n_groups: int) -> None:
+    """Raises unless every slot in ``index`` is a row of ``scalars`` and every group a
+    row of ``hparams``: the kernels address those tables with them."""
+    known = index_bounds(index)
+    if known is not None and known[0] < n_slots and known[1] < n_groups:
+        return
+    if index.is_cuda and torch.cuda.is_current_stream_capturing():
+        _fail("the values of index cannot be checked during CUDA graph capture: "
+              "call the step once before capturing, with the same index tensor")
+    lo, hi = torch.aminmax(index, dim=0)
+    (lo_slot, lo_group), (hi_slot, hi_group) = torch.stack([lo, hi]).tolist()
+    if lo_slot < 0 or lo_group < 0 or hi_slot >= n_slots or hi_group >= n_groups:
+        for i, (slot, group) in enumerate(index.tolist()):
+            if not 0 <= slot < n_slots:
+                _fail(f"index[{i}, 0] = {slot} is not a row of scalars ({n_slots} rows)")
+            if not 0 <= group < n_groups:
+                _fail(f"index[{i}, 1] = {group} is not a row of hparams ({n_groups} rows)")
+    note_index_bounds(index, hi_slot, hi_group)
 
 
 def step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,

@@ -39,7 +39,13 @@ from esgdm.signs import rademacher
 HVP_MODES = ("autograd", "finite_difference", "auto")
 
 _grad_of = operator.attrgetter("grad")
-_is_sparse = operator.attrgetter("is_sparse")
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+_shape_of = operator.attrgetter("shape")
+_layout_of = operator.attrgetter("layout")
+_STRIDED = {torch.strided}
+# Device-type tests cheaper than building each tensor's torch.device (with get_device).
+_ON_DEVICE_TYPE = {"cpu": operator.attrgetter("is_cpu"), "cuda": operator.attrgetter("is_cuda")}
 
 
 def _check_lr(lr: Any, where: str) -> None:
@@ -461,6 +467,11 @@ class ESGDM(Optimizer):
                 return self._buckets
         old = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
         for p in self._all_params():
+            t = local(p)
+            if t.layout != torch.strided or t.is_neg():
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is now "
+                                 + (f"a {t.layout} tensor" if t.layout != torch.strided else "a negated view")
+                                 + ": only plain strided tensors can be stepped")
             if _overlaps(p):
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} now has strides {p.stride()}: "
                                  "its elements share memory (an expanded tensor), which cannot be stepped")
@@ -600,44 +611,100 @@ class ESGDM(Optimizer):
     # -------------------------------------------------------------------- step
 
     def _gather(self, b: Bucket) -> tuple[Optional[list[int]], list[Tensor]]:
-        """Indices (None: all) and gradients of the tensors of ``b`` that have one, laid
-        out like their state.  Raises before anything is written."""
+        """Indices (None: all) and gradients of the tensors of ``b`` that have one, checked
+        (:meth:`_check_like`) and laid out like their state.  Raises before anything is
+        written."""
         if _FRONTEND is not None and not b.any_dtensor and not b.any_complex and not ops._is_compiling():
-            grads, present, like = _FRONTEND.gather_grads(b.params)
-            if present and like and b.all_dense:
-                return None, grads  # every gradient there and laid out like its state
+            grads, _present, like, bad = _FRONTEND.gather_checked_grads(b.params)
+            if like and b.all_dense:
+                return None, grads  # every gradient there, checked and laid out like its state
+            if bad >= 0:
+                self._refuse(b, bad, grads[bad], "gradient")
+            checked = True
         else:
             grads = [p.grad for p in b.params] if ops._is_compiling() else list(map(_grad_of, b.params))
+            checked = False
         if b.any_dtensor:
             grads = [None if g is None else local(g) for g in grads]
         idx = None
         if any(g is None for g in grads):
             idx = [i for i, g in enumerate(grads) if g is not None]
             grads = [grads[i] for i in idx]
-        if any(g.is_sparse for g in grads) if ops._is_compiling() else any(map(_is_sparse, grads)):
-            k = next(k for k, g in enumerate(grads) if g.is_sparse)
-            i = k if idx is None else idx[k]
-            raise RuntimeError(
-                f"ESGDM does not support sparse gradients (parameter of shape {tuple(b.params[i].shape)})")
         if b.any_complex:  # stepped as the real view, like the parameter
             with torch.enable_grad():  # (a view that keeps the gradient's graph, for the HVP)
-                grads = [real_view(g) for g in grads]
+                grads = [real_view(g) if isinstance(g, Tensor) and g.layout == torch.strided else g
+                         for g in grads]
+        if not checked:
+            self._check_like(b, idx, grads, "gradient")
         return idx, self._match_layout(b, idx, grads)
+
+    def _check_like(self, b: Bucket, idx: Optional[list[int]], tensors: list[Tensor], what: str) -> None:
+        """Raises, naming the parameter, unless each of ``tensors`` (the ``what`` of
+        bucket ``b``'s tensors ``idx``, None: all) is a plain strided tensor with its
+        parameter's dtype, device and shape: what the kernels may read as such (any
+        strides: :meth:`_match_layout` copies what is not laid out like the state)."""
+        shapes = b.shapes if idx is None else [b.shapes[i] for i in idx]
+        if ops._is_compiling():
+            # No attrgetter maps, nor is_neg(), under Dynamo; the compiled operator's
+            # dispatcher resolves negated views (and its implementation checks again).
+            ok = all(isinstance(t, Tensor) and t.layout == torch.strided and t.dtype == b.dtype
+                     and t.device == b.device and t.shape == s for t, s in zip(tensors, shapes))
+        else:  # list-wise, at C speed
+            on_device = _ON_DEVICE_TYPE.get(b.device.type)
+            try:
+                ok = (set(map(_layout_of, tensors)) <= _STRIDED and set(map(_dtype_of, tensors)) <= {b.dtype}
+                      and set(map(Tensor.get_device, tensors)) <= {b.device_index}
+                      and (all(map(on_device, tensors)) if on_device is not None
+                           else set(map(_device_of, tensors)) <= {b.device})
+                      and list(map(_shape_of, tensors)) == shapes and not any(map(Tensor.is_neg, tensors)))
+            except (AttributeError, TypeError):  # not a tensor: named below
+                ok = False
+        if not ok:
+            for k, t in enumerate(tensors):
+                self._refuse(b, k if idx is None else idx[k], t, what)
+
+    def _refuse(self, b: Bucket, i: int, t: Any, what: str) -> None:
+        """Raises naming parameter ``i`` of bucket ``b`` (by group and index) if ``t``
+        cannot be read as its ``what``; returns if it can."""
+        p = b.tensors[i]
+        problem = None
+        if not isinstance(t, Tensor):
+            problem = f"is a {type(t).__name__}, not a tensor"
+        elif t.layout != torch.strided:
+            problem = (f"is sparse ({t.layout}): ESGDM does not support sparse gradients"
+                       if t.is_sparse else f"has layout {t.layout}, not torch.strided")
+        elif t.dtype != p.dtype:
+            problem = f"has dtype {t.dtype}, parameter has dtype {p.dtype}"
+        elif t.device != p.device:
+            problem = f"is on {t.device}, parameter is on {p.device}"
+        elif t.shape != p.shape:
+            problem = f"has shape {tuple(t.shape)}, parameter has shape {tuple(p.shape)}"
+        elif t.is_neg():
+            problem = "is a negated view (is_neg()): its memory holds the opposite values; pass t.resolve_neg()"
+        if problem is not None:
+            raise RuntimeError(f"{what} of {self._describe(b.params[i])} {problem}")
+
+    def _describe(self, p: Tensor) -> str:
+        """``"parameter 2 in group 0"``: where ``p`` is in the param groups (error paths)."""
+        for gi, group in enumerate(self.param_groups):
+            for k, q in enumerate(group["params"]):
+                if q is p:
+                    return f"parameter {k} in group {gi}"
+        return f"a parameter of shape {tuple(p.shape)}"  # pragma: no cover - buckets follow the groups
 
     @staticmethod
     def _match_layout(b: Bucket, idx: Optional[list[int]], tensors: list[Tensor]) -> list[Tensor]:
-        """``tensors`` with the strides of their parameters' state (copied where not)."""
+        """``tensors`` (checked: their parameters' shapes) with the strides of their
+        parameters' state (copied where not)."""
         want = b.strides if idx is None else [b.strides[i] for i in idx]
         if list(map(Tensor.stride, tensors)) == list(want):
             return tensors  # the usual case, checked at C speed
         out = []
         for k, (t, st) in enumerate(zip(tensors, want)):
-            i = k if idx is None else idx[k]
-            p = b.tensors[i]
-            if tuple(t.shape) != tuple(p.shape):
-                raise RuntimeError(f"a gradient has shape {tuple(t.shape)}, its parameter {tuple(p.shape)}")
+            p = b.tensors[k if idx is None else idx[k]]
             if not same_layout(t, p.shape, st):
-                t = torch.empty_strided(p.shape, st, dtype=t.dtype, device=t.device).copy_(t)
+                with torch.set_grad_enabled(t.requires_grad):  # a D-step differentiates the copy
+                    t = torch.empty_strided(p.shape, st, dtype=t.dtype, device=t.device).copy_(t)
             out.append(t)
         return out
 
@@ -696,6 +763,11 @@ class ESGDM(Optimizer):
                 "zeroes the gradients, computes the loss on the batch and calls loss.backward()")
         if d_step and work:
             hvps_by_bucket = self._hvps(work, closure, rng)
+            for k, ((b, idx, _), hvps) in enumerate(zip(work, hvps_by_bucket)):
+                if b.any_dtensor:
+                    hvps = [local(h) for h in hvps]
+                self._check_like(b, idx, hvps, "Hessian-vector product")
+                hvps_by_bucket[k] = self._match_layout(b, idx, hvps)
 
         # Everything that can fail on bad input has run; from here on we write.
         flags = self._flags()
@@ -775,8 +847,6 @@ class ESGDM(Optimizer):
                     writeback.append((b.tensors[i], params[k]))
         exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
         exp_avg_ds = b.exp_avg_d_views if full else [b.exp_avg_d_views[i] for i in idx]
-        if hvps is not None:
-            hvps = self._match_layout(b, idx, [local(h) for h in hvps] if b.any_dtensor else hvps)
         ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
                   grad_scale, found_inf, flags, seed32(self.seed), kernel, _checked=True)
         for p, work in writeback:
@@ -1047,7 +1117,8 @@ def _frontend_helpers():
         from esgdm.backends.cpp_impl import _C
     except Exception:  # noqa: BLE001 - the helpers are an optimisation only
         return None
-    return _C if _C is not None and hasattr(_C, "layout_key") and hasattr(_C, "gather_grads") else None
+    # gather_checked_grads: an extension built before it existed is not used at all.
+    return _C if _C is not None and hasattr(_C, "layout_key") and hasattr(_C, "gather_checked_grads") else None
 
 
 _FRONTEND = _frontend_helpers()
