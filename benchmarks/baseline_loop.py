@@ -18,14 +18,15 @@ Two entry points:
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 
-def update_one(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Optional[Tensor],
+def update_one(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None,
                beta1: float, beta2: float, eps: float, step_scale: float, decay: float) -> None:
     """The element-wise rule on one tensor, in small in-place ops (one launch each).
 
@@ -49,7 +50,7 @@ def update_one(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Optional[Tensor],
 
 
 def loop_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-              exp_avg_ds: Sequence[Tensor], hvps: Optional[Sequence[Tensor]],
+              exp_avg_ds: Sequence[Tensor], hvps: Sequence[Tensor] | None,
               scalars: Tensor) -> None:
     """One element-wise step over aligned lists, one tensor at a time.
 
@@ -81,7 +82,7 @@ class LoopESGDM(Optimizer):
 
     def __init__(self, params, lr=1.0, betas=(0.9, 0.999), lr_warmup=0.99, eps=1e-4,
                  weight_decay=0.0, update_d_every=10, d_warmup=20,
-                 signs: Optional[Callable[[Tensor], Tensor]] = None):
+                 signs: Callable[[Tensor], Tensor] | None = None):
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr!r} (must be >= 0)")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] <= 1.0):

@@ -51,21 +51,31 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from baseline_loop import LoopESGDM, loop_step  # noqa: E402
+from benchutil import (  # noqa: E402
+    Clock,
+    dtype_name,
+    fmt,
+    fmt_size,
+    free_bytes,
+    machine,
+    markdown_table,
+    parse_dtypes,
+    parse_size,
+    pick_device,
+    save_png,
+    sync,
+)
+
 import esgdm  # noqa: E402
 from esgdm import backends  # noqa: E402
 from esgdm.buckets import Bucket, bytes_moved  # noqa: E402
-
-from baseline_loop import LoopESGDM, loop_step  # noqa: E402
-from benchutil import (  # noqa: E402
-    Clock, dtype_name, fmt, fmt_size, free_bytes, machine, markdown_table, parse_dtypes,
-    parse_size, pick_device, save_png, sync,
-)
 
 LR = 1e-3            # small enough that repeated steps on fixed gradients stay finite
 BETAS = (0.9, 0.999)
@@ -131,7 +141,7 @@ class Workload:
         for p, g in zip(self.params, self.grads):
             p.grad = g
         self.numel = sum(p.numel() for p in self.params)
-        self._kernel_state: Optional[Bucket] = None
+        self._kernel_state: Bucket | None = None
 
     @property
     def pbytes(self) -> int:
@@ -186,8 +196,8 @@ class Row:
     step_kind: str
     bytes_per_elem: int
     run: Callable[[], object]
-    prepare: Optional[Callable[[], object]] = None  # untimed, before each call
-    finish: Optional[Callable[[], object]] = None   # untimed, after each call
+    prepare: Callable[[], object] | None = None  # untimed, before each call
+    finish: Callable[[], object] | None = None   # untimed, after each call
     samples: list = field(default_factory=list)
     inner: int = 1
     extra: dict = field(default_factory=dict)
@@ -219,7 +229,7 @@ class EsgdmOpt(Family):
     """``esgdm.ESGDM(params, backend=name)``: rows ``plain`` and ``dstep+hvp`` (with
     ``state_dtype``, the impl is labelled ``name+<dtype> state``)."""
 
-    def __init__(self, w, backend, state_dtype: Optional[torch.dtype] = None):
+    def __init__(self, w, backend, state_dtype: torch.dtype | None = None):
         super().__init__(w)
         self.backend, self.state_dtype = backend, state_dtype
         self.impl = backend if state_dtype is None else f"{backend}+{dtype_name(state_dtype)} state"

@@ -9,7 +9,8 @@ import os
 import platform
 import re
 import time
-from typing import Callable, Optional, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 import torch
 
@@ -125,7 +126,7 @@ def _trim_heap() -> None:
         pass
 
 
-def _status_kb(field: str) -> Optional[int]:
+def _status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             m = re.search(field + r":\s+(\d+) kB", f.read())
@@ -145,7 +146,7 @@ class PeakMemory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.mib: Optional[float] = None
+        self.mib: float | None = None
         self.how = "cuda max_memory_allocated" if device.type == "cuda" else "RSS high-water (VmHWM)"
 
     def __enter__(self):
@@ -191,7 +192,7 @@ def save_png(fig, path: str, dpi: int = 80) -> None:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]],
-                   align: Optional[str] = None) -> str:
+                   align: str | None = None) -> str:
     """A GitHub markdown table; ``align`` is one of 'l'/'r' per column (numbers right)."""
     def cell(v):
         return "" if v is None else str(v)
@@ -210,7 +211,7 @@ def _numberish(v) -> bool:
     return bool(re.fullmatch(r"[-+]?[\d.,]+(e[-+]?\d+)?\s*(%|x|±.*)?", str(v).strip()))
 
 
-def fmt(v: Optional[float], digits: int = 3) -> str:
+def fmt(v: float | None, digits: int = 3) -> str:
     """Compact number: 3 significant digits, no scientific notation for usual ranges."""
     if v is None:
         return ""

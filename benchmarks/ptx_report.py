@@ -134,8 +134,8 @@ def compile_variant(k, dtype: str, d_step: bool, arch: int, block: int, warps: i
     stored ("nearest" or "stochastic"); ``amp``: with grad_scale and found_inf;
     ``exact``: FLAG_EXACT (no dscale rule)."""
     import triton
-    from triton.compiler import ASTSource
     from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
 
     fn = k.esgdm_step_kernel
     mode = k.ROUND_NEAREST
@@ -163,6 +163,7 @@ def report(dtypes, archs, block=None, warps=None, dump=None, states=("fp32",),
            roundings=("nearest",), amp=False, exact=False):
     """Compiles every variant; returns a list of dicts (one per variant)."""
     import tempfile
+
     import torch
 
     k = _import_kernels()
@@ -213,7 +214,8 @@ def _fmt_widths(widths: dict) -> str:
 
 
 def print_table(rows) -> None:
-    head = f"{'variant':40} {'loads (width x count)':26} {'stores':22} {'regs':>4} {'spill st/ld':>11} {'smem':>5} {'comp_s':>6}"
+    head = (f"{'variant':40} {'loads (width x count)':26} {'stores':22} {'regs':>4} "
+            f"{'spill st/ld':>11} {'smem':>5} {'comp_s':>6}")
     print(head)
     print("-" * len(head))
     for r in rows:

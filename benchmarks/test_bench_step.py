@@ -26,10 +26,16 @@ import os
 
 import pytest
 import torch
-
 from bench_step import (
-    CompiledTorch, Copy, EsgdmKernel, EsgdmOpt, LoopOpt, TorchOptim, Workload,
-    available_backends, shapes_for,
+    CompiledTorch,
+    Copy,
+    EsgdmKernel,
+    EsgdmOpt,
+    LoopOpt,
+    TorchOptim,
+    Workload,
+    available_backends,
+    shapes_for,
 )
 from benchutil import fmt_size, parse_dtypes, parse_size, pick_device, sync
 

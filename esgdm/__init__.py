@@ -16,7 +16,6 @@ from esgdm.backends import BackendUnavailableError
 from esgdm.optimizer import ESGD, ESGDM
 
 
-
 def _source_tree_kernels() -> None:
     """Makes ``esgdm.kernels`` importable from a source checkout.
 

@@ -17,7 +17,7 @@ Nothing here decides the schedule or runs a kernel.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ ALIGN_BYTES = 16
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def state_dtype_for(dtype: torch.dtype, requested: Optional[torch.dtype] = None) -> torch.dtype:
+def state_dtype_for(dtype: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
     """Optimizer state is float32 by default, bfloat16 when asked, float64 for float64
     parameters (whatever was asked: compact state would throw their precision away)."""
     if dtype == torch.float64:
@@ -116,7 +116,7 @@ class Bucket:
     """
 
     def __init__(self, params: Sequence[Tensor], group_index: Sequence[int],
-                 state_dtype: Optional[torch.dtype] = None):
+                 state_dtype: torch.dtype | None = None):
         if not params:
             raise ValueError("a bucket needs at least one parameter")
         self.params = list(params)
@@ -197,7 +197,7 @@ class Bucket:
         """Tensor ``i``'s ``column`` of :attr:`scalars` as a 0-d view."""
         return self.scalars[i, column]
 
-    def index(self, idx: Optional[Sequence[int]]) -> Tensor:
+    def index(self, idx: Sequence[int] | None) -> Tensor:
         """The int32 ``[n, 2]`` (slot, group row) table for the active tensors ``idx``
         (None: all), built and uploaded once per active set, then reused."""
         key = None if idx is None else tuple(idx)
@@ -214,7 +214,7 @@ class Bucket:
             self._index_cache[key] = table
         return table
 
-    def reset_state(self, i: Optional[int] = None) -> None:
+    def reset_state(self, i: int | None = None) -> None:
         """Zeroes tensor ``i``'s state (every tensor's when None)."""
         targets = range(len(self)) if i is None else [i]
         for j in targets:
@@ -259,7 +259,7 @@ def note_index_bounds(table: Tensor, max_slot: int, max_group: int) -> None:
         pass
 
 
-def index_bounds(table: Tensor) -> Optional[tuple[int, int]]:
+def index_bounds(table: Tensor) -> tuple[int, int] | None:
     """``(max_slot, max_group)`` of a table recorded by :func:`note_index_bounds` and not
     written to since, else None."""
     known = _INDEX_BOUNDS.get(table)
@@ -272,7 +272,7 @@ def index_bounds(table: Tensor) -> Optional[tuple[int, int]]:
     return known[1:] if known[0] == version else None
 
 
-def build_buckets(param_groups: Sequence[dict], state_dtype: Optional[torch.dtype] = None) -> list[Bucket]:
+def build_buckets(param_groups: Sequence[dict], state_dtype: torch.dtype | None = None) -> list[Bucket]:
     """Groups every parameter of ``param_groups`` into buckets by (device, dtype)."""
     members: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
     for gi, group in enumerate(param_groups):

@@ -17,7 +17,7 @@ ESGD-M does not change its data order or dropout masks).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

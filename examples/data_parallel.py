@@ -71,14 +71,14 @@ def main() -> None:
     per_rank = args.batch // world
 
     times, losses = [], []
-    for step in range(args.steps):
+    for _step in range(args.steps):
         xs = torch.randn(args.batch, 32, generator=g)
         ys = (xs @ teacher).argmax(dim=1)
         x, y = xs[rank * per_rank:(rank + 1) * per_rank], ys[rank * per_rank:(rank + 1) * per_rank]
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(x), y)  # noqa: B023 (called in this iteration)
             loss.backward()
             return loss
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-
 from reference import ReferenceESGDM
 
 import esgdm

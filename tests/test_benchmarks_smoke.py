@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import torch
-
 from reference import ReferenceESGDM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,8 +23,6 @@ sys.path.insert(0, BENCH)
 
 from baseline_loop import LoopESGDM, loop_step  # noqa: E402
 from bench_step import compiled_rule  # noqa: E402
-
-import esgdm.backends  # noqa: E402
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 
@@ -202,8 +199,9 @@ def test_pytest_benchmark_suite_runs():
 def test_bench_train_finite_difference_smoke(tmp_path):
     """The transformer with fused attention (no double backward) trains with
     hvp="finite_difference", D-steps on the same schedule."""
-    import esgdm
     import inspect
+
+    import esgdm
     if "hvp" not in inspect.signature(esgdm.ESGDM).parameters:
         pytest.skip("this esgdm has no hvp= option")
     _run(["benchmarks/bench_train.py", "--smoke", "--device", "cpu", "--threads", "1",

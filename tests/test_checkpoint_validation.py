@@ -15,11 +15,11 @@ import copy
 
 import pytest
 import torch
+from test_errors import assert_unchanged, snapshot
 
 import esgdm
 from esgdm import backends
 from esgdm.checkpoint import GROUP_KEY
-from test_errors import assert_unchanged, snapshot
 
 
 def _backends():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import requires_cuda
+from helpers import rel_err
 
 import esgdm
-from helpers import rel_err
-from conftest import requires_cuda
 
 BACKENDS = ["torch", "cpu"]
 
@@ -43,7 +43,7 @@ def _train(backend, steps, scaler=None, hvp="autograd", inject_inf_at=None, **kw
                 scaler.scale(loss).backward(create_graph=opt.should_create_graph())
             else:
                 loss.backward(create_graph=opt.should_create_graph())
-            if t == inject_inf_at:
+            if t == inject_inf_at:  # noqa: B023 (called in this iteration)
                 next(net.parameters()).grad.view(-1)[0] = float("inf")
             return loss
 
@@ -223,9 +223,9 @@ def test_cuda_graph_capture_and_replay_equals_eager(backend):
                           d_warmup=1, update_d_every=10**9)
 
         def train_step():
-            loss = torch.nn.functional.cross_entropy(net(x), y)
+            loss = torch.nn.functional.cross_entropy(net(x), y)  # noqa: B023 (called in this iteration)
             loss.backward()
-            opt.step()
+            opt.step()  # noqa: B023 (called in this iteration)
 
         opt.zero_grad(set_to_none=False)
         torch.nn.functional.cross_entropy(net(x), y).backward(create_graph=True)

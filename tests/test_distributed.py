@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import rel_err
 
 import esgdm
-from helpers import rel_err
 
 STEPS = 14  # D-steps (the first 4, then every 3rd) and plain steps
 WORLD = 2
@@ -70,7 +70,7 @@ def train(model, opt, xs, ys, after_backward=None):
     for x, y in zip(xs, ys):
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(model(x), y)  # noqa: B023 (called in this iteration)
             loss.backward()
             if after_backward is not None:
                 after_backward()
@@ -206,7 +206,10 @@ def test_some_parameters_sharded_some_replicated(ranks):
 def test_checkpoint_saved_on_two_ranks_continues_on_one(ranks):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
     )
 
     path, _ = ranks

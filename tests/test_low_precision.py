@@ -6,9 +6,9 @@ import io
 
 import pytest
 import torch
+from helpers import rel_err
 
 import esgdm
-from helpers import rel_err
 
 BACKENDS = ["cpu", "torch"]
 

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
+from helpers import InjectedSigns, ReferenceESGDM, clone_params, make_coeffs, rel_err, run_both, separable_loss
 
 import esgdm
 from esgdm.buckets import ALIGN_BYTES
-from helpers import (InjectedSigns, ReferenceESGDM, clone_params, make_coeffs, rel_err,
-                     run_both, separable_loss)
 
 RTOL_FP32 = 2e-5  # after 90 steps (issue 2)
 STEPS = 90

@@ -46,7 +46,7 @@ def test_one_version():
     project = _pyproject()
     assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
     assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "esgdm._version.__version__"}
-    literal = re.compile(r"""version\s*=\s*["']\d""")
+    literal = re.compile(r"""(?<![\w-])version\s*=\s*["']\d""")  # not python_version, target-version
     for name in ("setup.py", "pyproject.toml", "esgdm/__init__.py"):
         assert not literal.search((ROOT / name).read_text()), f"{name} writes a version of its own"
     try:

@@ -8,10 +8,10 @@ import pickle
 
 import pytest
 import torch
-
-import esgdm
 from helpers import rel_err
 from test_errors import assert_unchanged, snapshot
+
+import esgdm
 
 
 def _quartic(ps):
@@ -165,9 +165,9 @@ def test_hvp_auto_uses_autograd_with_a_graph_and_finite_differences_without():
                           hvp="auto" if mode.startswith("auto") else mode)
 
         def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = (p ** 4).sum()
-            loss.backward(create_graph=opt.should_create_graph() and mode != "auto-closure")
+            opt.zero_grad(set_to_none=True)  # noqa: B023 (called in this iteration)
+            loss = (p ** 4).sum()  # noqa: B023 (called in this iteration)
+            loss.backward(create_graph=opt.should_create_graph() and mode != "auto-closure")  # noqa: B023 (called in this iteration)
             return loss
 
         for _ in range(3):

@@ -31,6 +31,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from conftest import requires_cuda  # noqa: E402
+
 from esgdm import rule  # noqa: E402
 from esgdm.kernels import esgdm_step as K  # noqa: E402
 
@@ -122,7 +123,7 @@ class Case:
     def lists(self):
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_ds, self.hvps)
 
-    def clone(self) -> "Case":
+    def clone(self) -> Case:
         other = Case.__new__(Case)
         for name, value in vars(self).items():
             if isinstance(value, list):
@@ -136,7 +137,7 @@ class Case:
         return (*self.lists(), self.scalars, self.index, self.hparams, self.grad_scale,
                 self.found_inf, flags, seed)
 
-    def with_params(self, dtype) -> "Case":
+    def with_params(self, dtype) -> Case:
         """A copy whose parameters (and g, h) are ``dtype`` copies of these."""
         other = self.clone()
         other.params = [t.to(dtype) for t in self.params]

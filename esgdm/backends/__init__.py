@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import os
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -63,7 +63,7 @@ class Backend:
 
     name: str = "?"
 
-    def why_not(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """``None`` if this backend can step ``dtype`` parameters on ``device``,
         else one sentence saying why not."""
         raise NotImplementedError
@@ -74,12 +74,12 @@ class Backend:
         grads: Sequence[Tensor],
         exp_avgs: Sequence[Tensor],
         exp_avg_ds: Sequence[Tensor],
-        hvps: Optional[Sequence[Tensor]],
+        hvps: Sequence[Tensor] | None,
         scalars: Tensor,
         index: Tensor,
         hparams: Tensor,
-        grad_scale: Optional[Tensor],
-        found_inf: Optional[Tensor],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
         flags: int,
         seed: int,
     ) -> None:
@@ -146,7 +146,7 @@ def candidates(device: torch.device) -> tuple[str, ...]:
     return AUTO_ORDER.get(device.type, _AUTO_DEFAULT)
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Backend, Optional[str]]:
+def resolve(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Backend, str | None]:
     """Picks the backend for one bucket.
 
     Returns ``(backend, note)`` where ``note`` is ``None`` or, for ``"auto"``, a

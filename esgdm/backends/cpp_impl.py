@@ -19,7 +19,6 @@ warns once and uses the next backend, and asking for them by name raises.
 from __future__ import annotations
 
 import importlib
-from typing import Optional
 
 import torch
 
@@ -66,12 +65,12 @@ def load_extension(name: str = EXTENSION):
 _C, LOAD_ERROR = load_extension()
 
 
-def build_info() -> Optional[dict]:
+def build_info() -> dict | None:
     """What the extension was compiled with (``None`` if it is not loaded)."""
     return None if _C is None else dict(_C.build_info())
 
 
-def cuda_archs(info: Optional[dict] = None) -> list[str]:
+def cuda_archs(info: dict | None = None) -> list[str]:
     """Architectures in the extension, e.g. ``['sm_75', 'sm_80', 'sm_90', 'compute_90']``."""
     info = build_info() if info is None else info
     if not info or not info.get("cuda"):
@@ -113,7 +112,7 @@ def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
 class _CompiledBackend(Backend):
     device_type = "?"
 
-    def _common_why_not(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    def _common_why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if _C is None:
             return LOAD_ERROR
         if device.type != self.device_type:

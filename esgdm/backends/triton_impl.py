@@ -13,8 +13,6 @@ float32, bfloat16, float16, with float32 or bfloat16 state (arithmetic in float3
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from esgdm.backends import Backend
@@ -28,7 +26,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _triton_error() -> Optional[str]:
+def _triton_error() -> str | None:
     """None if Triton and the kernel module import, else why not (one clause)."""
     try:
         import triton  # noqa: F401
@@ -50,7 +48,7 @@ class TritonBackend(Backend):
     name = "triton"
 
     def why_not(self, device: torch.device, dtype: torch.dtype,
-                state_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+                state_dtype: torch.dtype | None = None) -> str | None:
         device = torch.device(device)
         if dtype not in DTYPES:
             return f"the Triton kernel steps {_names(DTYPES)} parameters, not {dtype}"
@@ -95,6 +93,7 @@ class TritonBackend(Backend):
         if error is not None:
             return error
         import triton
+
         from esgdm.kernels import esgdm_step
 
         mode = "interpreter (TRITON_INTERPRET=1)" if esgdm_step.INTERPRET else "compiled"
