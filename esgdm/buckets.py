@@ -18,6 +18,7 @@ Nothing here decides the schedule or runs a kernel.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,7 +27,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM
 
 try:  # torch >= 2.5 (FSDP2's sharded parameters)
-    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor import DTensor as _DTensor
+
+    DTensor: Any = _DTensor
 except ImportError:  # pragma: no cover - older torch or a build without distributed
     DTensor = None
 
@@ -37,7 +40,7 @@ def is_dtensor(t: Tensor) -> bool:
 
 def local(t: Tensor) -> Tensor:
     """What this process holds of ``t``: a DTensor's local shard (same storage), else ``t``."""
-    return t._local_tensor if is_dtensor(t) else t
+    return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def real_view(t: Tensor) -> Tensor:
@@ -166,7 +169,7 @@ class Bucket:
         self.all_exposed = False
         self.exp_avg_views = [self.view(self.exp_avg, i) for i in range(len(self.params))]
         self.exp_avg_d_views = [self.view(self.exp_avg_d, i) for i in range(len(self.params))]
-        self._index_cache: dict[tuple, Tensor] = {}
+        self._index_cache: dict[tuple | None, Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.params)
@@ -190,7 +193,7 @@ class Bucket:
         if not self.dtensor[i]:
             return view
         p = self.params[i]
-        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,
+        return DTensor.from_local(view, p.device_mesh, p.placements, run_check=False,  # type: ignore[attr-defined]
                                   shape=p.shape, stride=p.stride())
 
     def scalar(self, i: int, column: int) -> Tensor:

@@ -154,7 +154,7 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
     if not isinstance(glob, dict):
         raise ValueError("loaded state dict is not an ESGD-M checkpoint: missing 'global_state'")
     try:
-        counters = {
+        counters: dict[str, Any] = {
             "update_d_every": check_count("update_d_every", glob["update_d_every"]),
             "d_warmup": check_count("d_warmup", glob["d_warmup"]),
             "steps": check_count("steps", glob["steps"], 0),
@@ -173,7 +173,8 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
     if len(saved_groups) != len(param_groups):
         raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                          f"the optimizer has {len(param_groups)}")
-    id_to_param, groups = {}, []
+    id_to_param: dict[Any, Tensor] = {}
+    groups = []
     for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
         if len(group["params"]) != len(saved["params"]):
             raise ValueError(f"param group {gi} has {len(group['params'])} parameters, "
@@ -204,15 +205,17 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
         if missing:
             raise ValueError(f"state of parameter id {key!r} lacks {missing}")
         where = f"state {{}} of parameter id {key!r}".format
+        exp_avg = state_tensor(where(repr(EXP_AVG)), entry[EXP_AVG], p.shape, p.is_complex())
+        exp_avg_d = state_tensor(where(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape, p.is_complex())
+        check_values(where(repr(EXP_AVG)), exp_avg, nonnegative=False)
+        check_values(where(repr(EXP_AVG_D)), exp_avg_d, nonnegative=True)
         per_param[p] = {
-            EXP_AVG: state_tensor(where(repr(EXP_AVG)), entry[EXP_AVG], p.shape, p.is_complex()),
-            EXP_AVG_D: state_tensor(where(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape, p.is_complex()),
+            EXP_AVG: exp_avg,
+            EXP_AVG_D: exp_avg_d,
             BIAS: in_unit_interval(where(repr(BIAS)), entry[BIAS]),
             WARM: in_unit_interval(where(repr(WARM)), entry[WARM]),
             STEP: step_count(where(repr(STEP)), entry.get(STEP, 0.0)),
         }
-        check_values(where(repr(EXP_AVG)), per_param[p][EXP_AVG], nonnegative=False)
-        check_values(where(repr(EXP_AVG_D)), per_param[p][EXP_AVG_D], nonnegative=True)
     return {"counters": counters, "groups": groups, "state": per_param, "other": other}
 
 

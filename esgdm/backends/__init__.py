@@ -162,7 +162,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Backen
                 f"esgdm backend {name!r} cannot step {where}: {reason}"
             )
         return backend, None
-    skipped = []
+    skipped: list[str] = []
     for cand in candidates(device):
         backend = get(cand)
         reason = backend.why_not(device, dtype)

@@ -156,8 +156,8 @@ class CudaBackend(_CompiledBackend):
         reason = self._common_why_not(device, dtype)
         if reason is not None:
             return reason
-        info = build_info()
-        if not info["cuda"]:
+        info = build_info() or {}
+        if not info.get("cuda"):
             return (f"{EXTENSION} was built without its CUDA kernel (it needs a CUDA build of "
                     "torch and nvcc at install time, and ESGDM_BUILD_CUDA not set to 0)")
         if not torch.cuda.is_available():
