@@ -488,9 +488,9 @@ def _tanh_model(dtype):
 @pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
 def test_observed_curvature_follows_the_original_rule_bit_for_bit(backend, dtype, hvp):
     """A tanh MLP on dense inputs sees curvature in every coordinate on the first
-    D-step, so the default rule and exact=True must give identical parameters and
-    state after every step (with the default eps, stochastic rounding irrelevant for
-    these dtypes)."""
+    D-step, none of it below the floor (checked at the end), so the default rule and
+    exact=True must give identical parameters and state after every step (with the
+    default eps, stochastic rounding irrelevant for these dtypes)."""
     if esgdm.backends.get(backend).why_not(torch.device("cpu"), dtype) is not None:
         pytest.skip(f"{backend} does not take {dtype}")
     results = []
@@ -513,5 +513,46 @@ def test_observed_curvature_follows_the_original_rule_bit_for_bit(backend, dtype
             traj.append([w.detach().clone() for w in ws] +
                         [opt.state[w][k].clone() for w in ws for k in ("exp_avg", "exp_avg_d")])
         assert all(bool((opt.state[w]["exp_avg_d"] > 0).all()) for w in ws), "some D == 0: vacuous"
+        assert not any(bool(_below_floor(opt.state[w]["exp_avg_d"]).any()) for w in ws)
         results.append(traj)
     _assert_same(results[0], results[1], exact=True)
+
+
+# ------------------------------------------- the benchmark's study of other floors
+
+def test_bench_train_floor_override_reproduces_the_built_in_floor(tmp_path, monkeypatch):
+    """benchmarks/bench_train.py studies other floors by replacing the "torch" backend's
+    one for a run's steps: 'floor0.0625' must give the default's parameters bit for
+    bit (both on the torch backend), 'nofloor' others (the mostly-dead MLP has floored
+    coordinates within 30 steps), and the backend's floor must be restored."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from esgdm.backends import torch_impl
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "benchmarks/bench_train.py", "--rules", "--smoke", "--device", "cpu",
+           "--threads", "1", "--no-progress", "--tasks", "mostlydead", "--hvps", "autograd",
+           "--rule-lrs", "1", "--rule-names", "default,floor0.0625,nofloor", "--rule-base",
+           "default", "--esgdm-backend", "torch", "--json", str(out), "--markdown",
+           str(tmp_path / "r.md")]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=240,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = {r["variant"]: r for r in json.loads(out.read_text())["runs"]}
+    assert runs["floor0.0625"]["fingerprint"] == runs["default"]["fingerprint"]
+    assert runs["nofloor"]["fingerprint"] != runs["default"]["fingerprint"]
+    assert runs["default"]["floored_frac"] > 0
+    assert "same as default" in (tmp_path / "r.md").read_text()
+    # in this process: the override is undone when its block ends, even on an error
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    import bench_train
+    with pytest.raises(RuntimeError), bench_train._FloorOverride(0.5):
+        assert torch_impl.DSCALE_FLOOR == 0.5
+        raise RuntimeError
+    assert torch_impl.DSCALE_FLOOR == rule.DSCALE_FLOOR
