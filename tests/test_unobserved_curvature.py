@@ -328,6 +328,38 @@ def test_exact_rule_blows_up_where_the_default_stays_bounded(backend):
         assert torch.equal(traj[-1][0][4], traj[0][0][4]) and torch.equal(traj[-1][1][4], traj[0][1][4])
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("exact", [False, True], ids=["default", "exact"])
+def test_trajectory_matches_the_independent_reference(backend, exact, monkeypatch):
+    """The whole run against tests/reference.py (same sign vectors): exact=True is the
+    spec's rule (g / eps where D == 0, no floor), the default its dscale rule with the
+    floor at dscale / 16.  float64 throughout: rtol 1e-9 (the exact run's parameters
+    grow large, so the comparison is relative)."""
+    from helpers import InjectedSigns, ReferenceESGDM
+
+    ws = [w.requires_grad_() for w in _init()]
+    rs = [w.detach().clone().requires_grad_() for w in ws]
+    inj = InjectedSigns(monkeypatch, ws, rs)
+    opt = esgdm.ESGDM(ws, backend=backend, exact=exact, eps=1e-4, **HP)
+    ref = ReferenceESGDM(rs, lr=HP["lr"], eps=1e-4, d_warmup=HP["d_warmup"],
+                         update_d_every=HP["update_d_every"], signs=inj.ref_signs, exact=exact)
+    inj.opt, inj.ref = opt, ref
+    probe, other = _data()
+    for k in range(STEPS):
+        batch = probe if opt.is_d_step() or k % 2 == 0 else other
+        assert ref.should_create_graph() == opt.should_create_graph()
+        for o, ps in ((opt, ws), (ref, rs)):
+            for q in ps:
+                q.grad = None
+            _loss(ps, batch).backward(create_graph=o.should_create_graph())
+            o.step()
+        for i, (a, b) in enumerate(zip(ws, rs)):
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-9, atol=1e-12, equal_nan=True,
+                                       msg=lambda m: f"step {k}, tensor {i}: {m}")
+    big = max(float(w.detach().abs().max()) for w in ws)
+    assert (big > 1e3) == exact, big  # the two rules really differ on this model
+
+
 # ------------------------------------------------ (b2) the floor, op by op
 
 def _op_kernels():
@@ -520,6 +552,7 @@ def test_observed_curvature_follows_the_original_rule_bit_for_bit(backend, dtype
 
 # ------------------------------------------- the benchmark's study of other floors
 
+@pytest.mark.slow
 def test_bench_train_floor_override_reproduces_the_built_in_floor(tmp_path, monkeypatch):
     """benchmarks/bench_train.py studies other floors by replacing the "torch" backend's
     one for a run's steps: 'floor0.0625' must give the default's parameters bit for
