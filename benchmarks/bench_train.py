@@ -308,7 +308,7 @@ LR_GRIDS = {
     "autoencoder": {"ESGD-M": (0.3, 1.0, 3.0), "AdamW": (1e-3, 3e-3, 1e-2), "SGD": (1.0, 3.0, 10.0)},
     "convnet": {"ESGD-M": (0.3, 1.0, 3.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
     "charlm": {"ESGD-M": (1.0, 3.0, 10.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.1, 0.3, 1.0)},
-    # the three networks with unobserved curvature (not in the default --tasks): a
+    # the four networks with unobserved or rare curvature (not in the default --tasks): a
     # grid around the README's 0.5, and AdamW/SGD grids as for the convnet (not tuned)
     "reluconv": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
     "geluconv": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
