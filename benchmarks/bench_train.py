@@ -29,18 +29,22 @@ comparable.  Peak memory is measured apart, for each optimizer alone over 25 ste
     python benchmarks/bench_train.py --quick           # short runs, 1 seed
     python benchmarks/bench_train.py --tasks charlm --plots benchmarks/results --markdown train.md
 
-Three more digits tasks exercise curvature that a probe never observes (Hessian-vector
-products exactly zero on every D-step): ``reluconv`` (ReLU + max pooling), ``geluconv``
-(GELU + max pooling) and ``deadmlp`` (a ReLU MLP with many dead units).  They are not
-in the default ``--tasks``.
+Four more digits tasks exercise curvature that a probe never observes (Hessian-vector
+products exactly zero on every D-step) or observes rarely: ``reluconv`` (ReLU + max
+pooling), ``geluconv`` (GELU + max pooling), ``deadmlp`` (a ReLU MLP with many dead
+units) and ``mostlydead`` (the same MLP with almost every first-layer unit dead at the
+start).  They are not in the default ``--tasks``.
 
 Two ESGD-M-only studies replace the optimizer comparison when asked for:
 
 * ``--rules``: the default unobserved-curvature rule against the original one
   (``exact=True``) at each of ``--rule-lrs`` in each of ``--hvps`` (autograd, and
   finite differences with a closure), ``--seeds`` seeds each: final losses, accuracy,
-  non-finite runs, the largest |p|, the share of elements with ``D == 0``, and whether
-  the two rules' parameters are bitwise equal; one PNG of loss curves;
+  non-finite runs, the largest |p|, the share of elements with ``D == 0`` and below the
+  floor, and whether each rule's parameters are bitwise equal to ``--rule-base``'s; one
+  PNG of loss curves.  ``--rule-names`` also takes ``nofloor`` (the default rule
+  without the floor on ``sqrt(D)``, the default before it) and ``floor<x>`` (a floor of
+  ``x * dscale``): these run on the "torch" backend with the floor replaced;
 * ``--lowprec``: float32 weights, float32 weights with bf16 state, bf16 weights with
   round-to-nearest and with stochastic rounding, and bf16 weights with bf16 state, at
   each task's rate: losses, loss relative to float32 at the same seed, the share of
@@ -48,6 +52,8 @@ Two ESGD-M-only studies replace the optimizer comparison when asked for:
   (``sum(b.nbytes() for b in opt.buckets())``); one PNG per task.
 
     python benchmarks/bench_train.py --rules --quick --seeds 2 --tasks reluconv,geluconv,deadmlp
+    python benchmarks/bench_train.py --rules --quick --tasks deadmlp,mostlydead \
+        --rule-names nofloor,floor0.25,floor0.0625 --rule-base nofloor --rule-lrs 0.5,1
     python benchmarks/bench_train.py --lowprec --quick --tasks convnet,charlm
 """
 
@@ -197,17 +203,27 @@ class DeadMLP(nn.Module):
     their weights see zero curvature on most probe batches and nonzero gradients on
     some steps."""
 
-    def __init__(self, sizes=(64, 128, 128, 10), bias_range=(-0.5, 0.1)):
+    def __init__(self, sizes=(64, 128, 128, 10), bias_range=(-0.5, 0.1), first_bias_range=None):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         with torch.no_grad():
             for lin in self.layers[:-1]:
                 lin.bias.uniform_(*bias_range)
+            if first_bias_range is not None:
+                self.layers[0].bias.uniform_(*first_bias_range)
 
     def forward(self, x):
         for lin in self.layers[:-1]:
             x = F.relu(lin(x))
         return self.layers[-1](x)
+
+
+def mostly_dead_mlp() -> DeadMLP:
+    """The harder variant of :class:`DeadMLP`: first-layer biases in U(-1.5, -0.5), so
+    that almost every first-layer unit starts dead (on the 1438 training images, seeds
+    0/1/2: 91/90/95% of them never fire and 98/94/95% fire on fewer than 1%); the second
+    layer's biases in U(-0.5, 0.1) as in DeadMLP."""
+    return DeadMLP(first_bias_range=(-1.5, -0.5))
 
 
 def causal_attention(q, k, v, mode: str):
@@ -292,14 +308,15 @@ LR_GRIDS = {
     "autoencoder": {"ESGD-M": (0.3, 1.0, 3.0), "AdamW": (1e-3, 3e-3, 1e-2), "SGD": (1.0, 3.0, 10.0)},
     "convnet": {"ESGD-M": (0.3, 1.0, 3.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
     "charlm": {"ESGD-M": (1.0, 3.0, 10.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.1, 0.3, 1.0)},
-    # the three networks with unobserved curvature (not in the default --tasks): a
+    # the four networks with unobserved or rare curvature (not in the default --tasks): a
     # grid around the README's 0.5, and AdamW/SGD grids as for the convnet (not tuned)
     "reluconv": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
     "geluconv": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
     "deadmlp": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
+    "mostlydead": {"ESGD-M": (0.1, 0.3, 1.0), "AdamW": (3e-3, 1e-2, 3e-2), "SGD": (0.03, 0.1, 0.3)},
 }
-TASKS = ("autoencoder", "convnet", "charlm", "reluconv", "geluconv", "deadmlp")
-DIGITS_TASKS = ("autoencoder", "convnet", "reluconv", "geluconv", "deadmlp")
+TASKS = ("autoencoder", "convnet", "charlm", "reluconv", "geluconv", "deadmlp", "mostlydead")
+DIGITS_TASKS = ("autoencoder", "convnet", "reluconv", "geluconv", "deadmlp", "mostlydead")
 OPTIMIZERS = ("ESGD-M", "AdamW", "SGD")
 
 
@@ -363,6 +380,10 @@ def digits_tasks(device, scale) -> list[Task]:
         Task("deadmlp", "ReLU MLP with dead units, sklearn digits (test cross-entropy)", DeadMLP,
              batch, cls_loss, cls_eval, steps=int(1000 * scale), eval_every=max(5, int(50 * scale)),
              lrs=LR_GRIDS["deadmlp"], data_note=note, extra_metric="test acc"),
+        Task("mostlydead", "ReLU MLP, first layer almost all dead, sklearn digits (test cross-entropy)",
+             mostly_dead_mlp, batch, cls_loss, cls_eval, steps=int(1000 * scale),
+             eval_every=max(5, int(50 * scale)), lrs=LR_GRIDS["mostlydead"], data_note=note,
+             extra_metric="test acc"),
     ]
 
 
@@ -420,11 +441,34 @@ def charlm_task(device, scale, args) -> Task:
 @dataclass
 class Variant:
     """One configuration of a run beyond (optimizer, lr, seed): extra ``ESGDM``
-    keywords, the parameters' dtype and the HVP mode (``None``: ``--esgdm-hvp``)."""
+    keywords, the parameters' dtype, the HVP mode (``None``: ``--esgdm-hvp``) and the
+    floor on ``sqrt(D)`` relative to ``dscale`` (``None``: the built-in one)."""
     label: str = ""
     esgdm: dict = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
     hvp: Optional[str] = None
+    floor: Optional[float] = None
+
+
+class _FloorOverride:
+    """Replaces the "torch" backend's floor on sqrt(D) (``esgdm.rule.DSCALE_FLOOR``,
+    looked up on every step) for the duration of a ``with`` block: a study of other
+    floors, not a setting of esgdm (the fused kernels have the floor built in, so such
+    runs use ``backend="torch"``)."""
+
+    def __init__(self, floor: Optional[float]):
+        self.floor = floor
+
+    def __enter__(self):
+        if self.floor is not None:
+            from esgdm.backends import torch_impl
+            self.saved = torch_impl.DSCALE_FLOOR
+            torch_impl.DSCALE_FLOOR = self.floor
+
+    def __exit__(self, *exc):
+        if self.floor is not None:
+            from esgdm.backends import torch_impl
+            torch_impl.DSCALE_FLOOR = self.saved
 
 
 def make_optimizer(name: str, params, lr: float, args, seed: int = 0, device=None,
@@ -523,6 +567,7 @@ class Run:
     max_abs_p: float = 0.0           # largest finite |p| at the end (or where it stopped)
     nonfinite_params: int = 0        # parameter elements that were not finite at the end
     unobserved_frac: float = math.nan  # ESGD-M: fraction of elements with D == 0 at the end
+    floored_frac: float = math.nan     # ESGD-M: fraction with 0 < sqrt(D) < floor * dscale at the end
     state_bytes: int = 0             # ESGD-M: sum of bucket.nbytes()
     opt_ms: list = field(default_factory=list)   # opt.step() alone, plain steps (--lowprec)
     changed: list = field(default_factory=list)  # (step, fraction of elements a step changed)
@@ -589,8 +634,9 @@ class Trainer:
         timer = [] if self.time_opt else None
         sync(self.device)
         t0 = time.perf_counter()
-        loss, d_step = train_step(self.opt, self.model, task, b, self.variant.hvp or self.args.esgdm_hvp,
-                                  timer)
+        with _FloorOverride(self.variant.floor):
+            loss, d_step = train_step(self.opt, self.model, task, b,
+                                      self.variant.hvp or self.args.esgdm_hvp, timer)
         value = loss.item()  # synchronises
         dt = time.perf_counter() - t0
         self.elapsed += dt
@@ -626,11 +672,22 @@ class Trainer:
             n = sum(d.numel() for d in ds)
             if n:
                 self.run.unobserved_frac = sum(int((d == 0).sum()) for d in ds) / n
+                floor = self.variant.floor or esgdm.rule.DSCALE_FLOOR  # nofloor: the default's
+                self.run.floored_frac = sum(int(_below_floor(d, floor).sum()) for d in ds) / n
             self.run.state_bytes = sum(b.nbytes() for b in self.opt.buckets())
         self.run.state_mib = sum(t.numel() * t.element_size() for st in self.opt.state.values()
                                  for t in st.values() if torch.is_tensor(t)) / 2**20
         self.model = self.opt = None
         return self.run
+
+
+def _below_floor(d: torch.Tensor, floor: float) -> torch.Tensor:
+    """Elements with observed curvature below ``floor`` times the tensor's dscale (the
+    mean sqrt(D) over D > 0, as after its last D-step)."""
+    root = d.double().sqrt()
+    seen = root[d > 0]
+    dscale = float(seen.mean()) if seen.numel() else 0.0
+    return (d > 0) & (root < floor * dscale)
 
 
 def lockstep(trainers: list[Trainer], desc: str, args) -> list[Run]:
@@ -831,6 +888,24 @@ def plot_task(result: dict, path: str, meta: dict, args) -> None:
 #   rounding, and bf16 optimizer state.
 
 RULES = {"default": {}, "exact": {"exact": True}}
+
+
+def rule_variant(name: str, hvp: str) -> Variant:
+    """The Variant of a --rule-names entry: a name of RULES, ``nofloor`` or ``floor<x>``
+    (the last two on the "torch" backend, whose floor can be replaced per run)."""
+    if name in RULES:
+        return Variant(name, dict(RULES[name]), hvp=hvp)
+    floor = 0.0 if name == "nofloor" else float(name[len("floor"):])
+    return Variant(name, {"backend": "torch"}, hvp=hvp, floor=floor)
+
+
+def _check_rule_name(name: str) -> bool:
+    if name in RULES or name == "nofloor":
+        return True
+    try:
+        return name.startswith("floor") and float(name[len("floor"):]) >= 0
+    except ValueError:
+        return False
 HVP_MODES = ("autograd", "finite_difference")
 
 #: ESGD-M's chosen rate per task in the optimizer comparison (section 2 of RESULTS.md)
@@ -864,15 +939,15 @@ def run_rules(tasks, device, args, log) -> list[Run]:
         log(f"\n## {task.title}: {task.steps} steps; rules {', '.join(args.rule_names)}; "
             f"lr {', '.join(f'{x:g}' for x in args.rule_lrs)}; HVP {', '.join(args.hvps)}; "
             f"{args.seeds} seed(s)")
-        trainers = [Trainer(task, "ESGD-M", lr, seed, device, args,
-                            Variant(rule, dict(RULES[rule]), hvp=hvp))
+        trainers = [Trainer(task, "ESGD-M", lr, seed, device, args, rule_variant(rule, hvp))
                     for hvp in args.hvps for lr in args.rule_lrs for rule in args.rule_names
                     for seed in range(args.seeds)]
         done = lockstep(trainers, f"{task.name} rules", args)
         for r in done:
             log(f"  {task.name:11s} {r.hvp[:6]:6s} lr={r.lr:<4g} {r.variant:7s} seed {r.seed}: "
-                f"train {r.final('train loss'):.4g}  max|p| {r.max_abs_p:.3g}  "
-                f"D==0 {100 * r.unobserved_frac:.1f}%"
+                f"train {r.final('train loss'):.4g}  {task.metric} {r.final(task.metric):.4g}  "
+                f"max|p| {r.max_abs_p:.3g}  D==0 {100 * r.unobserved_frac:.1f}%  "
+                f"floored {100 * r.floored_frac:.2f}%"
                 + (f"  NON-FINITE at step {r.nonfinite_step}" if r.diverged else ""))
         runs += done
     return runs
@@ -923,13 +998,14 @@ def rules_tables(runs: list[Run], tasks, args) -> list[str]:
             continue
         hvps = [h for h in HVP_MODES if any(r.hvp == h for r in rs)]
         lrs = sorted({r.lr for r in rs})
-        rules = [n for n in RULES if any(r.variant == n for r in rs)]
+        rules = list(dict.fromkeys(r.variant for r in rs))  # in --rule-names order
+        base = args.rule_base
         seeds = len({r.seed for r in rs})
         headers = ["HVP", "lr", "rule", "final train loss", f"final {task.metric}"]
         if task.extra_metric:
             headers.append(f"{task.extra_metric} %")
         headers += ["non-finite runs", "max \\|p\\| (worst seed)", "D = 0 at end %",
-                    "same as exact", "ms/step"]
+                    "below floor at end %", f"same as {base}", "ms/step"]
         body = []
         for h in hvps:
             for lr in lrs:
@@ -937,7 +1013,7 @@ def rules_tables(runs: list[Run], tasks, args) -> list[str]:
                     sel = [r for r in rs if r.hvp == h and r.lr == lr and r.variant == rule]
                     if not sel:
                         continue
-                    twins = {r.seed: r for r in rs if r.hvp == h and r.lr == lr and r.variant == "exact"}
+                    twins = {r.seed: r for r in rs if r.hvp == h and r.lr == lr and r.variant == base}
                     same = [twins[r.seed].fingerprint == r.fingerprint for r in sel if r.seed in twins]
                     row = [h.replace("finite_difference", "finite diff."), f"{lr:g}", rule,
                            mean_sd_wide([r.final("train loss") for r in sel]),
@@ -949,7 +1025,8 @@ def rules_tables(runs: list[Run], tasks, args) -> list[str]:
                             _sci(worst.max_abs_p) + (f" ({worst.nonfinite_params} non-finite)"
                                                      if worst.nonfinite_params else ""),
                             fmt(100 * statistics.mean(r.unobserved_frac for r in sel)),
-                            "" if rule == "exact" or not same else
+                            fmt(100 * statistics.mean(r.floored_frac for r in sel)),
+                            "" if rule == base or not same else
                             "yes" if all(same) else "no" if not any(same) else f"{sum(same)}/{len(same)} seeds",
                             fmt(statistics.median([r.ms("all") for r in sel]))]
                     body.append(row)
@@ -959,9 +1036,10 @@ def rules_tables(runs: list[Run], tasks, args) -> list[str]:
                 "(mean ± sd; 'diverged' where a loss was not finite). Losses on the whole "
                 "training set and the held-out set at the end; max |p|: the largest finite "
                 "parameter magnitude at the end (or when the loss stopped being finite), worst "
-                "seed; 'D = 0 at end': elements whose curvature was never observed; 'same as "
-                "exact': the default run's parameters equal the exact=True run's bit for bit "
-                "(same seed).", "",
+                "seed; 'D = 0 at end': elements whose curvature was never observed; 'below "
+                "floor': elements with 0 < sqrt(D) < floor * dscale (the run's floor; the "
+                f"default's, {esgdm.rule.DSCALE_FLOOR:g}, for exact and nofloor); 'same as {base}': the "
+                f"run's parameters equal the {base} run's bit for bit (same seed).", "",
                 markdown_table(headers, body, align="lll" + "r" * (len(headers) - 3)), ""]
     return out
 
@@ -999,7 +1077,7 @@ def plot_rules(runs: list[Run], tasks, path: str, meta: dict) -> None:
                     continue
                 xs = [e[0] for e in r.evals]
                 ys = [min(max(e[2]["train loss"], 1e-4), 1e4) for e in r.evals]
-                ls = "-" if r.variant == "default" else "--"
+                ls = "-" if r.variant == "default" else "--" if r.variant == "exact" else ":"
                 ax.plot(xs, ys, ls=ls, color=colors.get(r.lr), lw=1.2,
                         label=f"{r.variant} lr={r.lr:g}")
                 if r.diverged:
@@ -1014,7 +1092,7 @@ def plot_rules(runs: list[Run], tasks, path: str, meta: dict) -> None:
             if i == len(tasks) - 1:
                 ax.set_xlabel("step", fontsize=8)
     axes[0][0].legend(fontsize=6, ncol=2)
-    fig.suptitle("ESGD-M: default rule (solid) vs exact=True (dashed), seed 0; "
+    fig.suptitle("ESGD-M: default rule (solid), exact=True (dashed), others (dotted), seed 0; "
                  "x: loss not finite\n" + meta["machine"], fontsize=9)
     fig.tight_layout()
     save_png(fig, path, dpi=72)
@@ -1222,7 +1300,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--rules", action="store_true",
                        help="default unobserved-curvature rule vs exact=True, over --rule-lrs "
                             "and --hvps (one table per task, one PNG)")
-    study.add_argument("--rule-names", default="default,exact", help="with --rules")
+    study.add_argument("--rule-names", default="default,exact",
+                       help="with --rules: default, exact, nofloor, floor<x> (e.g. floor0.0625)")
+    study.add_argument("--rule-base", default="exact",
+                       help="with --rules: the rule the 'same as' column compares with")
     study.add_argument("--rule-lrs", default="0.1,0.3,1", help="with --rules")
     study.add_argument("--hvps", default=",".join(HVP_MODES), help="with --rules")
     study.add_argument("--lowprec", action="store_true",
@@ -1272,8 +1353,9 @@ def main(argv=None):
     args.rule_lrs = [float(v) for v in args.rule_lrs.split(",") if v.strip()]
     args.rule_names = [v.strip() for v in args.rule_names.split(",") if v.strip()]
     args.hvps = [v.strip() for v in args.hvps.split(",") if v.strip()]
-    if set(args.rule_names) - set(RULES) or set(args.hvps) - set(HVP_MODES):
-        raise SystemExit(f"--rule-names from {', '.join(RULES)}; --hvps from {', '.join(HVP_MODES)}")
+    if not all(map(_check_rule_name, args.rule_names)) or set(args.hvps) - set(HVP_MODES):
+        raise SystemExit(f"--rule-names from {', '.join(RULES)}, nofloor, floor<x>; "
+                         f"--hvps from {', '.join(HVP_MODES)}")
     try:
         args.lowprec_lrs = {k.strip(): float(v) for k, v in
                             (part.split("=") for part in args.lowprec_lrs.split(",") if part.strip())}

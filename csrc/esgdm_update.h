@@ -39,6 +39,9 @@ enum HparamColumn : int { kLr = 0, kBeta1, kBeta2, kLrWarmup, kEps, kWeightDecay
 // Bits of the op's ``flags`` (rule.FLAG_EXACT, rule.FLAG_STOCHASTIC_ROUNDING).
 constexpr int64_t kFlagExact = 1;
 constexpr int64_t kFlagStochasticRounding = 2;
+// rule.DSCALE_FLOOR: without kFlagExact, sqrt(D) is floored at kDscaleFloor * dscale.
+// A power of two, so the floor is exact in float and double alike.
+constexpr double kDscaleFloor = 0.0625;
 
 // ------------------------------------------------------------------ per tensor
 
@@ -76,6 +79,7 @@ struct Coeffs {
   T step_scale;    // alpha / c
   T decay;         // 1 - weight_decay * alpha
   T unseen_denom;  // the denominator where D == 0: dscale + eps (eps with FLAG_EXACT)
+  T dfloor;        // the least sqrt(D) where D > 0: kDscaleFloor * dscale (0 with FLAG_EXACT)
   // Flags held as T (1 or 0), not bool: gcc does not vectorise the loops when a bool
   // loaded from memory meets the floating-point comparisons in one select.
   T w_small;       // 1 if |w| < 0.5: torch's lerp works from the near end
@@ -86,7 +90,7 @@ struct Coeffs {
 // unobserved-curvature rule.  With FLAG_EXACT, D == 0 divides by sqrt(0) + eps = eps;
 // otherwise by dscale + eps (the sum of the two rounded values, in float64, rounded:
 // what torch does for ``mhat / (dscale + eps)`` with Python floats), or the step is 0
-// where dscale is not > 0.
+// where dscale is not > 0, and D > 0 divides by max(sqrt(D), kDscaleFloor * dscale) + eps.
 template <typename T>
 ESGDM_HOST_DEVICE Coeffs<T> make_coeffs(const Derived& r, bool exact) {
   Coeffs<T> c;
@@ -101,9 +105,11 @@ ESGDM_HOST_DEVICE Coeffs<T> make_coeffs(const Derived& r, bool exact) {
   if (exact) {
     c.unseen_denom = c.eps;
     c.unseen_zero = T(0);
+    c.dfloor = T(0);  // max(sqrt(D), 0) is sqrt(D) where D > 0: the original rule
   } else {
     c.unseen_denom = static_cast<T>(static_cast<double>(dscale) + static_cast<double>(c.eps));
     c.unseen_zero = dscale > T(0) ? T(0) : T(1);
+    c.dfloor = dscale * static_cast<T>(kDscaleFloor);  // exact: a power of two
   }
   return c;
 }
@@ -207,7 +213,8 @@ ESGDM_HOST_DEVICE void update(T& p, T g_raw, T& m, T& d, T h_raw, T scale, const
   }
   const T mhat = lerp<kFma>(m_new, g, c);  // Nesterov look-ahead
   const bool unseen = d_new == T(0);
-  const T denom = unseen ? c.unseen_denom : esgdm_sqrt(d_new) + c.eps;
+  // sqrt(D) floored at dfloor (NaN stays NaN, as torch.maximum does)
+  const T denom = unseen ? c.unseen_denom : nan_max(esgdm_sqrt(d_new), c.dfloor) + c.eps;
   T q = mhat / denom;
   q = (unseen && c.unseen_zero != T(0)) ? T(0) : q;
   const T p_new = p * c.decay - c.step_scale * q;

@@ -57,8 +57,10 @@ Per element, in float32 (float64 for float64 parameters); ``S`` is ``grad_scale`
         D  = nan_max(beta2 * D, h2)
     mhat  = lerp(m, g, w)
     denom = sqrt(D) + eps
-    if not EXACT and D == 0:           # curvature never observed here
-        denom = dscale + eps, or the step is 0 where dscale == 0
+    if not EXACT:
+        denom = max(sqrt(D), DSCALE_FLOOR * dscale) + eps   # curvature far below the tensor's
+        if D == 0:                                         # curvature never observed here
+            denom = dscale + eps, or the step is 0 where dscale == 0
     p = p * decay - step_scale * (mhat / denom)
     store p: round to nearest, or stochastically (16-bit p with STOCHASTIC_ROUNDING)
 
@@ -67,8 +69,15 @@ Without it, coordinates whose curvature was never observed (``D == 0``: e.g. wei
 into ReLU units that were dead on every probe) are preconditioned by ``dscale``, the
 mean of ``sqrt(D)`` over the tensor's observed coordinates as of its last D-step
 (computed by the op after the kernel on D-steps; 0 until some curvature is seen, when
-such coordinates do not move).  ``dscale`` scales like ``sqrt(D)``, so the rule stays
-invariant to rescaling the loss and the parameters.
+such coordinates do not move), and observed coordinates divide by at least
+``DSCALE_FLOOR * dscale``: a unit that fired on one probe image has a ``sqrt(D)``
+hundreds of times below its tensor's and would otherwise take steps that large once
+it wakes up.  Coordinates at or above the floor divide by ``sqrt(D) + eps`` exactly
+as in the original rule.  ``dscale`` scales like ``sqrt(D)``, so the rule stays
+invariant to rescaling the loss and the parameters.  :data:`DSCALE_FLOOR` is a power
+of two, so ``DSCALE_FLOOR * dscale`` is exact in every precision and every backend
+computes the same floor: ``dfloor = DSCALE_FLOOR * dscale`` with ``dscale`` rounded to
+the math dtype first.
 
 ``found_inf`` (float32 scalar tensor, nonzero = skip): nothing is written, counters
 and per-tensor scalars included, exactly as if the step had not been called.
@@ -103,6 +112,11 @@ BIAS, WARM, STEPS, DSCALE = range(len(SCALAR_COLUMNS))
 #: Columns of the per-group hyper-parameter table.
 HPARAM_COLUMNS = ("lr", "beta1", "beta2", "lr_warmup", "eps", "weight_decay")
 LR, BETA1, BETA2, LR_WARMUP, EPS, WEIGHT_DECAY = range(len(HPARAM_COLUMNS))
+
+#: The floor on ``sqrt(D)`` relative to the tensor's curvature scale ``dscale`` (the
+#: default rule; ``exact=True`` has none).  A power of two, so that the floor is exact
+#: in every precision.  Chosen by measurement: benchmarks/RESULTS.md, section 2c.
+DSCALE_FLOOR = 2.0 ** -4
 
 #: Bits of the op's ``flags`` argument.
 FLAG_EXACT = 1
@@ -149,10 +163,12 @@ def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
 
 def update_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Optional[Tensor], *,
                     w, beta2, eps, step_scale, decay, dscale, exact: bool,
-                    grad_scale: Optional[Tensor] = None):
+                    grad_scale: Optional[Tensor] = None, floor: float = DSCALE_FLOOR):
     """The element-wise rule on float32 (or float64) tensors; returns ``(p, m, d)`` new.
 
     The scalars are Python floats or 0-d tensors, already rounded to the math dtype.
+    ``floor``: :data:`DSCALE_FLOOR` (a parameter only so that benchmarks can study
+    other values with the "torch" backend; the fused kernels have it built in).
     """
     if grad_scale is not None:
         g = g / grad_scale
@@ -167,10 +183,13 @@ def update_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Optional[Tens
         h2 = torch.where(torch.isfinite(h2), h2, torch.zeros_like(h2))  # then dropped
         d_new = torch.maximum(d * beta2, h2)
     mhat = _lerp(m_new, g0, w)
-    denom = d_new.sqrt() + eps
+    root = d_new.sqrt()
+    if not exact:  # observed curvature far below the tensor's scale: floored
+        dscale = torch.as_tensor(dscale, dtype=root.dtype, device=root.device)
+        root = torch.maximum(root, dscale * floor)  # a power of two times dscale: exact
+    denom = root + eps
     q = mhat / denom
     if not exact:
-        dscale = torch.as_tensor(dscale, dtype=q.dtype, device=q.device)
         fallback = torch.where(dscale > 0, mhat / (dscale + eps), torch.zeros_like(q))
         q = torch.where(d_new == 0, fallback, q)
     p_new = p * decay - step_scale * q
@@ -332,7 +351,7 @@ def update_dscale(scalars: Tensor, slot: Tensor, exp_avg_ds: Sequence[Tensor],
 
 
 __all__ = [
-    "BETA1", "BETA2", "BIAS", "DSCALE", "EPS", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING",
+    "BETA1", "BETA2", "BIAS", "DSCALE", "DSCALE_FLOOR", "EPS", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING",
     "HPARAM_COLUMNS", "LR", "LR_WARMUP", "SCALAR_COLUMNS", "STEPS", "WARM", "WEIGHT_DECAY",
     "curvature_scale", "derive", "mix32", "mix32_int", "random_bits", "reference_step", "seed32",
     "stochastic_round", "update_dscale", "update_elements",

@@ -94,6 +94,11 @@ STATE_DTYPES = (torch.float32, torch.bfloat16)
 FLAG_EXACT = 1
 FLAG_STOCHASTIC_ROUNDING = 2
 
+#: esgdm.rule.DSCALE_FLOOR: without FLAG_EXACT, sqrt(D) is floored at DSCALE_FLOOR *
+#: dscale.  A power of two, so that the product is exact in float32.
+DSCALE_FLOOR = 0.0625
+_DSCALE_FLOOR = tl.constexpr(DSCALE_FLOOR)  # the kernels' copy (a global must be constexpr)
+
 #: Columns of ``scalars`` and ``hparams`` (esgdm.rule.SCALAR_COLUMNS / HPARAM_COLUMNS).
 N_SCALAR_COLUMNS = 4
 N_HPARAM_COLUMNS = 6
@@ -202,14 +207,15 @@ def _stochastic_round(x, r, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale, dscale_eps,
+def _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale, dscale_eps, dfloor,
             D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
             PRECISE_MATH: tl.constexpr):
     """The element-wise rule of esgdm.rule in float32; returns (p, m, d) new.
 
     ``w = 1 - beta1``; ``step_scale = alpha / c``; ``decay = 1 - weight_decay * alpha``;
-    ``dscale_eps = dscale + eps`` (rounded once, from float64).  Elements whose scaled
-    gradient is not finite come back unchanged.  The old ``m`` and ``d`` are replaced by
+    ``dscale_eps = dscale + eps`` (rounded once, from float64); ``dfloor = DSCALE_FLOOR
+    * dscale``, the least ``sqrt(D)`` where ``D > 0`` (unused with EXACT).  Elements whose
+    scaled gradient is not finite come back unchanged.  The old ``m`` and ``d`` are replaced by
     the new ones as soon as those exist (an element left alone keeps its old value
     there; what the rest of its arithmetic gives is discarded), so no old value stays
     live through the rest of the arithmetic: fewer registers.
@@ -234,6 +240,9 @@ def _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale, dscale_e
         root = tl.sqrt_rn(d)
     else:
         root = tl.sqrt(d)
+    if not EXACT:
+        # observed curvature far below the tensor's scale: floored (NaN stays NaN)
+        root = tl.maximum(root, dfloor, propagate_nan=tl.PropagateNan.ALL)
     denom = root + eps
     if not EXACT:
         # curvature never observed here (D == 0): precondition by dscale (one division
@@ -249,7 +258,7 @@ def _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale, dscale_e
 
 @triton.jit
 def _step_block(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, mask, idx, key, S, w, beta2, eps,
-                step_scale, decay, dscale, dscale_eps,
+                step_scale, decay, dscale, dscale_eps, dfloor,
                 D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
                 ROUNDING: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISE_MATH: tl.constexpr):
     """Loads one block, applies :func:`_update`, stores it (``mask`` None: full block).
@@ -264,7 +273,7 @@ def _step_block(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, mask, idx, key, S, w, beta2, 
     if D_STEP:
         h = tl.load(h_ptr, mask=mask)
     p_new, m_new, d_new = _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale,
-                                  dscale_eps, D_STEP, EXACT, HAS_GS, PRECISE_MATH)
+                                  dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, PRECISE_MATH)
     _store_nearest(m_ptr, m_new, mask, EMULATE_BF16)
     if D_STEP:
         _store_nearest(d_ptr, d_new, mask, EMULATE_BF16)
@@ -314,6 +323,7 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
     dscale = tl.load(srow + 3).to(tl.float32)
     # dscale + eps as the reference divides by it: the float32 values added in float64
     dscale_eps = (dscale.to(tl.float64) + eps.to(tl.float64)).to(tl.float32)
+    dfloor = dscale * _DSCALE_FLOOR  # exact: a power of two
     S = w  # unused without grad_scale
     if HAS_GS:
         S = tl.load(grad_scale_ptr).to(tl.float32)
@@ -345,7 +355,8 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
         d_ptr = tl.multiple_of(d_addr.to(s_type), 16) + start
         _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, None,
                     idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
-                    dscale_eps, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16, PRECISE_MATH)
+                    dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16,
+                    PRECISE_MATH)
     elif remaining > 0:
         offs = tl.arange(0, BLOCK)
         mask = offs < tl.minimum(remaining, BLOCK).to(tl.int32)
@@ -356,7 +367,8 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
         d_ptr = d_addr.to(s_type) + start
         _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, mask,
                     idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
-                    dscale_eps, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16, PRECISE_MATH)
+                    dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16,
+                    PRECISE_MATH)
 
     # ---- the last program of the tensor advances its scalars
     tl.debug_barrier()  # every warp of this program has read the old scalars
@@ -626,6 +638,6 @@ def clear_caches() -> None:
     _ADDRESSES.clear()
 
 
-__all__ = ["CONFIGS", "DTYPES", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING", "INTERPRET", "ROW",
+__all__ = ["CONFIGS", "DSCALE_FLOOR", "DTYPES", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING", "INTERPRET", "ROW",
            "SMALL_CONFIG", "STATE_DTYPES", "address_table_host", "block_table", "block_table_host",
            "choose_config", "clear_caches", "esgdm_step_kernel", "fused_step", "lanes", "launch"]

@@ -3,6 +3,12 @@
 It shares no code with the package: tests compare ``esgdm.ESGDM`` against it.  The
 element-wise work runs in float32 (float64 for float64 parameters); the per-parameter
 scalars are Python floats (float64), as the spec says.
+
+``exact=True`` (the default here) is the spec's rule.  ``exact=False`` is esgdm's default
+rule as the README describes it: each parameter's curvature scale ``dscale`` (mean
+``sqrt(D)`` over its coordinates with ``D > 0``, refreshed after each D-step) divides
+coordinates with ``D == 0`` (which do not move while ``dscale`` is 0), and ``sqrt(D)``
+is floored at ``dscale / 16`` elsewhere.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import torch
 
 class ReferenceESGDM:
     def __init__(self, param_groups, lr=1.0, betas=(0.9, 0.999), lr_warmup=0.99, eps=1e-4,
-                 weight_decay=0.0, update_d_every=10, d_warmup=20, signs=None):
+                 weight_decay=0.0, update_d_every=10, d_warmup=20, signs=None, exact=True):
         """``param_groups``: list of dicts with "params" and optional overrides.
         ``signs``: callable(param) -> Rademacher tensor shaped like it (default: random)."""
         defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay)
@@ -25,6 +31,7 @@ class ReferenceESGDM:
         self.d_warmup = d_warmup
         self.steps = 0
         self.steps_since_d = 0
+        self.exact = exact
         self.state = {}
         self.signs = signs or (lambda p: torch.randint(0, 2, p.shape, dtype=p.dtype, device=p.device) * 2 - 1)
 
@@ -54,7 +61,7 @@ class ReferenceESGDM:
                     st = self.state.setdefault(p, {
                         "m": torch.zeros(p.shape, dtype=work, device=p.device),
                         "D": torch.zeros(p.shape, dtype=work, device=p.device),
-                        "bias": 1.0, "warm": 1.0,
+                        "bias": 1.0, "warm": 1.0, "dscale": 0.0,
                     })
                     m, D = st["m"], st["D"]
                     m.copy_(b1 * m + (1 - b1) * g)
@@ -68,7 +75,22 @@ class ReferenceESGDM:
                     c = 1 - st["bias"] * b1
                     x = p.detach().to(work)
                     x = x * (1 - group["weight_decay"] * alpha)
-                    x = x - (alpha / c) * mhat / (D.sqrt() + group["eps"])
+                    if self.exact:
+                        x = x - (alpha / c) * mhat / (D.sqrt() + group["eps"])
+                    else:
+                        x = x - (alpha / c) * self._unexact_quotient(mhat, D, st["dscale"], group["eps"])
+                        if d_step:  # the scale the next steps use
+                            seen = D[D > 0].double()
+                            st["dscale"] = seen.sqrt().mean().item() if seen.numel() else 0.0
                     p.copy_(x.to(p.dtype))
         self.steps += 1
         self.steps_since_d += 1
+
+    @staticmethod
+    def _unexact_quotient(mhat, D, dscale, eps):
+        """mhat / denom of the default rule: max(sqrt(D), dscale / 16) + eps where D > 0;
+        dscale + eps where D == 0, or 0 there while dscale == 0."""
+        floor = torch.full_like(D, dscale / 16)
+        q = mhat / (torch.maximum(D.sqrt(), floor) + eps)
+        unseen = 0.0 if dscale == 0 else 1.0
+        return torch.where(D == 0, unseen * mhat / (dscale + eps), q)

@@ -14,7 +14,7 @@ import torch
 
 from esgdm.backends import Backend
 from esgdm.rule import (
-    BIAS, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, STEPS, WARM, derive, random_bits,
+    BIAS, DSCALE_FLOOR, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, STEPS, WARM, derive, random_bits,
     stochastic_round, update_elements,
 )
 
@@ -61,7 +61,8 @@ def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
                 p.to(math), g.to(math), m.to(math), d.to(math), h,
                 w=per["w"][i], beta2=per["beta2"][i], eps=per["eps"][i],
                 step_scale=per["step_scale"][i], decay=per["decay"][i], dscale=per["dscale"][i],
-                exact=exact, grad_scale=gs)
+                exact=exact, grad_scale=gs,
+                floor=DSCALE_FLOOR)  # looked up per call: benchmarks/bench_train.py studies others
             if sr:
                 r = random_bits(seed, slots[i], steps[i], p.numel(), p.device, start=start)
                 p_new = stochastic_round(p_new, p_dtype, r)
