@@ -32,21 +32,21 @@ if has tests; then
   else
     build=
   fi
-  timeout 240 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_backend.py \
+  timeout 170 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_backend.py \
       tests/test_device_step.py -k "triton or torch" 2>&1 | tail -15 | tee -a "$log" | tail -3 | sed 's/^/triton+torch GPU tests: /' | tee -a "$out/gpu.txt"
   if [ -n "$build" ]; then
     wait "$build" && echo "build: ok ($((SECONDS - start)) s since start)" | tee -a "$out/gpu.txt" \
       || { echo "build FAILED" | tee -a "$out/gpu.txt"; tail -40 "$out/build.log" | tee -a "$log"; }
   fi
   $py -m esgdm.info 2>&1 | tee -a "$log" | head -20
-  timeout 240 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_cpp_backend.py tests/test_device_step.py \
+  timeout 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_validation.py tests/test_cpp_backend.py tests/test_device_step.py \
       -k "cpp_backend or cuda" 2>&1 | tail -15 | tee -a "$log" | tail -3 | sed 's/^/cuda GPU tests: /' | tee -a "$out/gpu.txt"
   echo "tests stage: $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 fi
 
 if has step; then
   start=$SECONDS
-  timeout 300 $py benchmarks/bench_step.py --device cuda --shapes few,transformer,many \
+  timeout 240 $py benchmarks/bench_step.py --device cuda --shapes few,transformer,many \
       --sizes 1M,16M,128M,1G --dtypes fp32,bf16 --only 'ESGD-M/(triton|cuda)|AdamW' \
       --hvp-max 128M --repeats 5 --compile off \
       --markdown "$out/step_cuda.md" --json "$out/step_cuda.json" >> "$log" 2>&1
@@ -55,6 +55,6 @@ fi
 
 if has extras; then
   start=$SECONDS
-  timeout 240 $py benchmarks/bench_gpu.py --device cuda --markdown "$out/gpu_extras.md" >> "$log" 2>&1
+  timeout 200 $py benchmarks/bench_gpu.py --device cuda --markdown "$out/gpu_extras.md" >> "$log" 2>&1
   echo "extras stage: rc $? in $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 fi
