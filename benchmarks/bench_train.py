@@ -15,7 +15,8 @@ Protocol.  Each optimizer gets a three-point learning-rate sweep per task
 (:data:`LR_GRIDS`, printed, and in the summary), run with seed 0.  The best rate is
 the one with the lowest mean *training* loss over the last tenth of the run (so the
 held-out loss that is reported was not used to choose it); it is then re-run with
-more seeds and the table gives the mean and spread over seeds.  No weight decay anywhere; SGD uses Nesterov momentum 0.9; AdamW and SGD
+more seeds and the table gives the mean and spread over seeds.  No weight decay anywhere;
+SGD uses Nesterov momentum 0.9; AdamW and SGD
 use torch's fused implementation where it exists (falling back to the default); ESGD-M
 runs with its defaults (including its slow ``lr_warmup=0.99`` warmup, which only
 advances on D-steps).  Timings are wall-clock per training step (forward, backward,
@@ -71,7 +72,7 @@ import sysconfig
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -79,11 +80,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import esgdm  # noqa: E402
-
 from benchutil import (  # noqa: E402
-    PeakMemory, fmt, machine, markdown_table, pick_device, save_png, sync,
+    PeakMemory,
+    fmt,
+    machine,
+    markdown_table,
+    pick_device,
+    save_png,
+    sync,
 )
+
+import esgdm  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -299,7 +306,7 @@ class Task:
     lrs: dict
     data_note: str
     metric: str = "eval loss"
-    extra_metric: Optional[str] = None  # e.g. "test acc"
+    extra_metric: str | None = None  # e.g. "test acc"
 
 
 #: Learning-rate sweeps per task, centred (by a wider 5-point sweep on this machine,
@@ -446,8 +453,8 @@ class Variant:
     label: str = ""
     esgdm: dict = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
-    hvp: Optional[str] = None
-    floor: Optional[float] = None
+    hvp: str | None = None
+    floor: float | None = None
 
 
 class _FloorOverride:
@@ -456,7 +463,7 @@ class _FloorOverride:
     floors, not a setting of esgdm (the fused kernels have the floor built in, so such
     runs use ``backend="torch"``)."""
 
-    def __init__(self, floor: Optional[float]):
+    def __init__(self, floor: float | None):
         self.floor = floor
 
     def __enter__(self):
@@ -472,7 +479,7 @@ class _FloorOverride:
 
 
 def make_optimizer(name: str, params, lr: float, args, seed: int = 0, device=None,
-                   variant: Optional[Variant] = None):
+                   variant: Variant | None = None):
     if name == "ESGD-M":
         # its own stream of Rademacher vectors, so that interleaved runs do not share one
         # (the same seed gives the same vectors whatever the variant)
@@ -514,7 +521,7 @@ def _fastest(cls, params, **kw):
         return cls(params, **kw)
 
 
-def train_step(opt, model, task, b, hvp_mode: Optional[str], timer: Optional[list] = None):
+def train_step(opt, model, task, b, hvp_mode: str | None, timer: list | None = None):
     """One step; returns (loss, whether it was an ESGD-M D-step).  With ``timer`` (a
     list), the seconds of ``opt.step()`` alone are appended to it (synchronised; the
     closure-based path does not time it: its step includes the closure)."""
@@ -552,12 +559,12 @@ class Run:
     lr: float
     seed: int
     steps_done: int = 0
-    nonfinite_step: Optional[int] = None
+    nonfinite_step: int | None = None
     evals: list = field(default_factory=list)       # (step, train seconds, {metric: value})
     train_losses: list = field(default_factory=list)
     step_ms: list = field(default_factory=list)
     d_steps: list = field(default_factory=list)
-    peak_mib: Optional[float] = None
+    peak_mib: float | None = None
     state_mib: float = 0.0
     impl: str = ""  # ESGD-M: the esgdm backend(s) used; torch.optim: fused/foreach/default
     # the --rules and --lowprec studies (defaults keep older --json files readable)
@@ -603,7 +610,7 @@ class Trainer:
     """One training run that advances a step at a time, so several can be interleaved."""
 
     def __init__(self, task: Task, opt_name: str, lr: float, seed: int, device, args,
-                 variant: Optional[Variant] = None, time_opt: bool = False):
+                 variant: Variant | None = None, time_opt: bool = False):
         self.task, self.device, self.args = task, device, args
         self.variant = variant or Variant()
         self.time_opt = time_opt
@@ -708,7 +715,7 @@ def lockstep(trainers: list[Trainer], desc: str, args) -> list[Run]:
     return [t.close() for t in trainers]
 
 
-def peak_memory(task: Task, opt_name: str, lr: float, device, args) -> Optional[float]:
+def peak_memory(task: Task, opt_name: str, lr: float, device, args) -> float | None:
     """Peak memory of a short run alone (model, optimizer state, activations, and the
     double-backward graph of ESGD-M's D-steps: 25 steps include 21 of them)."""
     with PeakMemory(device) as mem:
@@ -1360,7 +1367,7 @@ def main(argv=None):
         args.lowprec_lrs = {k.strip(): float(v) for k, v in
                             (part.split("=") for part in args.lowprec_lrs.split(",") if part.strip())}
     except ValueError:
-        raise SystemExit(f"cannot read --lowprec-lrs {args.lowprec_lrs!r}; write e.g. 'convnet=1,charlm=3'")
+        raise SystemExit(f"cannot read --lowprec-lrs {args.lowprec_lrs!r}; write e.g. 'convnet=1,charlm=3'") from None
     meta["mode"] = mode
 
     tasks = []
@@ -1378,7 +1385,7 @@ def main(argv=None):
     try:
         steps = {k.strip(): int(v) for k, v in (part.split("=") for part in args.steps.split(",") if part.strip())}
     except ValueError:
-        raise SystemExit(f"cannot read --steps {args.steps!r}; write e.g. 'convnet=500,charlm=100'")
+        raise SystemExit(f"cannot read --steps {args.steps!r}; write e.g. 'convnet=500,charlm=100'") from None
     for t in tasks:
         if t.name in steps:
             t.steps = steps[t.name]

@@ -30,7 +30,7 @@ traces the operator through its fake implementation.  Either way the same checks
 from __future__ import annotations
 
 import operator
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -78,9 +78,9 @@ def _check_table(name: str, t: Tensor, dtype: torch.dtype, width: int, device, r
 
 
 def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                    exp_avg_ds: Sequence[Tensor], hvps: Optional[Sequence[Tensor]], scalars: Tensor,
-                    index: Tensor, hparams: Tensor, grad_scale: Optional[Tensor],
-                    found_inf: Optional[Tensor], kernel: str, per_tensor: bool = True) -> None:
+                    exp_avg_ds: Sequence[Tensor], hvps: Sequence[Tensor] | None, scalars: Tensor,
+                    index: Tensor, hparams: Tensor, grad_scale: Tensor | None,
+                    found_inf: Tensor | None, kernel: str, per_tensor: bool = True) -> None:
     """Raises ValueError naming the first argument that breaks the operator's contract.
 
     The common case (everything fine) is checked list-wise, a few attribute reads per
@@ -236,7 +236,7 @@ def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
     return None
 
 
-_lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # noqa: the namespace may be shared
+_lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # FRAGMENT: the namespace may be shared
 
 
 def _register() -> None:

@@ -100,7 +100,7 @@ the op's ``seed``.  Non-finite ``x`` rounds to nearest.  (The optimizer hands th
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -161,9 +161,9 @@ def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
     return torch.lerp(a, b, w)
 
 
-def update_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Optional[Tensor], *,
+def update_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, *,
                     w, beta2, eps, step_scale, decay, dscale, exact: bool,
-                    grad_scale: Optional[Tensor] = None, floor: float = DSCALE_FLOOR):
+                    grad_scale: Tensor | None = None, floor: float = DSCALE_FLOOR):
     """The element-wise rule on float32 (or float64) tensors; returns ``(p, m, d)`` new.
 
     The scalars are Python floats or 0-d tensors, already rounded to the math dtype.
@@ -240,10 +240,11 @@ def random_bits(seed: int, slot, steps, numel: int, device=None, start: int = 0)
     ``slot`` and ``steps`` (the tensor's new step count) are ints or 0-d tensors on the
     device (then nothing is read back to the host).  ``start``: the first element's
     index, for a piece of a tensor."""
+    key: Tensor | int
     if isinstance(slot, Tensor) or isinstance(steps, Tensor):
-        slot = torch.as_tensor(slot, device=device).long() & MASK32
-        steps = torch.as_tensor(steps, device=device).long() & MASK32
-        key = mix32(mix32(mix32_int(seed) ^ slot) ^ steps)
+        slot_t = torch.as_tensor(slot, device=device).long() & MASK32
+        steps_t = torch.as_tensor(steps, device=device).long() & MASK32
+        key = mix32(mix32(mix32_int(seed) ^ slot_t) ^ steps_t)
     else:
         key = mix32_int(mix32_int(mix32_int(seed) ^ (slot & MASK32)) ^ (steps & MASK32))
     idx = torch.arange(start, start + numel, dtype=torch.int64, device=device) & MASK32
@@ -275,9 +276,9 @@ def stochastic_round(x: Tensor, dtype: torch.dtype, r: Tensor) -> Tensor:
 # ------------------------------------------------------------------ reference
 
 def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
-                   exp_avg_ds: Sequence[Tensor], hvps: Optional[Sequence[Tensor]],
+                   exp_avg_ds: Sequence[Tensor], hvps: Sequence[Tensor] | None,
                    scalars: Tensor, index: Tensor, hparams: Tensor,
-                   grad_scale: Optional[Tensor], found_inf: Optional[Tensor],
+                   grad_scale: Tensor | None, found_inf: Tensor | None,
                    flags: int, seed: int) -> None:
     """The whole op, one tensor at a time in torch ops: the readable reference.
 
@@ -291,10 +292,9 @@ def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     sr = bool(flags & FLAG_STOCHASTIC_ROUNDING)
     for i in range(n):
         p = params[i]
-        state_dtype = exp_avgs[i].dtype
         math = torch.float64 if p.dtype == torch.float64 else torch.float32
 
-        def f(name):  # a per-tensor scalar rounded to the math dtype, as a Python float
+        def f(name, i=i, math=math):  # a per-tensor scalar rounded to the math dtype, as a float
             return torch.tensor(co[name][i].item(), dtype=torch.float64).to(math).item()
 
         gs = None if grad_scale is None else grad_scale.to(math)
@@ -336,13 +336,14 @@ def curvature_scale(exp_avg_ds: Sequence[Tensor]) -> Tensor:
     (0 where there are none), from two foreach reductions and no host read."""
     if not exp_avg_ds:
         return torch.zeros(0, dtype=torch.float64)
-    root_sum = torch.stack(torch._foreach_norm(exp_avg_ds, 0.5)).double()  # (sum sqrt D)^2
-    count = torch.stack(torch._foreach_norm(exp_avg_ds, 0)).double()       # #(D != 0)
+    ds = list(exp_avg_ds)
+    root_sum = torch.stack(torch._foreach_norm(ds, 0.5)).double()  # (sum sqrt D)^2
+    count = torch.stack(torch._foreach_norm(ds, 0)).double()       # #(D != 0)
     return torch.where(count > 0, root_sum.sqrt() / count.clamp(min=1), torch.zeros_like(count))
 
 
 def update_dscale(scalars: Tensor, slot: Tensor, exp_avg_ds: Sequence[Tensor],
-                  found_inf: Optional[Tensor] = None) -> None:
+                  found_inf: Tensor | None = None) -> None:
     """Writes each stepped tensor's :func:`curvature_scale` into ``scalars[:, DSCALE]``."""
     new = curvature_scale(exp_avg_ds).to(scalars.device)
     if found_inf is not None:

@@ -73,8 +73,8 @@ result a GPU's conversion gives).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from itertools import chain
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -430,8 +430,8 @@ INTERPRET = not isinstance(esgdm_step_kernel, triton.runtime.JITFunction)
 # ----------------------------------------------------------------------- host side
 
 _MAX_CACHED = 16
-_BLOCK_TABLES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-_ADDRESSES: "OrderedDict[tuple, _Addresses]" = OrderedDict()
+_BLOCK_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_ADDRESSES: OrderedDict[tuple, _Addresses] = OrderedDict()
 _data_ptr = torch.Tensor.data_ptr
 _numel = torch.Tensor.numel
 
@@ -519,8 +519,8 @@ def address_table_host(ptrs: Sequence[int], numels: Sequence[int], d_step: bool)
     return out
 
 
-def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: Optional[int],
-               num_warps: Optional[int], device) -> _Addresses:
+def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: int | None,
+               num_warps: int | None, device) -> _Addresses:
     """The bucket's cached tables, refreshed if an address or a size changed.
 
     ``block``/``num_warps`` None: chosen by :func:`choose_config` when the entry is made
@@ -560,9 +560,9 @@ def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: Optional[int],
 
 def launch(blocks: torch.Tensor, table: torch.Tensor, tickets: torch.Tensor, p_ref: torch.Tensor,
            s_ref: torch.Tensor, index: torch.Tensor, scalars: torch.Tensor, hparams: torch.Tensor,
-           grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor], d_step: bool,
-           flags: int = 0, seed: int = 0, block: Optional[int] = None,
-           num_warps: Optional[int] = None, hints: bool = True) -> None:
+           grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, d_step: bool,
+           flags: int = 0, seed: int = 0, block: int | None = None,
+           num_warps: int | None = None, hints: bool = True) -> None:
     """Launches the kernel over prepared tables (one launch; nothing if no programs)."""
     n_programs = blocks.shape[0]
     if n_programs == 0:
@@ -602,9 +602,9 @@ def _check_device(device: torch.device) -> None:
 
 
 def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor, index: torch.Tensor,
-               hparams: torch.Tensor, grad_scale: Optional[torch.Tensor] = None,
-               found_inf: Optional[torch.Tensor] = None, flags: int = 0, seed: int = 0,
-               block: Optional[int] = None, num_warps: Optional[int] = None, hints: bool = True) -> None:
+               hparams: torch.Tensor, grad_scale: torch.Tensor | None = None,
+               found_inf: torch.Tensor | None = None, flags: int = 0, seed: int = 0,
+               block: int | None = None, num_warps: int | None = None, hints: bool = True) -> None:
     """One ESGD-M step of a bucket (the contract of :mod:`esgdm.backends`), one launch.
 
     Updates ``params``, ``exp_avgs`` (and ``exp_avg_ds`` on a D-step, ``hvps`` given) in

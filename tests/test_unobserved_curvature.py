@@ -105,7 +105,7 @@ def _train(backend, *, loss_scale=1.0, param_scale=None, exact=False, eps=0.0, s
 
         def closure():
             opt.zero_grad(set_to_none=True)
-            loss = _loss([u * s for u, s in zip(us, a)], batch, loss_scale)
+            loss = _loss([u * s for u, s in zip(us, a)], batch, loss_scale)  # noqa: B023 (used in this iteration)
             loss.backward(create_graph=hvp == "autograd" and opt.should_create_graph())
             return loss
 
@@ -175,7 +175,7 @@ def _assert_same(a, b, exact: bool, rtol=1e-9):
                 assert torch.equal(x, y), f"step {k}, tensor {i}: max diff {(x - y).abs().max():.3e}"
             else:
                 torch.testing.assert_close(x, y, rtol=rtol, atol=1e-12 * max(1.0, float(y.abs().max())),
-                                           msg=lambda m: f"step {k}, tensor {i}: {m}")
+                                           msg=lambda m: f"step {k}, tensor {i}: {m}")  # noqa: B023 (used in this iteration)
 
 
 # ------------------------------------------------------------- (a) invariance
@@ -309,7 +309,7 @@ def test_each_step_divides_by_the_floored_denominator(backend):
         if implied.numel():
             ref = implied.median()
             torch.testing.assert_close(implied, torch.full_like(implied, float(ref)), rtol=1e-9,
-                                       atol=0, msg=lambda m: f"step {k}: {m}")
+                                       atol=0, msg=lambda m: f"step {k}: {m}")  # noqa: B023 (used in this iteration)
     assert kinds["unobserved"] >= 6 and kinds["floored"] >= 3 and kinds["above"] >= 50, kinds
     assert kinds["frozen"] >= 1, kinds
 
@@ -355,7 +355,7 @@ def test_trajectory_matches_the_independent_reference(backend, exact, monkeypatc
             o.step()
         for i, (a, b) in enumerate(zip(ws, rs)):
             torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-9, atol=1e-12, equal_nan=True,
-                                       msg=lambda m: f"step {k}, tensor {i}: {m}")
+                                       msg=lambda m: f"step {k}, tensor {i}: {m}")  # noqa: B023 (used in this iteration)
     big = max(float(w.detach().abs().max()) for w in ws)
     assert (big > 1e3) == exact, big  # the two rules really differ on this model
 
@@ -501,7 +501,7 @@ def test_backends_agree_on_the_floor():
     for kernel, got in results.items():
         for f, ps in got.items():
             for a, b in zip(ps, results["torch"][f]):
-                torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6, msg=lambda m: f"{kernel} {f}: {m}")
+                torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6, msg=lambda m: f"{kernel} {f}: {m}")  # noqa: B023 (used in this iteration)
 
 
 # ------------------------------------- (c) observed curvature: the original rule
@@ -553,9 +553,9 @@ def test_observed_curvature_follows_the_original_rule_bit_for_bit(backend, dtype
         traj = []
         for k in range(15):
             def closure():
-                opt.zero_grad(set_to_none=True)
-                loss = ((torch.tanh(x @ ws[0].T + ws[1]) @ ws[2].T + ws[3] - y) ** 2).mean()
-                loss.backward(create_graph=hvp == "autograd" and opt.should_create_graph())
+                opt.zero_grad(set_to_none=True)  # noqa: B023 (used in this iteration)
+                loss = ((torch.tanh(x @ ws[0].T + ws[1]) @ ws[2].T + ws[3] - y) ** 2).mean()  # noqa: B023 (used in this iteration)
+                loss.backward(create_graph=hvp == "autograd" and opt.should_create_graph())  # noqa: B023 (used in this iteration)
                 return loss
             if hvp == "autograd":
                 closure()

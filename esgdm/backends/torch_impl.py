@@ -14,8 +14,16 @@ import torch
 
 from esgdm.backends import Backend
 from esgdm.rule import (
-    BIAS, DSCALE_FLOOR, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, STEPS, WARM, derive, random_bits,
-    stochastic_round, update_elements,
+    BIAS,
+    DSCALE_FLOOR,
+    FLAG_EXACT,
+    FLAG_STOCHASTIC_ROUNDING,
+    STEPS,
+    WARM,
+    derive,
+    random_bits,
+    stochastic_round,
+    update_elements,
 )
 
 _SR_DTYPES = (torch.bfloat16, torch.float16)
@@ -55,15 +63,15 @@ def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
         # Pieces of at most CHUNK elements: the temporaries stay small enough to be
         # reused from the allocator's cache and to stay warm in the CPU's caches.
         for start in range(0, total, CHUNK):
-            p, g, m, d, *h = (t[start:start + CHUNK] for t in flats)
-            h = h[0].to(math) if d_step else None
+            p, g, m, d, *hs = (t[start:start + CHUNK] for t in flats)
+            h = hs[0].to(math) if d_step else None
             p_new, m_new, d_new = update_elements(
                 p.to(math), g.to(math), m.to(math), d.to(math), h,
                 w=per["w"][i], beta2=per["beta2"][i], eps=per["eps"][i],
                 step_scale=per["step_scale"][i], decay=per["decay"][i], dscale=per["dscale"][i],
                 exact=exact, grad_scale=gs,
                 floor=DSCALE_FLOOR)  # looked up per call: benchmarks/bench_train.py studies others
-            if sr:
+            if slots is not None and steps is not None:  # stochastic rounding
                 r = random_bits(seed, slots[i], steps[i], p.numel(), p.device, start=start)
                 p_new = stochastic_round(p_new, p_dtype, r)
             else:
