@@ -63,7 +63,8 @@ def test_pep621_metadata_and_extras():
     assert {"transformers", "lightning", "test", "bench", "demo"} <= set(extras)
     names = {re.split(r"[<>=\[ ]", d)[0] for d in extras["test"]}
     # CI installs [test] and runs every test: the optional integrations included
-    assert {"pytest", "hypothesis", "transformers", "accelerate", "lightning", "pytest-benchmark"} <= names
+    assert {"pytest", "hypothesis", "transformers", "accelerate", "lightning", "pytest-benchmark", "ruff",
+            "mypy"} <= names
     packages = _pyproject()["tool"]["setuptools"]["packages"]
     on_disk = {".".join(p.relative_to(ROOT).parts[:-1]) for p in (ROOT / "esgdm").rglob("__init__.py")}
     assert on_disk <= set(packages), f"packages missing from pyproject.toml: {on_disk - set(packages)}"
