@@ -32,11 +32,21 @@ without a closure (use ``"bf16-mixed"`` or autograd).  ``gradient_clip_val`` cli
 probe's gradient as well: the curvature is then that of the clipped gradient, which
 ESGD-M's invariance to the gradient's scale undoes on D-steps.  For clipping that
 scales only the update, clip in the manual recipe (``self.clip_gradients``).
+
+On a D-step the finite-difference recipe runs Lightning's closure once more at
+θ + r·v (twice more with ``fd_scheme="central"``): ``training_step``, ``backward`` and
+the ``on_before_optimizer_step`` hooks run again.  With :class:`ESGDMCallback`,
+``self.log``/``self.log_dict`` inside those re-runs are dropped and the step's output
+(``on_train_batch_end``'s ``outputs``) is the one at θ; guard other side effects of
+``training_step`` with ``if not esgdm.integrations.lightning.is_probing(self)``.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import types
+import weakref
+from typing import Any, Callable, Iterator, Optional
 
 from torch import Tensor
 
@@ -50,7 +60,7 @@ except ImportError:  # pragma: no cover - the older package name
     except ImportError as e:
         raise ImportError("esgdm.integrations.lightning needs lightning: pip install 'esgdm[lightning]'") from e
 
-__all__ = ["ESGDMCallback", "backward", "check_trainer", "manual_backward"]
+__all__ = ["ESGDMCallback", "backward", "check_trainer", "is_probing", "manual_backward"]
 
 
 def _esgdm_of(module: Any, optimizer: Any = None):
@@ -115,9 +125,104 @@ def check_trainer(trainer: Any, module: Any) -> None:
                 "hvp='autograd' with esgdm.integrations.lightning.backward")
 
 
+def is_probing(module: Any) -> bool:
+    """Whether ``training_step`` is running for ESGD-M's finite-difference probe (the
+    closure re-run at θ + r·v on a D-step) rather than for the step itself.
+
+    Set while :class:`ESGDMCallback` is among the trainer's callbacks; False otherwise.
+    """
+    return bool(getattr(module, "_esgdm_probing", False))
+
+
+def _drop(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _probing(module: Any) -> Iterator[None]:
+    """Marks ``module`` as probing and drops its ``log``/``log_dict`` calls meanwhile."""
+    module._esgdm_probing = True
+    module.log = module.log_dict = _drop  # instance attributes shadow the methods
+    try:
+        yield
+    finally:
+        for name in ("log", "log_dict", "_esgdm_probing"):
+            module.__dict__.pop(name, None)
+
+
+class _ProbeAwareClosure:
+    """Lightning's closure for ``opt.step``: the first call is the step's own, later
+    calls are probes (logging dropped, the closure's recorded result kept from the
+    first call, so Lightning reports the step at θ)."""
+
+    def __init__(self, closure: Callable[[], Any], module: Any):
+        self.closure, self.module, self.calls = closure, module, 0
+        # Lightning's closure object (it records each call's result) sits inside a partial
+        self.recorders = [a for a in getattr(closure, "args", ()) if hasattr(a, "_result")]
+
+    def __call__(self) -> Any:
+        self.calls += 1
+        if self.calls == 1:
+            return self.closure()
+        kept = [r._result for r in self.recorders]
+        try:
+            with _probing(self.module):
+                return self.closure()
+        finally:
+            for r, result in zip(self.recorders, kept):
+                r._result = result
+
+
+def _no_module() -> None:
+    return None
+
+
+def _hooked_step(opt: Any, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+    module_ref, previous = opt.__dict__["_esgdm_pl_hook"]
+    module = module_ref()
+    if closure is not None and module is not None:
+        closure = _ProbeAwareClosure(closure, module)
+    return previous(**kwargs) if closure is None else previous(closure, **kwargs)
+
+
+def _install(opt: Any, module: Any) -> None:
+    hook = opt.__dict__.get("_esgdm_pl_hook")
+    if hook is not None:
+        opt._esgdm_pl_hook = (weakref.ref(module), hook[1])
+        return
+    opt._esgdm_pl_hook = (weakref.ref(module), opt.step)  # the step as it was (an LR scheduler's wrapper, ...)
+    opt.step = types.MethodType(_hooked_step, opt)
+
+
+def _uninstall(opt: Any) -> None:
+    hook = opt.__dict__.get("_esgdm_pl_hook")
+    if hook is None:
+        return
+    step = opt.__dict__.get("step")
+    if not (isinstance(step, types.MethodType) and step.__func__ is _hooked_step):
+        opt._esgdm_pl_hook = (_no_module, hook[1])  # wrapped over since: stay in the chain, passing through
+        return
+    del opt._esgdm_pl_hook
+    previous = hook[1]
+    if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is type(opt).step:
+        del opt.step  # back to the class's method
+    else:
+        opt.step = previous
+
+
 class ESGDMCallback(pl.Callback):
     """Checks at ``fit`` start that the ESGD-M recipe in use works with the trainer's
-    settings (see :func:`check_trainer`)."""
+    settings (see :func:`check_trainer`), and makes the finite-difference probe's
+    re-run of ``training_step`` log nothing (see :func:`is_probing`)."""
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         check_trainer(trainer, pl_module)
+        if pl_module.automatic_optimization:
+            for opt in map(unwrap_optimizer, trainer.optimizers):
+                if opt is not None and opt.hvp != "autograd":
+                    _install(opt, pl_module)
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for opt in map(unwrap_optimizer, trainer.optimizers):
+            if opt is not None:
+                _uninstall(opt)

@@ -41,7 +41,23 @@ knows, so ESGD-M is chosen in one of three ways:
   (``"hvp=finite_difference,update_d_every=10,beta1=0.9,beta2=0.999"``);
 * ``optimizers=(esgdm.ESGDM(groups, lr=0.5), None)``: any optimizer you built.
 
-With an optimizer that is not ESGD-M, ``ESGDMTrainer`` behaves exactly as ``Trainer``.
+With an optimizer that is not ESGD-M, ``ESGDMTrainer`` behaves as ``Trainer`` (but
+applies FSDP2 on CPU processes too, see below).
+
+Learning-rate warm-up.  ESGD-M's own warm-up counts only D-steps: with the defaults
+(``lr_warmup=0.99``, ``d_warmup=20``, ``update_d_every=10``) the step size is 18% of
+``lr`` after 20 steps and 25% after 100, so a fine-tuning run of a few hundred steps
+may barely move.  For short runs pass ``lr_warmup=0.9`` (65% after 10 D-steps) or 0.
+
+Several processes (DDP, FSDP).  Neither can run a double backward: take curvature by
+finite differences (``hvp="finite_difference"``, or ``"auto"``, which turns to them
+before the first backward, warning once; ``"autograd"`` raises).  accelerate applies
+FSDP only on accelerator devices; on CPU processes ``ESGDMTrainer`` applies the FSDP2
+that ``fsdp=...``, ``fsdp_config={"fsdp_version": 2}`` asks for.  transformers scales
+each process's loss by the number of processes when the model's ``forward`` takes
+``**kwargs``; for a model that averages over its own rows (sequence classification)
+set ``average_tokens_across_devices=False``, or it trains on a larger loss, which
+ESGD-M, unlike AdamW, notices through ``eps``.
 """
 
 from __future__ import annotations
@@ -65,6 +81,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "pip install 'esgdm[transformers]'"
     ) from e
 
+from esgdm.buckets import is_dtensor
 from esgdm.hvp import ComputePrecision, RngSnapshot
 from esgdm.integrations import quiet_create_graph, unwrap_optimizer
 from esgdm.optimizer import ESGDM
@@ -164,12 +181,46 @@ def _replay_precision(precision: ComputePrecision) -> None:
 
 class ESGDMTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with :class:`esgdm.ESGDM` in both
-    Hessian-vector-product modes (see the module docstring)."""
+    Hessian-vector-product modes, in one process or several (see the module docstring).
+
+    Mind ESGD-M's warm-up in short runs: it counts D-steps only, so with the default
+    ``lr_warmup=0.99`` the step size stays under a quarter of ``lr`` for 100 steps;
+    fine-tuning for a few hundred steps, pass ``lr_warmup=0.9`` (or 0).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._esgdm_plan: Optional[_Plan] = None
         self._esgdm_probing = False
+        self._esgdm_checked: Optional[weakref.ref] = None  # the model the double-backward check ran on
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        self._esgdm_fsdp_on_cpu()
+
+    def _esgdm_fsdp_on_cpu(self) -> None:
+        """Applies the FSDP2 that ``fsdp=...`` asked for on CPU processes too.
+
+        accelerate turns FSDP on only for accelerator devices: on CPU (gloo) it drops the
+        plugin and the Trainer trains plain DDP, silently.  FSDP2 (``fully_shard``) works
+        on CPU, so hand accelerate the plugin it dropped; FSDP1 is refused there."""
+        plugin_args = getattr(self.args, "fsdp_plugin_args", None)
+        state = self.accelerator.state
+        if plugin_args is None or getattr(state, "fsdp_plugin", None) is not None:
+            return
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        if state.distributed_type != DistributedType.MULTI_CPU:
+            return
+        if int(plugin_args.get("fsdp_version", 1)) != 2:
+            raise ValueError("ESGDMTrainer: accelerate applies FSDP1 only on GPUs; on CPU processes use FSDP2: "
+                             "fsdp_config={'fsdp_version': 2}")
+        plugin = FullyShardedDataParallelPlugin(**plugin_args)
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
 
     # ----------------------------------------------------------- optimizer
 
@@ -241,6 +292,7 @@ class ESGDMTrainer(Trainer):
         if opt is None or self._esgdm_probing:
             return super().training_step(model, inputs, *args, **kwargs)
         self._esgdm_install(opt)
+        self._esgdm_check_double_backward(opt, model)
         d_step = opt.is_d_step()
         scaler = self.accelerator.scaler
         create_graph = d_step and opt.should_create_graph() and scaler is None
@@ -263,6 +315,23 @@ class ESGDMTrainer(Trainer):
             plan.losses.append(loss.detach())
             plan.raw_norm = _total_norm([p.grad for p in _params(opt)])
         return loss
+
+    def _esgdm_check_double_backward(self, opt: ESGDM, model: Any) -> None:
+        """Before the first backward through ``model`` (the wrapped one): where a
+        wrapper cannot run a double backward (DDP, FSDP), ``hvp="autograd"`` raises
+        naming what works, and ``hvp="auto"`` turns to finite differences, warning once."""
+        if self._esgdm_checked is not None and self._esgdm_checked() is model:
+            return
+        why = _no_double_backward(model)
+        if why is not None and opt.hvp == "autograd":
+            raise ValueError(
+                f"ESGDMTrainer: {why} cannot run the double backward that hvp='autograd' needs; construct "
+                "esgdm.ESGDM(..., hvp='finite_difference') or hvp='auto' (the trainer passes the closure)")
+        if why is not None and opt.hvp == "auto" and not opt._fd_fallback:
+            warnings.warn(f"esgdm: {why} cannot run a double backward; hvp='auto' takes Hessian-vector "
+                          "products by finite differences from now on", RuntimeWarning, stacklevel=3)
+            opt._fd_fallback = True
+        self._esgdm_checked = weakref.ref(model)
 
     @contextlib.contextmanager
     def _esgdm_backward_kwargs(self, **extra: Any):
@@ -341,6 +410,23 @@ class ESGDMTrainer(Trainer):
         factor = torch.where(plan.raw_norm > 0, ratio / plan.raw_norm.to(ratio.device), torch.ones_like(ratio))
         clip = factor / unscale
         return unscale, clip
+
+
+def _no_double_backward(model: Any) -> Optional[str]:
+    """What about the (wrapped) ``model`` rules out a double backward, or None."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch without distributed support
+        return None
+    if isinstance(model, DistributedDataParallel):
+        return "DistributedDataParallel"
+    if isinstance(model, FullyShardedDataParallel):
+        return "FSDP"
+    if any(is_dtensor(p) for p in model.parameters()):
+        return "FSDP2 (sharded DTensor parameters)"
+    return None
 
 
 def _params(opt: ESGDM) -> list:
