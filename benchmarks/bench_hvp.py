@@ -5,7 +5,8 @@ library source (on disk wherever Python is), with fused attention
 (``F.scaled_dot_product_attention``).  For each method this measures, in a fresh
 process so that peak memory is its own:
 
-* time per step (median over repeats) and peak memory, for: a plain ESGD-M step, a D-step with ``hvp="autograd"`` (which needs
+* time per step (median over repeats) and peak memory, for: a plain ESGD-M step, a D-step
+  with ``hvp="autograd"`` (which needs
   the math attention backend: fused attention has no double backward), a D-step with
   ``hvp="finite_difference"`` (forward and central), and a ``torch.optim.AdamW`` step;
 * the training loss after a fixed number of steps with each method.

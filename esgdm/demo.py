@@ -116,7 +116,8 @@ def train(name, make_opt, train_set, test_set, epochs, batch_size, device, seed)
 
 
 def table(rows) -> str:
-    head = f"{'optimizer':28s} {'train loss':>10s} {'train acc':>9s} {'test loss':>9s} {'test acc':>8s} {'ms/step':>8s}  backend"
+    head = (f"{'optimizer':28s} {'train loss':>10s} {'train acc':>9s} {'test loss':>9s} {'test acc':>8s} "
+            f"{'ms/step':>8s}  backend")
     out = [head, "-" * len(head)]
     for r in rows:
         out.append(

@@ -22,11 +22,11 @@ pytest.importorskip("accelerate")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+from helpers import rel_err  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
 
 import esgdm  # noqa: E402
 from esgdm.integrations.transformers import ESGDMTrainer, esgdm_kwargs_from_args  # noqa: E402
-from helpers import rel_err  # noqa: E402
 
 SEQ = 64
 VOCAB = 128

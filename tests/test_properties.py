@@ -781,7 +781,8 @@ def op_calls(draw, backend):
         args["grads"][k] = g.contiguous() if transposed else g.t().contiguous().t()
         assume(args["grads"][k].stride() != g.stride())
     elif spoil == "hvp_shape":
-        args["hvps"][k] = args["hvps"][k].reshape(-1)[:-1].clone() if args["hvps"][k].numel() > 1 else torch.ones(2, dtype=dtype)
+        h = args["hvps"][k]
+        args["hvps"][k] = h.reshape(-1)[:-1].clone() if h.numel() > 1 else torch.ones(2, dtype=dtype)
     elif spoil == "state_dtype":
         other = [d for d in (F32, BF16, F64, F16) if d != state_dtype]
         args["exp_avgs"][k] = args["exp_avgs"][k].to(draw(st.sampled_from(other), label="state dtype'"))
@@ -833,7 +834,8 @@ def check_operator(backend, data):
     reference_step(**ref)
     for key in WRITTEN:
         now, want = args[key], ref[key]
-        for i, (a, b) in enumerate(zip(now if isinstance(now, list) else [now], want if isinstance(want, list) else [want])):
+        pairs = zip(now if isinstance(now, list) else [now], want if isinstance(want, list) else [want])
+        for i, (a, b) in enumerate(pairs):
             rtol, atol = OP_TOL[b.dtype] if key != "scalars" else (1e-6, 0.0)
             torch.testing.assert_close(a, b, rtol=rtol, atol=atol, equal_nan=True,
                                        msg=lambda m, where=f"{key}[{i}]": f"{where}: {m}")

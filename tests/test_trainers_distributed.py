@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from helpers import rel_err
 
 WORLD = 2
@@ -79,8 +78,9 @@ def lm_rows():
 
 def hf_train(hvp, world=1, accum=1, seed=SEED, **arg_overrides):
     """Trains gpt2() for STEPS steps of BATCH rows; returns (model, trainer)."""
-    import esgdm
     from transformers import TrainingArguments
+
+    import esgdm
     from esgdm.integrations.transformers import ESGDMTrainer
 
     args = TrainingArguments(

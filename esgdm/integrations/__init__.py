@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 from torch import Tensor
 
@@ -49,7 +50,7 @@ def quiet_create_graph() -> Iterator[None]:
         yield
 
 
-def unwrap_optimizer(optimizer: Any) -> Optional[Any]:
+def unwrap_optimizer(optimizer: Any) -> Any | None:
     """The :class:`esgdm.ESGDM` inside ``optimizer``, or None.
 
     Follows the ``.optimizer`` attribute of the wrappers trainers put around an

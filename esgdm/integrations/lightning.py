@@ -46,7 +46,8 @@ from __future__ import annotations
 import contextlib
 import types
 import weakref
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Callable
 
 from torch import Tensor
 
@@ -177,7 +178,7 @@ def _no_module() -> None:
     return None
 
 
-def _hooked_step(opt: Any, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+def _hooked_step(opt: Any, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
     module_ref, previous = opt.__dict__["_esgdm_pl_hook"]
     module = module_ref()
     if closure is not None and module is not None:
@@ -204,8 +205,9 @@ def _uninstall(opt: Any) -> None:
         return
     del opt._esgdm_pl_hook
     previous = hook[1]
-    if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is type(opt).step:
-        del opt.step  # back to the class's method
+    class_step = getattr(type(opt), "step", None)
+    if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is class_step:
+        delattr(opt, "step")  # back to the class's method
     else:
         opt.step = previous
 
