@@ -158,7 +158,11 @@ class TestComplexParameters:
 
     def test_layouts_step_like_a_contiguous_copy(self):
         """A transposed or strided complex parameter steps as a contiguous one holding
-        the same values (its state keeps the parameter's layout or a dense copy)."""
+        the same values (its state keeps the parameter's layout or a dense copy).
+
+        Equal to float32 rounding, not bit for bit: the tensor's curvature scale (the
+        mean of sqrt(D), which sets the floor of the default rule) is a reduction whose
+        rounding follows the order of the state in memory."""
         torch.manual_seed(4)
         base = torch.randn(6, 8, dtype=torch.complex64)
         odd = [torch.nn.Parameter(base.clone().t()), torch.nn.Parameter(base.clone())]
@@ -168,7 +172,7 @@ class TestComplexParameters:
             opt = esgdm.ESGDM(params, lr=0.3, seed=5, backend="torch", d_warmup=2, update_d_every=2)
             run(opt, None, lambda: sum(torch.view_as_real(p).pow(4).sum() for p in params), 4, "autograd")  # noqa: B023 (called in this iteration)
         for a, b in zip(odd, plain):
-            assert torch.equal(a.detach(), b.detach())
+            torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-5, atol=1e-6)
 
     def test_signs_are_those_of_the_real_view(self):
         z = torch.zeros(3, 5, dtype=torch.complex64)

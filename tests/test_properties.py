@@ -667,7 +667,7 @@ def corrupt(sd: dict, kind: str, draw) -> None:
     entry = state[draw(st.sampled_from(candidates), label="parameter id")]
     if kind in ("nan_exp_avg", "inf_exp_avg_d", "negative_exp_avg_d"):
         key = "exp_avg" if kind == "nan_exp_avg" else "exp_avg_d"
-        t = entry[key].clone()
+        t = entry[key].clone(memory_format=torch.contiguous_format)  # (the state may be transposed)
         j = draw(st.integers(0, t.numel() - 1), label="element")
         t.view(-1)[j] = {"nan_exp_avg": float("nan"), "inf_exp_avg_d": float("inf"),
                          "negative_exp_avg_d": -1.0}[kind]
