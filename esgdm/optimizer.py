@@ -27,8 +27,8 @@ from esgdm import backends, checkpoint, ops
 from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, is_dtensor, local, real_view, same_layout
 from esgdm.checkpoint import BIAS, EXP_AVG, EXP_AVG_D, STEP, WARM, check_count, check_seed
 from esgdm.hvp import (
-    FD_SCHEMES, ComputePrecision, RngSnapshot, autograd_hvp, finite_difference_hvp,
-    no_double_backward,
+    FD_SCHEMES, GENERATORS, BufferGuard, ComputePrecision, ModuleTrees, RngSnapshot, autograd_hvp,
+    create_graph_failed, finite_difference_hvp, no_double_backward, warn_user,
 )
 from esgdm.rule import (
     BIAS as BIAS_COL, DSCALE, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, HPARAM_COLUMNS, STEPS,
@@ -351,6 +351,9 @@ class ESGDM(Optimizer):
         self._precision = None
         self._schedule = _Schedule()
         self._fd_fallback = False
+        self._evaluated = False  # a D-step's main evaluation succeeded (see _evaluate)
+        self._watch_saves = True  # False once torch.func refused saved-tensor hooks
+        self._module_trees = ModuleTrees()  # whose buffers the probe restores
         self._buckets: list[Bucket] = []
         self._meta_signature: Optional[tuple] = None
         self._any_dtensor = False
@@ -726,18 +729,67 @@ class ESGDM(Optimizer):
         as they were.  With ``torch.amp.GradScaler`` (``scaler.step(opt)``) the kernels
         unscale the gradients and skip the whole step on the device when an inf was found.
         """
-        d_step = self.is_d_step()
-        fd_possible = d_step and closure is not None and self.hvp != "autograd"
-        loss = None
+        if closure is None:
+            return self._step(None)
+        return self._step_with_closure(closure)
+
+    @torch.compiler.disable
+    def _step_with_closure(self, closure: Callable[[], Any]):
+        # The closure draws from torch's process-wide generators, and a finite-difference
+        # D-step rewinds them for its probe: order the closures of all threads (esgdm.hvp).
+        with GENERATORS.hold(exclusive=self.hvp != "autograd" and self.is_d_step()):
+            return self._step(closure)
+
+    def _evaluate(self, closure: Optional[Callable[[], Any]], d_step: bool):
+        """The main evaluation of the closure: ``(loss, random state before it)``.
+
+        On a D-step that may take finite differences it records what the probe needs:
+        the random state to replay and the precision the closure computes in.  Until one
+        such evaluation has succeeded, an evaluation that fails because the model cannot
+        keep a graph of its gradients (``hvp="auto"``: a compiled backward refuses
+        ``create_graph=True``) or because torch.func refuses saved-tensor hooks is run
+        again, with the random state and the buffers as they were before it."""
+        if closure is None:
+            self._precision = None
+            return None, None
+        fd_possible = d_step and self.hvp != "autograd"
         rng = RngSnapshot() if fd_possible else None
-        self._precision = ComputePrecision() if fd_possible else None
-        if closure is not None:
-            with torch.enable_grad():
-                if self._precision is not None:  # what the closure computes in sizes the probe
-                    with self._precision:
+        self._precision = ComputePrecision(watch_saves=self._watch_saves) if fd_possible else None
+        guard = None
+        if fd_possible and not self._evaluated:
+            guard = BufferGuard(self._module_trees(self._all_params()))
+            guard.snapshot()
+        with torch.enable_grad():
+            while True:
+                try:
+                    if self._precision is None:
+                        return closure(), rng
+                    with self._precision:  # what the closure computes in sizes the probe
                         loss = closure()
-                else:
-                    loss = closure()
+                    self._evaluated = True
+                    return loss, rng
+                except RuntimeError as e:
+                    if guard is None:
+                        raise
+                    if self._precision.refused_by(e):
+                        self._watch_saves = False
+                    elif self.hvp == "auto" and not self._fd_fallback and create_graph_failed(e):
+                        self._fall_back(e)
+                    else:
+                        raise
+                rng.restore()
+                guard.restore()
+
+    def _fall_back(self, error: BaseException) -> None:
+        """``hvp="auto"``: from now on Hessian-vector products come from finite differences."""
+        warn_user(f"esgdm: the double backward failed ({str(error).splitlines()[0]}); "
+                  "hvp='auto' takes Hessian-vector products by finite differences from now on")
+        self._fd_fallback = True
+
+    def _step(self, closure: Optional[Callable[[], Any]]):
+        """The body of :meth:`step`."""
+        d_step = self.is_d_step()
+        loss, rng = self._evaluate(closure, d_step)
 
         buckets = self.buckets()
         self._sync_user_state(buckets)
@@ -908,10 +960,7 @@ class ESGDM(Optimizer):
                         "Take it by finite differences instead: construct ESGDM(..., hvp='auto') (or "
                         "hvp='finite_difference') and call opt.step(closure) with a closure that zeroes "
                         "the gradients, computes the loss and calls loss.backward()") from e
-                warnings.warn(f"esgdm: the double backward failed ({str(e).splitlines()[0]}); "
-                              "hvp='auto' takes Hessian-vector products by finite differences from now on",
-                              RuntimeWarning, stacklevel=3)
-                self._fd_fallback = True
+                self._fall_back(e)
                 hvps = self._fd_hvps(params, grads, closure, rng)
             else:
                 hvps = _undo_unscaled_scale(self, hvps)
@@ -945,7 +994,8 @@ class ESGDM(Optimizer):
                  for p, g in zip(params, grads)]
         try:
             return finite_difference_hvp(params, grads, self._signs(params), closure, rng,
-                                         self.fd_scheme, self.fd_radius, precision=self._precision)
+                                         self.fd_scheme, self.fd_radius, precision=self._precision,
+                                         modules=self._module_trees(self._all_params()))
         finally:
             for p in idle:  # the probe must not leave gradients behind
                 p.grad = None

@@ -715,3 +715,155 @@ def test_dtensor_radius_and_fsdp2_hvp_on_two_ranks(tmp_path):
     for out in outs:
         _check_dtensor_results(out)
     assert outs[0]["radii"] == outs[1]["radii"]  # bit for bit alike on the ranks
+
+
+# --------------------------------------------------------------------------
+# Nothing global: no module hooks, reruns that leave no trace.
+# --------------------------------------------------------------------------
+
+
+def test_the_probe_installs_no_global_module_hooks():
+    """Global nn.Module hooks run for every thread's modules and are traced by Dynamo
+    into compiled models; the probe must not need them."""
+    from torch.nn.modules import module as nn_module
+
+    model = mlp()
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+    seen = []
+
+    def closure():
+        seen.append(len(nn_module._global_forward_pre_hooks) + len(nn_module._global_forward_hooks))
+        model.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt = esgdm.ESGDM(model.parameters(), lr=0.1, hvp="finite_difference", fd_scheme="central",
+                      backend="torch")
+    opt.step(closure)
+    assert seen == [0, 0, 0]
+
+
+class RefusesCreateGraph(torch.autograd.Function):
+    """Identity whose backward refuses create_graph=True, as a torch.compile'd backward
+    with donated buffers does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        if torch.is_grad_enabled():  # backward(create_graph=True)
+            raise RuntimeError("This backward function was compiled with non-empty donated buffers "
+                               "which requires create_graph=False and retain_graph=False.")
+        return g
+
+
+def test_auto_reruns_an_evaluation_whose_backward_refuses_create_graph():
+    """hvp="auto": the closure's own backward(create_graph=True) raises on the first
+    D-step; the step warns once, reruns the closure (same dropout masks, BatchNorm
+    statistics moved once) and takes finite differences from then on."""
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.BatchNorm1d(16), torch.nn.Tanh(),
+                                   torch.nn.Dropout(0.3), torch.nn.Linear(16, 4))
+
+    x, y = torch.randn(32, 12), torch.randint(0, 4, (32,))
+    results = {}
+    for hvp in ("auto", "finite_difference"):
+        model = net()
+        masks = []
+        model[3].register_forward_hook(lambda m, args, out: masks.append(out != 0))
+        opt = esgdm.ESGDM(model.parameters(), lr=0.3, hvp=hvp, backend="torch", seed=1)
+        torch.manual_seed(7)
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(RefusesCreateGraph.apply(model(x)), y)
+            loss.backward(create_graph=opt.should_create_graph())
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                opt.step(closure)
+        results[hvp] = (model, masks, torch.get_rng_state(),
+                        [w for w in caught if "finite differences from now on" in str(w.message)])
+    model, masks, rng, fallbacks = results["auto"]
+    twin, twin_masks, twin_rng, none = results["finite_difference"]
+    assert len(fallbacks) == 1 and "donated buffers" in str(fallbacks[0].message) and not none
+    assert len(masks) == len(twin_masks) + 1  # the evaluation that raised, then its rerun
+    assert torch.equal(masks[0], masks[1])  # the rerun drew what the first attempt drew
+    for a, b in zip(masks[1:], twin_masks):
+        assert torch.equal(a, b)
+    assert torch.equal(rng, twin_rng)
+    assert model[1].num_batches_tracked.item() == 3
+    for a, b in zip(list(model.parameters()) + list(model.buffers()),
+                    list(twin.parameters()) + list(twin.buffers())):
+        assert torch.equal(a, b)
+
+
+def test_a_closure_using_torch_func_runs_without_the_saved_tensor_hooks():
+    """torch.func transforms refuse to run under saved-tensor hooks (which the
+    precision detection uses): the evaluation is rerun without them, once, and the
+    run is the one an ordinary closure gives."""
+    from torch.func import functional_call, grad
+
+    x, y = torch.randn(16, 12), torch.randint(0, 4, (16,))
+    runs = {}
+    for how in ("func", "autograd"):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = esgdm.ESGDM(model.parameters(), lr=0.3, hvp="finite_difference", backend="torch", seed=2)
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            opt.zero_grad(set_to_none=True)
+            if how == "autograd":
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            params = {k: v.detach() for k, v in model.named_parameters()}
+            grads = grad(lambda ps: F.cross_entropy(functional_call(model, ps, (x,)), y))(params)
+            for name, p in model.named_parameters():
+                p.grad = grads[name]
+            return torch.zeros(())
+
+        for _ in range(3):
+            opt.step(closure)
+        runs[how] = (model, calls[0])
+    (model, calls), (twin, twin_calls) = runs["func"], runs["autograd"]
+    assert calls == twin_calls + 1  # the first evaluation, refused, then rerun
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_compute_precision_keeps_the_saved_tensor_hooks_already_active():
+    """The saved-tensor hooks that watch the precision pass every tensor on to the
+    hooks that were active (torch.autograd.graph.save_on_cpu, a user's own)."""
+    model = mlp()
+    x = torch.randn(8, 12)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(t.dtype)
+        return ("mine", t.detach())
+
+    def unpack(box):
+        unpacked.append(box[0])
+        return box[1]
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        with ComputePrecision() as seen, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x).float().sum()
+        out.backward()
+    assert seen.dtypes == {"cpu": torch.bfloat16}
+    assert packed and len(unpacked) == len(packed) and set(unpacked) == {"mine"}
+    reference = mlp()
+    reference.load_state_dict(model.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference(x).float().sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad)

@@ -171,12 +171,9 @@ def _hooked_step(opt: ESGDM, closure: Optional[Callable[[], Any]] = None, **kwar
 
 
 def _replay_precision(precision: ComputePrecision) -> None:
-    """Makes one trivial nn.Module call under each autocast state ``precision`` saw, for
-    a ComputePrecision watching the closure (as ESGDM.step does) to record."""
-    probe = torch.nn.Identity()
-    for device_type, dtype in precision.dtypes.items():
-        with torch.autocast(device_type, dtype=dtype):
-            probe(torch.empty(0))
+    """Shows what ``precision`` saw to the ComputePrecision watching the closure (as
+    ESGDM.step does)."""
+    precision.replay()
 
 
 class ESGDMTrainer(Trainer):
@@ -371,7 +368,7 @@ class ESGDMTrainer(Trainer):
             total = torch.stack([loss.float() for loss in plan.losses]).sum()
             if calls[0] == 1:
                 # The training loop has computed the gradients at θ already; show the
-                # optimizer what precision it computed them in (it watches nn.Module calls).
+                # optimizer what precision it computed them in (it watches the saved tensors).
                 _replay_precision(plan.precision)
                 return total
             self._esgdm_probe(plan)
