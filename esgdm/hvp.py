@@ -14,14 +14,17 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from esgdm.buckets import local  # a DTensor's local shard (same storage), else the tensor
-from esgdm.buckets import real_view  # a complex tensor's real view, else the tensor
+from esgdm.buckets import (
+    local,  # a DTensor's local shard (same storage), else the tensor
+    real_view,  # a complex tensor's real view, else the tensor
+)
 
 CREATE_GRAPH_HINT = (
     "ESGD-M needs a Hessian-vector product on this step, so the backward pass must "
@@ -176,7 +179,7 @@ _warn_lock = threading.Lock()
 _thread = threading.local()  # per-thread state (the ComputePrecision objects open)
 
 
-_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__]))
+_INTERNAL = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (torch, sys.modules[__package__]))
 
 
 def warn_user(message: str, category: type = RuntimeWarning) -> None:
@@ -184,8 +187,9 @@ def warn_user(message: str, category: type = RuntimeWarning) -> None:
     import warnings
 
     level, frame = 1, sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
+    frame_or_none: Any = frame
+    while frame_or_none is not None and frame_or_none.f_code.co_filename.startswith(_INTERNAL):
+        frame_or_none, level = frame_or_none.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
 
 
@@ -299,7 +303,7 @@ class ComputePrecision:
             if dtype is not None and dtype.is_floating_point:
                 self._note(device_type, dtype)
 
-    def merge(self, other: "ComputePrecision") -> None:
+    def merge(self, other: ComputePrecision) -> None:
         for device_type, dtype in other.dtypes.items():
             self._note(device_type, dtype)
 
@@ -320,7 +324,7 @@ class ComputePrecision:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, outer[1] if outer else _unpack)
 
-    def __enter__(self) -> "ComputePrecision":
+    def __enter__(self) -> ComputePrecision:
         self.record()
         hooks = None
         if self.watch_saves:
@@ -335,7 +339,7 @@ class ComputePrecision:
         _open_precisions().append(self)
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         stack = _open_precisions()
         for i in range(len(stack) - 1, -1, -1):
             if stack[i] is self:
@@ -411,7 +415,7 @@ def _sums_of_squares(tensors: Sequence[Tensor], robust: bool) -> Tensor:
                 try:
                     norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
                 except (TypeError, RuntimeError):  # a torch without the dtype argument
-                    norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in ts]
+                    norms = tuple(torch.linalg.vector_norm(t, dtype=torch.float32) for t in ts)
             parts.append(torch.stack(norms).to(torch.float64).square().sum())
         return torch.stack(parts).sum()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -567,12 +571,13 @@ class RngSnapshot:
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
 
-    def same(self, other: "RngSnapshot") -> bool:
+    def same(self, other: RngSnapshot) -> bool:
         """Whether both hold the same states (nothing drew in between)."""
         if not torch.equal(self.cpu, other.cpu) or (self.cuda is None) != (other.cuda is None):
             return False
-        return self.cuda is None or (len(self.cuda) == len(other.cuda) and all(
-            torch.equal(a, b) for a, b in zip(self.cuda, other.cuda)))
+        if self.cuda is None or other.cuda is None:
+            return True  # both None (checked above)
+        return len(self.cuda) == len(other.cuda) and all(torch.equal(a, b) for a, b in zip(self.cuda, other.cuda))
 
 
 class _GeneratorLock:
@@ -638,7 +643,7 @@ class _GeneratorLock:
 # those objects before finalization starts, while other threads may still take the
 # GIL, and let gloo's threads release them (0 of 24 runs aborted with this; the sleep
 # is a bound, the threads need microseconds once scheduled).
-_exit_drain = []
+_exit_drain: list[bool] = []
 
 
 def _drain_before_exit() -> None:
@@ -672,7 +677,8 @@ def module_trees(params: Sequence[Tensor]) -> list[torch.nn.Module]:
     objects once (0.08 s among 350k live objects, measured); callers cache it.
     """
     ids = {id(p) for p in params}
-    owners, parents = [], {}
+    owners: list = []
+    parents: dict = {}
     for obj in gc.get_objects():
         if not issubclass(type(obj), torch.nn.Module):
             continue
@@ -779,11 +785,11 @@ class BufferGuard:
                     done.add(id(original))
                     original.copy_(value)
 
-    def __enter__(self) -> "BufferGuard":
+    def __enter__(self) -> BufferGuard:
         self.snapshot()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.restore()
         return False
 
@@ -805,7 +811,7 @@ def _probe_grads(
         for attempt in (0, 1):
             for p in params:
                 p.grad = None
-            if replay:
+            if replay and rng is not None:
                 rng.restore()  # the probe sees the same dropout masks as the main evaluation
             elif attempt:
                 after.restore()
@@ -865,6 +871,8 @@ def finite_difference_hvp(
     if scheme not in FD_SCHEMES:
         raise ValueError(f"Invalid finite-difference scheme: {scheme!r}; choose one of {FD_SCHEMES}")
     params, grads = list(params), list(grads)
+    held: list[Tensor] | None = list(signs)  # dropped (None) as soon as no longer needed
+    del signs  # (held is then the only reference: dropping it frees the signs)
     reals = [real_view(p) for p in params]  # what is perturbed (complex: as the real view)
     seen = ComputePrecision(device_types=("cpu", "cuda", *(_device_type(p) for p in params)),
                             watch_saves=precision is None or precision.watch_saves)
@@ -891,14 +899,15 @@ def finite_difference_hvp(
     try:
         while True:
             with torch.no_grad():
-                torch._foreach_add_(shards, [local(v) for v in signs], alpha=r)
+                assert held is not None  # kept while a redo may need them (keep_signs)
+                torch._foreach_add_(shards, [local(v) for v in held], alpha=r)
             if not keep_signs:
-                signs = None  # not needed any more: free it before the probe runs
+                held = None  # not needed any more: free it before the probe runs
             plus = _probe_grads(params, closure, rng, seen, modules)
             if radius is not None or seen.unit_roundoff(reals) <= u:
                 break
             u = seen.unit_roundoff(reals)  # the probe computes less precisely than assumed
-            if signs is None:
+            if held is None:
                 _warn_once("precision", (
                     "finite differences: the probe computed in a lower precision (autocast) "
                     "than the main evaluation showed; this step's curvature used a radius "
@@ -909,13 +918,14 @@ def finite_difference_hvp(
             with torch.no_grad():
                 torch._foreach_copy_(shards, backup)
         if scheme == "forward":
-            signs = None
+            held = None
             base, step = grads, r
         else:
             with torch.no_grad():
                 torch._foreach_copy_(shards, backup)
-                torch._foreach_add_(shards, [local(v) for v in signs], alpha=-r)
-            signs = None
+                assert held is not None  # the central scheme keeps them
+                torch._foreach_add_(shards, [local(v) for v in held], alpha=-r)
+            held = None
             base, step = _probe_grads(params, closure, rng, seen, modules), 2 * r
         with torch.no_grad():
             hvps = [h.detach() for h in plus]

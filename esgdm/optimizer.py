@@ -16,7 +16,7 @@ import numbers
 import operator
 import sys
 import warnings
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -27,12 +27,32 @@ from esgdm import backends, checkpoint, ops
 from esgdm.buckets import STATE_DTYPES, Bucket, build_buckets, is_dtensor, local, real_view, same_layout
 from esgdm.checkpoint import BIAS, EXP_AVG, EXP_AVG_D, STEP, WARM, check_count, check_seed
 from esgdm.hvp import (
-    FD_SCHEMES, GENERATORS, BufferGuard, ComputePrecision, ModuleTrees, RngSnapshot, autograd_hvp,
-    create_graph_failed, finite_difference_hvp, no_double_backward, warn_user,
+    FD_SCHEMES,
+    GENERATORS,
+    BufferGuard,
+    ComputePrecision,
+    ModuleTrees,
+    RngSnapshot,
+    autograd_hvp,
+    create_graph_failed,
+    finite_difference_hvp,
+    no_double_backward,
+    warn_user,
 )
 from esgdm.rule import (
-    BIAS as BIAS_COL, DSCALE, FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, HPARAM_COLUMNS, STEPS,
-    WARM as WARM_COL, curvature_scale, seed32,
+    BIAS as BIAS_COL,
+)
+from esgdm.rule import (
+    DSCALE,
+    FLAG_EXACT,
+    FLAG_STOCHASTIC_ROUNDING,
+    HPARAM_COLUMNS,
+    STEPS,
+    curvature_scale,
+    seed32,
+)
+from esgdm.rule import (
+    WARM as WARM_COL,
 )
 from esgdm.signs import rademacher
 
@@ -56,7 +76,7 @@ def _check_lr(lr: Any, where: str) -> None:
         return  # its value lives on the device: read once, when it is given (_check_lr_value)
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
         raise TypeError(f"Invalid lr{where}: {lr!r} (must be a float or a one-element tensor)")
-    if not (0.0 <= lr and math.isfinite(lr)):
+    if not (0.0 <= float(lr) and math.isfinite(lr)):
         raise ValueError(f"Invalid lr{where}: {lr!r} (must be finite and >= 0)")
 
 
@@ -81,7 +101,7 @@ def _check_lr_value(lr: Any, where: str) -> None:
             raise ValueError(f"Invalid lr{where}: {value!r} (must be finite and >= 0)")
 
 
-def _flag(name: str, value: Any, none_ok: bool = False) -> Optional[bool]:
+def _flag(name: str, value: Any, none_ok: bool = False) -> bool | None:
     """A bool (or None where that means "default"): strings and numbers are refused, not
     coerced (``exact="no"`` is truthy)."""
     if isinstance(value, bool) or (none_ok and value is None):
@@ -108,14 +128,14 @@ def _check_flags(group: dict, where: str) -> None:
                          "use differentiable=False")
 
 
-def _check_switch(name: str, value: Any) -> Optional[bool]:
+def _check_switch(name: str, value: Any) -> bool | None:
     """``foreach``/``fused``: None or a bool, as in torch.optim."""
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"Invalid {name}: {value!r} (must be None, True or False)")
     return value
 
 
-def _backend_for_switches(backend: Optional[str], foreach: Optional[bool], fused: Optional[bool]) -> str:
+def _backend_for_switches(backend: str | None, foreach: bool | None, fused: bool | None) -> str:
     """The backend name that ``backend=``, ``foreach=`` and ``fused=`` ask for together.
 
     As in torch.optim: ``fused=True`` asks for a fused kernel (every backend but
@@ -295,26 +315,26 @@ class ESGDM(Optimizer):
         update_d_every: int = 10,
         d_warmup: int = 20,
         *,
-        backend: Optional[str] = None,
-        generator: Optional[torch.Generator] = None,
-        seed: Optional[int] = None,
+        backend: str | None = None,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
         hvp: str = "autograd",
         fd_scheme: str = "forward",
-        fd_radius: Optional[float] = None,
+        fd_radius: float | None = None,
         exact: bool = False,
-        stochastic_rounding: Optional[bool] = None,
-        state_dtype: Optional[torch.dtype] = None,
+        stochastic_rounding: bool | None = None,
+        state_dtype: torch.dtype | None = None,
         capturable: bool = False,
         maximize: bool = False,
         differentiable: bool = False,
-        foreach: Optional[bool] = None,
-        fused: Optional[bool] = None,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ):
         defaults = dict(lr=lr, betas=betas, lr_warmup=lr_warmup, eps=eps, weight_decay=weight_decay,
                         maximize=maximize, differentiable=differentiable)
-        exact = _flag("exact", exact)
+        exact = bool(_flag("exact", exact))
         stochastic_rounding = _flag("stochastic_rounding", stochastic_rounding, none_ok=True)
-        capturable = _flag("capturable", capturable)
+        capturable = bool(_flag("capturable", capturable))
         check_group(defaults, exact=exact)
         _check_lr_value(lr, "")  # construction may read it; steps never do
         self.update_d_every = check_count("update_d_every", update_d_every)
@@ -348,20 +368,20 @@ class ESGDM(Optimizer):
         else:
             self._seed_shared = True
         self.seed = seed
-        self._precision = None
+        self._precision: ComputePrecision | None = None
         self._schedule = _Schedule()
         self._fd_fallback = False
         self._evaluated = False  # a D-step's main evaluation succeeded (see _evaluate)
         self._watch_saves = True  # False once torch.func refused saved-tensor hooks
         self._module_trees = ModuleTrees()  # whose buffers the probe restores
         self._buckets: list[Bucket] = []
-        self._meta_signature: Optional[tuple] = None
+        self._meta_signature: tuple | None = None
         self._any_dtensor = False
-        self._signature: Optional[tuple] = None
+        self._signature: tuple | None = None
         self._chosen: dict[tuple, tuple] = {}
         self._param_keys: dict[int, int] = {}
         self._hparams: dict[torch.device, Tensor] = {}
-        self._hparam_key: Optional[tuple] = None
+        self._hparam_key: tuple | None = None
         super().__init__(params, defaults)
         self._watch_state()
 
@@ -613,7 +633,7 @@ class ESGDM(Optimizer):
 
     # -------------------------------------------------------------------- step
 
-    def _gather(self, b: Bucket) -> tuple[Optional[list[int]], list[Tensor]]:
+    def _gather(self, b: Bucket) -> tuple[list[int] | None, list[Tensor]]:
         """Indices (None: all) and gradients of the tensors of ``b`` that have one, checked
         (:meth:`_check_like`) and laid out like their state.  Raises before anything is
         written."""
@@ -641,7 +661,7 @@ class ESGDM(Optimizer):
             self._check_like(b, idx, grads, "gradient")
         return idx, self._match_layout(b, idx, grads)
 
-    def _check_like(self, b: Bucket, idx: Optional[list[int]], tensors: list[Tensor], what: str) -> None:
+    def _check_like(self, b: Bucket, idx: list[int] | None, tensors: list[Tensor], what: str) -> None:
         """Raises, naming the parameter, unless each of ``tensors`` (the ``what`` of
         bucket ``b``'s tensors ``idx``, None: all) is a plain strided tensor with its
         parameter's dtype, device and shape: what the kernels may read as such (any
@@ -696,7 +716,7 @@ class ESGDM(Optimizer):
         return f"a parameter of shape {tuple(p.shape)}"  # pragma: no cover - buckets follow the groups
 
     @staticmethod
-    def _match_layout(b: Bucket, idx: Optional[list[int]], tensors: list[Tensor]) -> list[Tensor]:
+    def _match_layout(b: Bucket, idx: list[int] | None, tensors: list[Tensor]) -> list[Tensor]:
         """``tensors`` (checked: their parameters' shapes) with the strides of their
         parameters' state (copied where not)."""
         want = b.strides if idx is None else [b.strides[i] for i in idx]
@@ -715,7 +735,7 @@ class ESGDM(Optimizer):
         return (FLAG_EXACT if self.exact else 0) | (FLAG_STOCHASTIC_ROUNDING if self.stochastic_rounding else 0)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None):
+    def step(self, closure: Callable[[], Any] | None = None):
         """Performs one optimization step.
 
         Args:
@@ -740,7 +760,7 @@ class ESGDM(Optimizer):
         with GENERATORS.hold(exclusive=self.hvp != "autograd" and self.is_d_step()):
             return self._step(closure)
 
-    def _evaluate(self, closure: Optional[Callable[[], Any]], d_step: bool):
+    def _evaluate(self, closure: Callable[[], Any] | None, d_step: bool):
         """The main evaluation of the closure: ``(loss, random state before it)``.
 
         On a D-step that may take finite differences it records what the probe needs:
@@ -754,7 +774,8 @@ class ESGDM(Optimizer):
             return None, None
         fd_possible = d_step and self.hvp != "autograd"
         rng = RngSnapshot() if fd_possible else None
-        self._precision = ComputePrecision(watch_saves=self._watch_saves) if fd_possible else None
+        precision = ComputePrecision(watch_saves=self._watch_saves) if fd_possible else None
+        self._precision = precision
         guard = None
         if fd_possible and not self._evaluated:
             guard = BufferGuard(self._module_trees(self._all_params()))
@@ -762,16 +783,16 @@ class ESGDM(Optimizer):
         with torch.enable_grad():
             while True:
                 try:
-                    if self._precision is None:
+                    if precision is None:
                         return closure(), rng
-                    with self._precision:  # what the closure computes in sizes the probe
+                    with precision:  # what the closure computes in sizes the probe
                         loss = closure()
                     self._evaluated = True
                     return loss, rng
                 except RuntimeError as e:
-                    if guard is None:
+                    if guard is None or precision is None or rng is None:
                         raise
-                    if self._precision.refused_by(e):
+                    if precision.refused_by(e):
                         self._watch_saves = False
                     elif self.hvp == "auto" and not self._fd_fallback and create_graph_failed(e):
                         self._fall_back(e)
@@ -786,7 +807,7 @@ class ESGDM(Optimizer):
                   "hvp='auto' takes Hessian-vector products by finite differences from now on")
         self._fd_fallback = True
 
-    def _step(self, closure: Optional[Callable[[], Any]]):
+    def _step(self, closure: Callable[[], Any] | None):
         """The body of :meth:`step`."""
         d_step = self.is_d_step()
         loss, rng = self._evaluate(closure, d_step)
@@ -801,7 +822,7 @@ class ESGDM(Optimizer):
                 work.append((b, idx, grads))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        hvps_by_bucket: list[Optional[list[Tensor]]] = [None] * len(work)
+        hvps_by_bucket: list[list[Tensor] | None] = [None] * len(work)
         if d_step and closure is None and work and _state_init_call(self, work):
             # torch.distributed.checkpoint creates optimizer state by stepping with zero
             # gradients (and lr 0): show fresh state and change nothing else.
@@ -814,8 +835,8 @@ class ESGDM(Optimizer):
                 "hvp='finite_difference' needs opt.step(closure) on D-steps: a closure that "
                 "zeroes the gradients, computes the loss on the batch and calls loss.backward()")
         if d_step and work:
-            hvps_by_bucket = self._hvps(work, closure, rng)
-            for k, ((b, idx, _), hvps) in enumerate(zip(work, hvps_by_bucket)):
+            computed = self._hvps(work, closure, rng)
+            for k, ((b, idx, _), hvps) in enumerate(zip(work, computed)):
                 if b.any_dtensor:
                     hvps = [local(h) for h in hvps]
                 self._check_like(b, idx, hvps, "Hessian-vector product")
@@ -823,8 +844,8 @@ class ESGDM(Optimizer):
 
         # Everything that can fail on bad input has run; from here on we write.
         flags = self._flags()
-        ascend = [bool(g.get("maximize", False)) for g in self.param_groups]
-        ascend = ascend if any(ascend) else None
+        flips = [bool(g.get("maximize", False)) for g in self.param_groups]
+        ascend = flips if any(flips) else None
         for (b, idx, grads), hvps in zip(work, hvps_by_bucket):
             if ascend is not None:  # maximize: the gradient flips sign; D = max(.., h*h) needs no flip
                 grads = [g.neg() if ascend[b.group_index[i]] else g
@@ -842,7 +863,7 @@ class ESGDM(Optimizer):
         self._count_step(d_step, found_inf)
         return loss
 
-    def _count_step(self, d_step: bool, found_inf: Optional[Tensor]) -> None:
+    def _count_step(self, d_step: bool, found_inf: Tensor | None) -> None:
         """Advances the schedule's counters.  A step that GradScaler found an inf in
         does not count; that is known on the device only, so it is settled lazily, the
         next time the schedule is asked (one read of a value computed long before)."""
@@ -1106,17 +1127,6 @@ class _WatchedEntry(dict):
         super().__init__(*args, **kwargs)
         self._watch = watch
 
-    def _edit(name):  # noqa: N805 - builds the flagging methods below
-        def method(self, *args, **kwargs):
-            self._watch.dirty = True
-            return getattr(dict, name)(self, *args, **kwargs)
-        method.__name__ = name
-        return method
-
-    for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
-        locals()[_name] = _edit(_name)
-    del _name, _edit
-
     def __reduce__(self):  # copies are plain dicts (the optimizer re-wraps them)
         return (dict, (dict(self),))
 
@@ -1128,19 +1138,23 @@ class _WatchedState(collections.defaultdict):
         super().__init__(dict, *args)
         self._watch = watch
 
-    def _edit(name):  # noqa: N805
-        def method(self, *args, **kwargs):
-            self._watch.dirty = True
-            return getattr(collections.defaultdict, name)(self, *args, **kwargs)
-        method.__name__ = name
-        return method
-
-    for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
-        locals()[_name] = _edit(_name)
-    del _name, _edit
-
     def __reduce__(self):  # copies are plain defaultdicts (the optimizer re-wraps them)
         return (collections.defaultdict, (dict, dict(self)))
+
+
+def _flagging(base: type, name: str) -> Callable:
+    """``base.name`` that first flags the owner's :class:`_Watch` (an edit happened)."""
+    def method(self, *args, **kwargs):
+        self._watch.dirty = True
+        return getattr(base, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
+    setattr(_WatchedEntry, _name, _flagging(dict, _name))
+    setattr(_WatchedState, _name, _flagging(collections.defaultdict, _name))
+del _name
 
 
 class _Schedule:
@@ -1151,7 +1165,7 @@ class _Schedule:
     def __init__(self, steps: int = 0, since_d: int = 0):
         self.steps = steps
         self.since_d = since_d
-        self.pending_inf: Optional[tuple] = None  # (found_inf, steps, since_d) to settle
+        self.pending_inf: tuple | None = None  # (found_inf, steps, since_d) to settle
 
 
 def draw_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
@@ -1196,7 +1210,7 @@ def _state_init_call(opt: ESGDM, work) -> bool:
     return all(g.grad_fn is None for g in grads) and not any(bool(g.any()) for g in grads)
 
 
-def _scale_of_unscaling_scaler(opt: ESGDM) -> Optional[Tensor]:
+def _scale_of_unscaling_scaler(opt: ESGDM) -> Tensor | None:
     """The scale of the ``torch.amp.GradScaler`` that unscaled ``opt``'s gradients in
     place (``scaler.unscale_(opt)``) and is now running ``scaler.step(opt)``, or None.
 
@@ -1207,7 +1221,7 @@ def _scale_of_unscaling_scaler(opt: ESGDM) -> Optional[Tensor]:
         return None
     from torch.amp.grad_scaler import GradScaler, OptState
 
-    frame = sys._getframe(1)
+    frame: Any = sys._getframe(1)
     for _ in range(64):
         if frame is None:
             break
@@ -1246,7 +1260,7 @@ def _is_view(exposed: Any, view: Tensor) -> bool:
     return False
 
 
-def _shard_of(value: Tensor, p: Tensor) -> Tensor:
+def _shard_of(value: Any, p: Any) -> Tensor:
     """What of a state value belongs in ``p``'s local state: a DTensor's local shard
     (sharded like ``p`` when it came from this optimizer), a plain tensor's slice for
     ``p``'s shard when ``p`` is a DTensor and ``value`` is whole, else the value."""
@@ -1259,7 +1273,7 @@ def _shard_of(value: Tensor, p: Tensor) -> Tensor:
     return value
 
 
-def _local_block(full: Tensor, p: Tensor) -> Tensor:
+def _local_block(full: Tensor, p: Any) -> Tensor:
     """The block of the whole tensor ``full`` that DTensor ``p``'s local shard holds."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -1267,7 +1281,7 @@ def _local_block(full: Tensor, p: Tensor) -> Tensor:
     return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
 
 
-def _shard_signs(seed: int, step: int, key: int, p: Tensor) -> Tensor:
+def _shard_signs(seed: int, step: int, key: int, p: Any) -> Tensor:
     """The local shard's part of DTensor ``p``'s signs: exactly the elements an unsharded
     run draws for them (drawn directly when the shard is a run of whole rows)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset

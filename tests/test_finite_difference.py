@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 
 import esgdm
 from esgdm.hvp import RngSnapshot, autograd_hvp, finite_difference_hvp
-from helpers import rel_err
 
 # Relative error of the finite-difference HVP against autograd, on smooth models,
 # per parameter dtype and scheme (the measured values are 5-30x below these).
@@ -277,7 +277,7 @@ def test_transformer_with_fused_attention_trains_with_finite_differences():
 
         def closure():
             opt.zero_grad()
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())  # noqa: B023 (used within this iteration)
             loss.backward()
             return loss
 
@@ -479,7 +479,7 @@ def train_under_autocast(scheme, steps=150, radius_u=None):
         def closure():
             opt.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(x), y)  # noqa: B023 (used within this iteration)
             loss.backward()
             return loss
 
@@ -774,14 +774,14 @@ def test_auto_reruns_an_evaluation_whose_backward_refuses_create_graph():
     for hvp in ("auto", "finite_difference"):
         model = net()
         masks = []
-        model[3].register_forward_hook(lambda m, args, out: masks.append(out != 0))
+        model[3].register_forward_hook(lambda m, args, out: masks.append(out != 0))  # noqa: B023 (used within this iteration)
         opt = esgdm.ESGDM(model.parameters(), lr=0.3, hvp=hvp, backend="torch", seed=1)
         torch.manual_seed(7)
 
         def closure():
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(RefusesCreateGraph.apply(model(x)), y)
-            loss.backward(create_graph=opt.should_create_graph())
+            opt.zero_grad(set_to_none=True)  # noqa: B023 (used within this iteration)
+            loss = F.cross_entropy(RefusesCreateGraph.apply(model(x)), y)  # noqa: B023 (used within this iteration)
+            loss.backward(create_graph=opt.should_create_graph())  # noqa: B023 (used within this iteration)
             return loss
 
         with warnings.catch_warnings(record=True) as caught:
@@ -819,15 +819,15 @@ def test_a_closure_using_torch_func_runs_without_the_saved_tensor_hooks():
         calls = [0]
 
         def closure():
-            calls[0] += 1
-            opt.zero_grad(set_to_none=True)
-            if how == "autograd":
-                loss = F.cross_entropy(model(x), y)
+            calls[0] += 1  # noqa: B023 (used within this iteration)
+            opt.zero_grad(set_to_none=True)  # noqa: B023 (used within this iteration)
+            if how == "autograd":  # noqa: B023 (used within this iteration)
+                loss = F.cross_entropy(model(x), y)  # noqa: B023 (used within this iteration)
                 loss.backward()
                 return loss
-            params = {k: v.detach() for k, v in model.named_parameters()}
-            grads = grad(lambda ps: F.cross_entropy(functional_call(model, ps, (x,)), y))(params)
-            for name, p in model.named_parameters():
+            params = {k: v.detach() for k, v in model.named_parameters()}  # noqa: B023 (used within this iteration)
+            grads = grad(lambda ps: F.cross_entropy(functional_call(model, ps, (x,)), y))(params)  # noqa: B023 (used within this iteration)
+            for name, p in model.named_parameters():  # noqa: B023 (used within this iteration)
                 p.grad = grads[name]
             return torch.zeros(())
 

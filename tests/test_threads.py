@@ -65,7 +65,7 @@ def setup(seed: int, dropout: str, scheme: str = "forward", masks: list | None =
         for step in range(STEPS):
             def closure():
                 if dropout == "own":
-                    drop.generator.manual_seed(1000 * seed + step)  # the same masks for the probe
+                    drop.generator.manual_seed(1000 * seed + step)  # the same masks for the probe  # noqa: B023 (used within this iteration)
                 opt.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
@@ -156,16 +156,16 @@ def test_a_thread_drawing_under_the_lock_gets_its_stream_untouched():
 
         def draw():
             chunks = []
-            while not done.is_set() or len(chunks) < 100:
+            while not done.is_set() or len(chunks) < 100:  # noqa: B023 (used within this iteration)
                 with GENERATORS.hold(exclusive=False):
                     chunks.append(torch.rand(7))
             return chunks
 
         def train_then_stop():
             try:
-                return train()
+                return train()  # noqa: B023 (used within this iteration)
             finally:
-                done.set()
+                done.set()  # noqa: B023 (used within this iteration)
 
         torch.manual_seed(5)
         drawn, _ = in_threads(draw, train_then_stop)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any
 
 from torch import Tensor
 

@@ -68,7 +68,7 @@ import dataclasses
 import types
 import warnings
 import weakref
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -152,11 +152,11 @@ class _Plan:
     model: Any = None
     micro: list = dataclasses.field(default_factory=list)
     losses: list = dataclasses.field(default_factory=list)
-    raw_norm: Optional[Tensor] = None  # norm of the accumulated gradients, as backward left them
+    raw_norm: Tensor | None = None  # norm of the accumulated gradients, as backward left them
     precision: ComputePrecision = dataclasses.field(default_factory=ComputePrecision)
 
 
-def _hooked_step(opt: ESGDM, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:
+def _hooked_step(opt: ESGDM, closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
     """``opt.step`` while an :class:`ESGDMTrainer` trains: adds the finite-difference
     closure on the steps that need one (the Trainer calls ``step()`` without any)."""
     hook = opt.__dict__.get("_esgdm_trainer_hook")
@@ -187,9 +187,9 @@ class ESGDMTrainer(Trainer):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self._esgdm_plan: Optional[_Plan] = None
+        self._esgdm_plan: _Plan | None = None
         self._esgdm_probing = False
-        self._esgdm_checked: Optional[weakref.ref] = None  # the model the double-backward check ran on
+        self._esgdm_checked: weakref.ref | None = None  # the model the double-backward check ran on
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -239,10 +239,10 @@ class ESGDMTrainer(Trainer):
             self._esgdm_install(opt)
         return optimizer
 
-    def _esgdm(self) -> Optional[ESGDM]:
+    def _esgdm(self) -> ESGDM | None:
         return unwrap_optimizer(self.optimizer)
 
-    def _esgdm_install(self, opt: ESGDM) -> None:
+    def _esgdm_install(self, opt: Any) -> None:  # (an ESGDM, given attributes of ours)
         """Routes ``opt.step`` through :func:`_hooked_step` (once; chains whatever
         wrapper -- an LR scheduler's, accelerate's -- was there before)."""
         hook = opt.__dict__.get("_esgdm_trainer_hook")
@@ -262,7 +262,7 @@ class ESGDMTrainer(Trainer):
 
     def _esgdm_uninstall(self) -> None:
         """Takes the step hook off again (after ``train()``), where it is still on top."""
-        opt = self._esgdm()
+        opt: Any = self._esgdm()
         hook = None if opt is None else opt.__dict__.get("_esgdm_trainer_hook")
         if hook is None or hook[0]() is not self:
             return
@@ -270,8 +270,9 @@ class ESGDMTrainer(Trainer):
         step = opt.__dict__.get("step")
         if isinstance(step, types.MethodType) and step.__func__ is _hooked_step:
             previous = hook[1]
-            if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is type(opt).step:
-                del opt.step  # back to the class's method
+            class_step = getattr(type(opt), "step", None)
+            if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is class_step:
+                delattr(opt, "step")  # back to the class's method
             else:
                 opt.step = previous
 
@@ -351,7 +352,7 @@ class ESGDMTrainer(Trainer):
             else:
                 del acc.backward
 
-    def _esgdm_closure(self, opt: ESGDM) -> Optional[Callable[[], Any]]:
+    def _esgdm_closure(self, opt: ESGDM) -> Callable[[], Any] | None:
         """The closure of a finite-difference D-step, or None on other steps."""
         plan = self._esgdm_plan
         if plan is None or plan.step != opt.steps or not opt.is_d_step() or not plan.micro:
@@ -391,7 +392,7 @@ class ESGDMTrainer(Trainer):
         finally:
             self._esgdm_probing = False
 
-    def _esgdm_units(self, opt: ESGDM, plan: _Plan, base: list) -> tuple[float, Optional[Tensor]]:
+    def _esgdm_units(self, opt: ESGDM, plan: _Plan, base: list) -> tuple[float, Tensor | None]:
         """``(u, c)``: the step's gradient is ``u * c * raw``, with ``raw`` what the
         backward passes accumulated, ``u`` the GradScaler's unscaling (``1/S`` once
         unscaled, else 1) and ``c`` the clipping factor (1 without clipping: measured as
@@ -409,12 +410,12 @@ class ESGDMTrainer(Trainer):
         return unscale, clip
 
 
-def _no_double_backward(model: Any) -> Optional[str]:
+def _no_double_backward(model: Any) -> str | None:
     """What about the (wrapped) ``model`` rules out a double backward, or None."""
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
     try:
-        from torch.nn.parallel import DistributedDataParallel
         from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.nn.parallel import DistributedDataParallel
     except ImportError:  # torch without distributed support
         return None
     if isinstance(model, DistributedDataParallel):
@@ -430,7 +431,7 @@ def _params(opt: ESGDM) -> list:
     return [p for group in opt.param_groups for p in group["params"]]
 
 
-def _total_norm(tensors: list) -> Optional[Tensor]:
+def _total_norm(tensors: list) -> Tensor | None:
     """The 2-norm of all of ``tensors`` (None entries skipped), float64, on the device."""
     tensors = [t.detach() for t in tensors if t is not None]
     if not tensors:
@@ -452,7 +453,7 @@ def _unscaled(scaler: Any, opt: ESGDM) -> bool:
 
 
 @torch.no_grad()
-def _match_units(params: list, base: list, unscale: float, clip: Optional[Tensor]) -> None:
+def _match_units(params: list, base: list, unscale: float, clip: Tensor | None) -> None:
     """Puts the probe gradients in the units of the step's gradients.
 
     The step holds ``u * c * g`` (see :meth:`ESGDMTrainer._esgdm_units`); the probe
