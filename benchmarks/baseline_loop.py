@@ -2,7 +2,7 @@
 
 The original ``esgd.ESGD`` walks the parameters one by one and runs a handful of
 small in-place PyTorch ops on each, so a step launches several kernels per tensor.
-This module rebuilds that shape of implementation from ESGDM_SPEC.md section 2 so
+This module rebuilds that shape of implementation from the update rule (esgdm/rule.py) so
 the benchmarks can show what the fused backends save.  It is a correct ESGD-M (the
 smoke test checks it against ``tests/reference.py`` and the ``"torch"`` backend);
 unlike the original it keeps its state in float32 for low-precision parameters, as

@@ -1,8 +1,9 @@
-"""A plain, readable, per-parameter ESGD-M written straight from ESGDM_SPEC.md section 2.
+"""A plain, readable, per-parameter ESGD-M written straight from the update rule (the
+pseudo-code at the top of esgdm/rule.py and in the README).
 
 It shares no code with the package: tests compare ``esgdm.ESGDM`` against it.  The
 element-wise work runs in float32 (float64 for float64 parameters); the per-parameter
-scalars are Python floats (float64), as the spec says.
+scalars are Python floats (float64), as the rule prescribes.
 
 ``exact=True`` (the default here) is the spec's rule.  ``exact=False`` is esgdm's default
 rule as the README describes it: each parameter's curvature scale ``dscale`` (mean
