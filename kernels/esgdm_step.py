@@ -99,9 +99,16 @@ FLAG_STOCHASTIC_ROUNDING = 2
 DSCALE_FLOOR = 0.0625
 _DSCALE_FLOOR = tl.constexpr(DSCALE_FLOOR)  # the kernels' copy (a global must be constexpr)
 
-#: Columns of ``scalars`` and ``hparams`` (esgdm.rule.SCALAR_COLUMNS / HPARAM_COLUMNS).
+#: Columns of ``scalars`` and ``hparams``, in the order of esgdm.rule.SCALAR_COLUMNS and
+#: HPARAM_COLUMNS (tests/test_one_definition.py checks that the copies agree).
+BIAS, WARM, STEPS, DSCALE = range(4)
+LR, BETA1, BETA2, LR_WARMUP, EPS, WEIGHT_DECAY = range(6)
 N_SCALAR_COLUMNS = 4
 N_HPARAM_COLUMNS = 6
+# The kernels' copies (a global read inside a kernel must be a constexpr).
+_BIAS, _WARM, _STEPS, _DSCALE = (tl.constexpr(c) for c in (BIAS, WARM, STEPS, DSCALE))
+_LR, _BETA1, _BETA2, _LR_WARMUP, _EPS, _WEIGHT_DECAY = (
+    tl.constexpr(c) for c in (LR, BETA1, BETA2, LR_WARMUP, EPS, WEIGHT_DECAY))
 
 #: Launch configuration per parameter dtype: elements per program and warps.
 #: 4 warps with 4 (fp32) or 8 (16-bit) elements per thread and array: one 128-bit
@@ -308,19 +315,19 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
     group = tl.load(index_ptr + 2 * t + 1)
     srow = scalars_ptr + slot.to(tl.int64) * NS
     hrow = hparams_ptr + group.to(tl.int64) * NH
-    beta1 = tl.load(hrow + 1)
-    bias_new = tl.load(srow + 0) * beta1
-    warm_new = tl.load(srow + 1)
+    beta1 = tl.load(hrow + _BETA1)
+    bias_new = tl.load(srow + _BIAS) * beta1
+    warm_new = tl.load(srow + _WARM)
     if D_STEP:
-        warm_new = warm_new * tl.load(hrow + 3)  # only D-steps advance the warmup
-    alpha = tl.load(hrow + 0) * (1.0 - warm_new)
+        warm_new = warm_new * tl.load(hrow + _LR_WARMUP)  # only D-steps advance the warmup
+    alpha = tl.load(hrow + _LR) * (1.0 - warm_new)
     c = 1.0 - bias_new * beta1
     step_scale = (alpha / c).to(tl.float32)
-    decay = (1.0 - tl.load(hrow + 5) * alpha).to(tl.float32)
+    decay = (1.0 - tl.load(hrow + _WEIGHT_DECAY) * alpha).to(tl.float32)
     w = (1.0 - beta1).to(tl.float32)
-    beta2 = tl.load(hrow + 2).to(tl.float32)
-    eps = tl.load(hrow + 4).to(tl.float32)
-    dscale = tl.load(srow + 3).to(tl.float32)
+    beta2 = tl.load(hrow + _BETA2).to(tl.float32)
+    eps = tl.load(hrow + _EPS).to(tl.float32)
+    dscale = tl.load(srow + _DSCALE).to(tl.float32)
     # dscale + eps as the reference divides by it: the float32 values added in float64
     dscale_eps = (dscale.to(tl.float64) + eps.to(tl.float64)).to(tl.float32)
     dfloor = dscale * _DSCALE_FLOOR  # exact: a power of two
@@ -329,7 +336,7 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
         S = tl.load(grad_scale_ptr).to(tl.float32)
     key = slot.to(tl.uint32, bitcast=True)  # unused when rounding to nearest
     if ROUNDING != 0:
-        steps32 = ((tl.load(srow + 2) + 1.0).to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+        steps32 = ((tl.load(srow + _STEPS) + 1.0).to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
         key = _mix32(_mix32(_mix32(seed.to(tl.uint32, bitcast=True)) ^ key) ^ steps32)
     n_programs = tl.maximum((numel + (BLOCK - 1)) // BLOCK, 1).to(tl.int32)
 
@@ -380,10 +387,10 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
         group = tl.load(index_ptr + 2 * t + 1)
         srow = scalars_ptr + slot.to(tl.int64) * NS
         hrow = hparams_ptr + group.to(tl.int64) * NH
-        tl.store(srow + 0, tl.load(srow + 0) * tl.load(hrow + 1))
+        tl.store(srow + _BIAS, tl.load(srow + _BIAS) * tl.load(hrow + _BETA1))
         if D_STEP:
-            tl.store(srow + 1, tl.load(srow + 1) * tl.load(hrow + 3))
-        tl.store(srow + 2, tl.load(srow + 2) + 1.0)
+            tl.store(srow + _WARM, tl.load(srow + _WARM) * tl.load(hrow + _LR_WARMUP))
+        tl.store(srow + _STEPS, tl.load(srow + _STEPS) + 1.0)
         tl.store(tickets_ptr + t, 0)  # ready for the next launch
 
 

@@ -1,0 +1,68 @@
+"""The facts every kernel must share are defined once, in esgdm.rule, and each copy agrees.
+
+The Triton kernel module and the C++ header cannot import the package (the kernel module
+stays usable on its own; C++ cannot import Python), so each holds a copy of the column
+indices of ``scalars``/``hparams``, the bits of ``flags`` and the floor of the default
+rule.  These tests change nothing; they fail as soon as a copy drifts from esgdm.rule.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from esgdm import rule
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = (ROOT / "csrc" / "esgdm_update.h").read_text()
+
+
+def _cpp_enum(name: str) -> list[str]:
+    """The member names of ``enum name : int { ... }`` in the header, in order."""
+    body = re.search(r"enum\s+" + name + r"\s*:\s*int\s*\{([^}]*)\}", HEADER)
+    assert body, f"enum {name} not found in esgdm_update.h"
+    members = [m.split("=")[0].strip() for m in body.group(1).split(",") if m.strip()]
+    assert re.search(r"=\s*0\b", body.group(1).split(",")[0]), f"{name} must start at 0"
+    return members
+
+
+def _camel(column: str) -> str:
+    return "k" + "".join(part.capitalize() for part in column.split("_"))
+
+
+def _cpp_constant(name: str) -> float:
+    found = re.search(r"constexpr\s+\w+\s+" + name + r"\s*=\s*([0-9.eE+-]+)\s*;", HEADER)
+    assert found, f"{name} not found in esgdm_update.h"
+    return float(found.group(1))
+
+
+def test_cpp_columns_follow_the_rule():
+    assert _cpp_enum("ScalarColumn") == [_camel(c) for c in rule.SCALAR_COLUMNS] + ["kNumScalarColumns"]
+    assert _cpp_enum("HparamColumn") == [_camel(c) for c in rule.HPARAM_COLUMNS] + ["kNumHparamColumns"]
+
+
+def test_cpp_flags_and_floor_follow_the_rule():
+    assert _cpp_constant("kFlagExact") == rule.FLAG_EXACT
+    assert _cpp_constant("kFlagStochasticRounding") == rule.FLAG_STOCHASTIC_ROUNDING
+    assert _cpp_constant("kDscaleFloor") == rule.DSCALE_FLOOR
+
+
+def test_triton_copies_follow_the_rule():
+    kernels = pytest.importorskip("esgdm.kernels.esgdm_step", reason="needs triton")
+    for i, column in enumerate(rule.SCALAR_COLUMNS):
+        assert getattr(kernels, column.upper()) == i == getattr(rule, column.upper())
+    for i, column in enumerate(rule.HPARAM_COLUMNS):
+        assert getattr(kernels, column.upper()) == i == getattr(rule, column.upper())
+    assert kernels.N_SCALAR_COLUMNS == len(rule.SCALAR_COLUMNS)
+    assert kernels.N_HPARAM_COLUMNS == len(rule.HPARAM_COLUMNS)
+    assert kernels.FLAG_EXACT == rule.FLAG_EXACT
+    assert kernels.FLAG_STOCHASTIC_ROUNDING == rule.FLAG_STOCHASTIC_ROUNDING
+    assert kernels.DSCALE_FLOOR == rule.DSCALE_FLOOR
+
+
+def test_the_triton_kernel_reads_no_column_by_number():
+    """Every read or write of a ``scalars``/``hparams`` row goes through a named column."""
+    source = (ROOT / "kernels" / "esgdm_step.py").read_text()
+    assert not re.findall(r"\b[sh]row\s*\+\s*\d", source)
