@@ -49,8 +49,25 @@ STEP_SCHEMA = (
     "Tensor? found_inf, int flags, int seed, str kernel) -> ()"
 )
 
-#: Kernels each device type can run.
-KERNELS = {"cpu": ("cpu", "torch", "triton"), "cuda": ("triton", "cuda", "torch")}
+#: (kernel, its registration generation, device type, dtype) combinations a backend
+#: said it can step (its why_not was None): asked once each, not on every call.
+_CAN_STEP: set = set()
+
+
+def _kernel_reason(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if backend ``kernel`` (built in or registered) steps ``dtype`` tensors on
+    ``device``, else its reason: the backends themselves are the one table of what runs
+    where."""
+    key = (kernel, backends.generation(kernel), device.type, dtype)
+    if key in _CAN_STEP:
+        return None
+    try:
+        reason = backends.get(kernel).why_not(device, dtype)
+    except ValueError as e:  # not a backend name
+        return str(e)
+    if reason is None:
+        _CAN_STEP.add(key)
+    return reason
 
 #: State dtypes accepted for each parameter dtype.
 STATE_DTYPES = {
@@ -106,9 +123,9 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     if not isinstance(p0, Tensor) or p0.layout != torch.strided:
         _name_culprit(params, {}, None)
     device = p0.device
-    if kernel not in KERNELS.get(device.type, ()):
-        _fail(f"kernel {kernel!r} cannot run on {device.type} tensors "
-              f"(choose one of {', '.join(KERNELS.get(device.type, ('torch',)))})")
+    reason = _kernel_reason(kernel, device, p0.dtype)
+    if reason is not None:
+        _fail(f"kernel {kernel!r} cannot step {p0.dtype} tensors on {device}: {reason}")
     _check_table("scalars", scalars, torch.float64, len(SCALAR_COLUMNS), device)
     _check_table("index", index, torch.int32, 2, device, rows=n)
     _check_table("hparams", hparams, torch.float64, len(HPARAM_COLUMNS), device)
@@ -238,13 +255,18 @@ def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
 
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # FRAGMENT: the namespace may be shared
 
+#: Dispatch keys the operator has an implementation for: every device type torch steps
+#: tensors on.  Which kernel can run there is each backend's answer (``why_not``): the
+#: portable "torch" backend everywhere, the fused ones where they say so.
+DISPATCH_KEYS = ("CPU", "CUDA", "MPS", "XPU", "HPU", "PrivateUse1")
+
 
 def _register() -> None:
     if hasattr(getattr(torch.ops, NAMESPACE), STEP):
         return  # defined already (this module was reloaded)
     _lib.define(STEP + STEP_SCHEMA)
-    _lib.impl(STEP, step_impl, "CPU")
-    _lib.impl(STEP, step_impl, "CUDA")
+    for key in DISPATCH_KEYS:  # the backends say what each device can run (why_not)
+        _lib.impl(STEP, step_impl, key)
     qualname = f"{NAMESPACE}::{STEP}"
     register_fake = getattr(torch.library, "register_fake", None)
     if register_fake is not None:  # torch >= 2.4
@@ -279,4 +301,4 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                   grad_scale, found_inf, flags, seed, kernel, _checked)
 
 
-__all__ = ["KERNELS", "NAMESPACE", "STATE_DTYPES", "STEP_SCHEMA", "check_step_args", "step_", "step_impl"]
+__all__ = ["NAMESPACE", "STATE_DTYPES", "STEP_SCHEMA", "check_step_args", "step_", "step_impl"]

@@ -123,9 +123,26 @@ def get(name: str) -> Backend:
 
 
 def register(backend: Backend) -> None:
-    """Installs (or replaces) a backend under ``backend.name``, e.g. for experiments."""
-    _LOCATIONS.setdefault(backend.name, ("", ""))
-    _loaded[backend.name] = backend
+    """Installs (or replaces) a backend under ``backend.name``: ``ESGDM(backend=name)``
+    then steps through it, on whatever devices and dtypes its ``why_not`` accepts (its
+    reasons reach the user's :class:`BackendUnavailableError`)."""
+    if not isinstance(backend, Backend):
+        raise TypeError(f"register() takes an esgdm.backends.Backend, got {type(backend).__name__}")
+    name = str(backend.name).strip().lower()
+    if not name or name == "auto" or name == Backend.name:
+        raise ValueError(f"a registered backend needs a name of its own, got {backend.name!r}")
+    _LOCATIONS.setdefault(name, ("", ""))
+    _loaded[name] = backend
+    _generation[name] = _generation.get(name, 0) + 1
+
+
+#: How often each name was (re)registered: callers that remember what a backend
+#: accepted key it by this, so a replaced backend is asked again.
+_generation: dict[str, int] = {}
+
+
+def generation(name: str) -> int:
+    return _generation.get(name, 0)
 
 
 def default_name() -> str:
