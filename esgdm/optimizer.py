@@ -924,6 +924,8 @@ class ESGDM(Optimizer):
                   grad_scale, found_inf, flags, seed32(self.seed), kernel, _checked=True)
         for p, work in writeback:
             p.copy_(work)
+        if hvps is not None and b.any_dtensor and not flags & FLAG_EXACT:
+            _global_curvature_scale(b, idx, exp_avg_ds, found_inf)
 
     # --------------------------------------------------------------- curvature
 
@@ -1271,6 +1273,30 @@ def _shard_of(value: Any, p: Any) -> Tensor:
     if is_dtensor(p) and tuple(value.shape) == tuple(p.shape):
         return _local_block(value, p)
     return value
+
+
+def _global_curvature_scale(b: Bucket, idx: list[int] | None, exp_avg_ds: list[Tensor],
+                            found_inf: Tensor | None) -> None:
+    """Rewrites the curvature scale (``dscale``, the mean of ``sqrt(D)`` over the
+    coordinates with ``D > 0``) of bucket ``b``'s sharded tensors as that of the whole
+    tensor: the operator saw only this rank's shard.  The default rule's floor depends
+    on it everywhere, so without this FSDP2 would not step as one process does.  Every
+    rank calls it alike (it all-reduces over the mesh dimensions a tensor is sharded on)."""
+    from esgdm.hvp import _all_reduce, _local_and_reduction
+
+    for i, d in zip(range(len(b)) if idx is None else idx, exp_avg_ds):
+        p = b.params[i]
+        if not is_dtensor(p):
+            continue
+        _, key = _local_and_reduction(p)
+        if key is None:
+            continue  # replicated: the shard is the whole tensor
+        sums = torch.stack([d.double().sqrt().sum(), (d != 0).sum().double()])
+        _all_reduce(sums, key)
+        new = torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), torch.zeros_like(sums[0]))
+        if found_inf is not None:
+            new = torch.where(found_inf.to(new.device) != 0, b.scalars[i, DSCALE], new)
+        b.scalars[i, DSCALE] = new
 
 
 def _local_block(full: Tensor, p: Any) -> Tensor:
