@@ -99,21 +99,25 @@ def host_time(device, counts, numel, repeats, steps):
     return rows
 
 
-def launches(device, numel, count):
-    """GPU kernels launched by one plain step and one D-step (given HVPs)."""
+def _kernels_launched(fn, device) -> int:
+    """GPU kernels that one call of ``fn`` launches, counted by torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    return sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+
+
+def launches(device, numel, count):
+    """GPU kernels launched by one plain step and one D-step (given HVPs)."""
     out = []
     for name in gpu_backends(device) + ["AdamW(fused)", "AdamW(foreach)"]:
         params = _params(count, numel, device)
         opt = _make(name, params, lr_tensor=True)
         opt.step()
         sync(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            opt.step()
-            sync(device)
-        kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        out.append((name, "plain", len(kernels)))
+        out.append((name, "plain", _kernels_launched(opt.step, device)))
         if isinstance(opt, esgdm.ESGDM):
             opt.update_d_every = 1  # the next step is a D-step
             with torch.enable_grad():
@@ -122,12 +126,8 @@ def launches(device, numel, count):
             for p, g in zip(params, gs):
                 p.grad = g
             sync(device)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                opt.step()
-                sync(device)
-            kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-            # the HVP's own backward kernels are in this count too: see the note
-            out.append((name, "D-step incl. HVP of 0.5*sum(p^2)", len(kernels)))
+            # the HVP's own backward kernels are in this count too
+            out.append((name, "D-step incl. HVP of 0.5*sum(p^2)", _kernels_launched(opt.step, device)))
         del opt, params
     return out
 

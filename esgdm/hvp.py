@@ -701,6 +701,11 @@ def module_trees(params: Sequence[Tensor]) -> list[torch.nn.Module]:
             todo.extend(up)
         else:
             roots.append(m)
+    return _below(roots)
+
+
+def _below(roots: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Every module of the trees under ``roots``, each once, roots first."""
     out, seen = [], set()
     for root in roots:
         for m in root.modules():
@@ -727,13 +732,7 @@ class ModuleTrees:
             roots = [m for m in modules if id(m) not in below]
             self._key, self._roots = key, [weakref.ref(r) for r in roots]
             return modules
-        out, seen = [], set()
-        for root in roots:
-            for m in root.modules():
-                if id(m) not in seen:
-                    seen.add(id(m))
-                    out.append(m)
-        return out
+        return _below(roots)
 
     def __getstate__(self) -> dict:  # copies find their own modules again
         return {"_key": None, "_roots": []}

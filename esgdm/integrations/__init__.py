@@ -24,7 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["backward", "quiet_create_graph", "unwrap_optimizer", "CREATE_GRAPH_WARNING"]
+__all__ = ["backward", "quiet_create_graph", "restore_step", "unwrap_optimizer", "CREATE_GRAPH_WARNING"]
 
 #: The start of the warning torch gives for ``backward(create_graph=True)`` (a regular
 #: expression for :func:`warnings.filterwarnings`).
@@ -89,3 +89,14 @@ def backward(loss: Tensor, optimizer: Any, **kwargs: Any) -> bool:
     else:
         loss.backward(**kwargs)
     return create_graph
+
+
+def restore_step(opt: Any, previous: Any) -> None:
+    """Puts back the ``step`` that a trainer hook wrapped: the class's own method (by
+    removing the instance attribute) when that is what it was, else the wrapper (an LR
+    scheduler's, accelerate's) that stood there before."""
+    class_step = getattr(type(opt), "step", None)
+    if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is class_step:
+        delattr(opt, "step")
+    else:
+        opt.step = previous

@@ -51,7 +51,7 @@ from typing import Any, Callable
 
 from torch import Tensor
 
-from esgdm.integrations import quiet_create_graph, unwrap_optimizer
+from esgdm.integrations import quiet_create_graph, restore_step, unwrap_optimizer
 
 try:
     import lightning.pytorch as pl
@@ -204,12 +204,7 @@ def _uninstall(opt: Any) -> None:
         opt._esgdm_pl_hook = (_no_module, hook[1])  # wrapped over since: stay in the chain, passing through
         return
     del opt._esgdm_pl_hook
-    previous = hook[1]
-    class_step = getattr(type(opt), "step", None)
-    if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is class_step:
-        delattr(opt, "step")  # back to the class's method
-    else:
-        opt.step = previous
+    restore_step(opt, hook[1])
 
 
 class ESGDMCallback(pl.Callback):

@@ -83,7 +83,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 
 from esgdm.buckets import is_dtensor
 from esgdm.hvp import ComputePrecision, RngSnapshot
-from esgdm.integrations import quiet_create_graph, unwrap_optimizer
+from esgdm.integrations import quiet_create_graph, restore_step, unwrap_optimizer
 from esgdm.optimizer import ESGDM
 
 __all__ = ["ESGDMTrainer", "esgdm_kwargs_from_args"]
@@ -269,12 +269,7 @@ class ESGDMTrainer(Trainer):
         del opt._esgdm_trainer_hook  # from now on _hooked_step, if still called, adds nothing
         step = opt.__dict__.get("step")
         if isinstance(step, types.MethodType) and step.__func__ is _hooked_step:
-            previous = hook[1]
-            class_step = getattr(type(opt), "step", None)
-            if getattr(previous, "__self__", None) is opt and getattr(previous, "__func__", None) is class_step:
-                delattr(opt, "step")  # back to the class's method
-            else:
-                opt.step = previous
+            restore_step(opt, hook[1])
 
     # ------------------------------------------------------------ training
 
