@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from reference import ReferenceESGDM
 
 import esgdm
 import esgdm.optimizer
+
+
+def cpu_backends(dtype=torch.float32, names=("torch", "cpu", "triton")) -> list:
+    """pytest params for each backend in ``names`` on CPU tensors of ``dtype``, skipped
+    with the backend's own reason where it cannot run (or cannot be imported)."""
+    out = []
+    for name in names:
+        try:
+            why = esgdm.backends.get(name).why_not(torch.device("cpu"), dtype)
+        except Exception as e:  # noqa: BLE001 - an unimportable backend is skipped, with the reason
+            why = f"{type(e).__name__}: {e}"
+        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
+    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

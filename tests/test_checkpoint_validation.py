@@ -15,22 +15,11 @@ import copy
 
 import pytest
 import torch
+from helpers import cpu_backends
 from test_errors import assert_unchanged, snapshot
 
 import esgdm
-from esgdm import backends
 from esgdm.checkpoint import GROUP_KEY
-
-
-def _backends():
-    out = []
-    for name in ("torch", "cpu", "triton"):
-        try:
-            why = backends.get(name).why_not(torch.device("cpu"), torch.float32)
-        except Exception as e:  # noqa: BLE001 - an unimportable backend is skipped, with the reason
-            why = f"{type(e).__name__}: {e}"
-        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
 
 
 def _train(backend, steps=3, **kwargs):
@@ -43,7 +32,7 @@ def _train(backend, steps=3, **kwargs):
     return opt, ps
 
 
-@pytest.fixture(params=_backends())
+@pytest.fixture(params=cpu_backends())
 def trained(request):
     torch.manual_seed(0)
     return _train(request.param)
@@ -131,7 +120,7 @@ def test_impossible_checkpoint_values_are_refused_and_nothing_changes(trained, c
     assert opt.param_groups[0]["lr"] == 0.5
 
 
-@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_values_real_runs_produce_load(backend):
     """beta1 = 0 and lr_warmup = 0 drive bias and warm to exactly 0; with the default
     beta1 0.9**k underflows to 0 (and passes through subnormals) after ~7,000 steps;

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import cpu_backends, rel_err
 from test_errors import assert_unchanged, snapshot
 
 import esgdm
@@ -323,14 +323,7 @@ def test_copies_are_working_optimizers(how):
 # ------------------------------------------------------------ issue 18: refusals and seams
 
 def _backends(dtype=torch.float32):
-    out = []
-    for name in ("torch", "cpu", "triton"):
-        try:
-            why = esgdm.backends.get(name).why_not(torch.device("cpu"), dtype)
-        except Exception as e:  # noqa: BLE001 - an unimportable backend is skipped, with the reason
-            why = f"{type(e).__name__}: {e}"
-        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
+    return cpu_backends(dtype)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -0.5])

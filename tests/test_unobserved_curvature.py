@@ -34,6 +34,7 @@ import math
 
 import pytest
 import torch
+from helpers import cpu_backends
 
 import esgdm
 from esgdm import rule
@@ -43,14 +44,7 @@ HP = dict(lr=0.5, d_warmup=3, update_d_every=4, seed=1234)
 
 
 def _backends(dtype=torch.float64):
-    out = []
-    for name in ("torch", "cpu"):
-        try:
-            why = esgdm.backends.get(name).why_not(torch.device("cpu"), dtype)
-        except Exception as e:  # noqa: BLE001 - an unimportable backend is skipped, with the reason
-            why = f"{type(e).__name__}: {e}"
-        out.append(pytest.param(name, marks=pytest.mark.skipif(why is not None, reason=str(why))))
-    return out
+    return cpu_backends(dtype, ("torch", "cpu"))
 
 
 # ------------------------------------------------------------------ the model
