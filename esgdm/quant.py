@@ -12,25 +12,29 @@ Per tensor the scales are one contiguous float32 tensor ``qscale`` of shape
 ``[n_blocks, 2]``: column :data:`M_SCALE` is the block's ``max |m|``, column
 :data:`D_SCALE` the block's ``max sqrt(D)``.
 
-The two codes (all arithmetic in float32, every operation correctly rounded, so that
-every backend computes the same bytes; ``rint`` rounds half to even)::
+The two codes are the same fourth-root companding (all arithmetic in float32, every
+operation correctly rounded, so that every backend computes the same bytes; ``rint``
+rounds half to even; chosen against linear, square-root, cube-root and logarithmic
+codes and block sizes 64 to 2048 by ``benchmarks/bench_quant_codes.py``: it keeps the
+small coordinates of a block, whose step ``m / sqrt(D)`` can still be large, within a
+few percent)::
 
-    m (signed, square-root companding: fine steps near 0, where most of m lives)
-        encode  u = |m| / s;  q = rint(127 * sqrt(u));  code = 128 + sign(m) * q
-        decode  t = (code - 128) / 127;  m = s * (t * |t|)
-    D (>= 0, a running max of h*h with a wide range: the code is for r = sqrt(D),
-       fourth-root companding, and code 0 is kept for D == 0, "never observed")
+    m (signed: code 128 + q, q in -127..127)
+        encode  u = |m| / s;  q = rint(127 * sqrt(sqrt(u)));  code = 128 + sign(m) * q
+        decode  a = |code - 128| / 127;  m = sign(code - 128) * (s * ((a * a) * (a * a)))
+    D (>= 0, a running max of h*h with a wide range: the code is for r = sqrt(D), and
+       code 0 is kept for D == 0, "never observed")
         encode  r = sqrt(D);  u = r / s;  c = rint(255 * sqrt(sqrt(u)));  c = max(c, 1) if D > 0
         decode  t = c / 255;  r = s * ((t * t) * (t * t));  D = r * r
 
 with ``s`` the block's scale (``max |m|``, ``max sqrt(D)``); a block whose scale is 0
 stores code 128 (m) or 0 (D) everywhere.  The largest element of a block round-trips
-exactly (code 127 / 255 decodes to ``s``).  Relative resolution: about 1.6% of ``s``
-at the top of either code; a ``sqrt(D)`` of 1e-3 of its block's largest is still
-kept to about 5%, and only ``sqrt(D)`` below ``2.4e-10 s`` is rounded up to the
-smallest code (never to 0, so an observed coordinate stays observed).  The uniform
-decay ``D <- beta2 * D`` (and ``m <- beta1 * m``) moves the block scale, not the codes,
-so it is not lost to rounding.
+exactly (code 128 +- 127 / 255 decodes to ``s``).  Relative resolution: about 3% of
+``s`` at the top of either code, 10% at 1e-3 of ``s``; only values below about
+``4e-9 s`` (m, rounded to 0) or ``2.4e-10 s`` (``sqrt(D)``, rounded up to the
+smallest code, never to 0, so an observed coordinate stays observed) leave the code's
+range.  The uniform decay ``D <- beta2 * D`` (and ``m <- beta1 * m``) moves the block
+scale, not the codes, so it is not lost to rounding.
 
 A step with 8-bit state is: decode a block, run the element-wise rule of
 :mod:`esgdm.rule` in float32 unchanged, encode ``m`` (every step) and ``D`` (D-steps
@@ -80,7 +84,7 @@ def encode_m(m: Tensor) -> tuple[Tensor, Tensor]:
     x, n = _blocks(m.to(_F32).reshape(-1))
     s = x.abs().amax(dim=1, keepdim=True)
     safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = _rint(M_LEVELS * torch.sqrt(x.abs() / safe))
+    q = _rint(M_LEVELS * torch.sqrt(torch.sqrt(x.abs() / safe)))
     q = torch.where(s > 0, q, torch.zeros_like(q))
     code = torch.where(x < 0, M_ZERO - q, M_ZERO + q)
     return code.to(torch.uint8).reshape(-1)[:n], s.reshape(-1)
@@ -89,8 +93,10 @@ def encode_m(m: Tensor) -> tuple[Tensor, Tensor]:
 def decode_m(codes: Tensor, scales: Tensor) -> Tensor:
     """Flat uint8 codes and their block scales -> flat float32 ``m``."""
     c, n = _blocks(codes.reshape(-1).to(_F32))
-    t = (c - M_ZERO) / M_LEVELS
-    return (scales.to(_F32).reshape(-1, 1) * (t * t.abs())).reshape(-1)[:n]
+    q = c - M_ZERO
+    a = q.abs() / M_LEVELS
+    m = scales.to(_F32).reshape(-1, 1) * ((a * a) * (a * a))
+    return torch.where(q < 0, -m, m).reshape(-1)[:n]
 
 
 def encode_d(d: Tensor) -> tuple[Tensor, Tensor]:
