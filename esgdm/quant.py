@@ -168,6 +168,30 @@ def curvature_scale(d_codes: Sequence[Tensor], qscales: Sequence[Tensor]) -> Ten
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
+def step_through_float32(step, params, grads, m_codes, d_codes, qscales, hvps, scalars, index,
+                         hparams, grad_scale, found_inf, flags, seed) -> None:
+    """8-bit state for a kernel that steps float32 state (the "torch" backend): decode
+    every tensor's state to float32, run ``step`` (a backend's step function, same
+    arguments as :meth:`esgdm.backends.Backend.step`) on it, encode the result.  One
+    float32 copy of the call's state is alive meanwhile.  A set ``found_inf`` keeps the
+    old codes and scales, chosen on the device (no host read)."""
+    states = [dequantize(mc, dc, qs) for mc, dc, qs in zip(m_codes, d_codes, qscales)]
+    ms, ds = [s[0] for s in states], [s[1] for s in states]
+    step(params, grads, ms, ds, hvps, scalars, index, hparams, grad_scale, found_inf, flags, seed)
+    d_step = hvps is not None
+    skip = None if found_inf is None else found_inf.reshape(()) != 0
+    for m, d, mc, dc, qs in zip(ms, ds, m_codes, d_codes, qscales):
+        if skip is None:
+            quantize_into(m, d if d_step else None, mc, dc, qs)
+            continue
+        new_mc, new_dc, new_qs = mc.clone(), dc.clone(), qs.clone()
+        quantize_into(m, d if d_step else None, new_mc, new_dc, new_qs)
+        mc.copy_(torch.where(skip, mc, new_mc))
+        qs.copy_(torch.where(skip, qs, new_qs))
+        if d_step:
+            dc.copy_(torch.where(skip, dc, new_dc))
+
+
 def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], m_codes: Sequence[Tensor],
                    d_codes: Sequence[Tensor], qscales: Sequence[Tensor], hvps: Sequence[Tensor] | None,
                    scalars: Tensor, index: Tensor, hparams: Tensor, grad_scale: Tensor | None,
@@ -194,5 +218,5 @@ def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], m_codes: S
 __all__ = [
     "BLOCK", "D_LEVELS", "D_SCALE", "MIN_NUMEL", "M_LEVELS", "M_SCALE", "M_ZERO", "curvature_scale",
     "decode_d", "decode_m", "dequantize", "encode_d", "encode_m", "n_blocks", "new_qscale",
-    "quantize_into", "reference_step",
+    "quantize_into", "reference_step", "step_through_float32",
 ]
