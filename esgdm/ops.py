@@ -278,7 +278,8 @@ def _register() -> None:
 _register()
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing this call."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
@@ -293,7 +294,7 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
     ``_checked=True`` (the optimizer's eager calls) skips the per-tensor checks of
     :func:`check_step_args` that the caller's bookkeeping guarantees; at 4096 small
     tensors they cost the host more than the kernel does."""
-    if _is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
+    if is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
         torch.ops.esgdm.step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                               grad_scale, found_inf, flags, seed, kernel)
     else:
@@ -301,4 +302,4 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                   grad_scale, found_inf, flags, seed, kernel, _checked)
 
 
-__all__ = ["NAMESPACE", "STATE_DTYPES", "STEP_SCHEMA", "check_step_args", "step_", "step_impl"]
+__all__ = ["NAMESPACE", "STATE_DTYPES", "STEP_SCHEMA", "check_step_args", "is_compiling", "step_", "step_impl"]
