@@ -274,7 +274,7 @@ class BucketStore:
     @staticmethod
     def _resolve(opt: ESGDM, b: Bucket) -> tuple:
         """The backend for bucket ``b`` (and its note); with ``fused=True``, a fused one."""
-        backend, note = backends.resolve(opt.backend, b.device, b.dtype)
+        backend, note = backends.resolve(opt.backend, b.device, b.dtype, b.state_dtype)
         if getattr(opt, "fused", None) and backend.name == "torch":
             raise backends.BackendUnavailableError(
                 f"fused=True, but no fused esgdm kernel can step {b.dtype} parameters on {b.device}"
