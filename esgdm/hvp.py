@@ -3,6 +3,12 @@
 On a D-step ESGD-M needs ``h = H v`` for a random sign vector ``v``; the square of
 ``h`` is an unbiased estimate of ``diag(H^2)`` (the ``E[v v^T] = I`` property of
 Rademacher vectors), and under a diagonal Hessian it is exact whatever the signs.
+
+Two ways: :func:`autograd_hvp` (double backward) and :func:`finite_difference_hvp`
+(gradient differences, with the radius :func:`fd_radius`).  What the probe must leave
+as it found it (random state, buffers, other threads' draws) is :mod:`esgdm.guards`;
+the precision a closure computes in, which sizes the radius, is :mod:`esgdm.precision`.
+Which one a step uses, and with which signs, is :mod:`esgdm.curvature`'s decision.
 """
 
 from __future__ import annotations
@@ -208,7 +214,7 @@ def _warn_once(key: str, message: str) -> None:
 
 
 
-def _local_and_reduction(p: Tensor):
+def local_and_reduction(p: Tensor):
     """(the tensor whose squares this process sums, the reduction key).
 
     The key is None for a plain tensor, else (mesh, mesh dims to sum over): the
@@ -265,7 +271,7 @@ def _sums_of_squares(tensors: Sequence[Tensor], robust: bool) -> Tensor:
     return torch.stack([total, bad.to(torch.float64)])
 
 
-def _all_reduce(value: Tensor, key) -> Tensor:
+def all_reduce(value: Tensor, key) -> Tensor:
     if key is not None:
         import torch.distributed as dist
 
@@ -284,18 +290,18 @@ def param_norm(params: Sequence[Tensor]) -> float:
     """
     groups: dict = {}  # (device, reduction key) -> local tensors; insertion order is
     for p in params:   # the parameters' order, the same on every rank
-        local, key = _local_and_reduction(p)
+        local, key = local_and_reduction(p)
         groups.setdefault((local.device, key), []).append(local)
     if not groups:
         return 0.0
     keys = list(groups)
-    sums = [_all_reduce(_sums_of_squares(groups[k], robust=False), k[1]) for k in keys]
+    sums = [all_reduce(_sums_of_squares(groups[k], robust=False), k[1]) for k in keys]
     values = torch.stack([s.to("cpu") for s in sums]).tolist()
     total = 0.0
     for k, value in zip(keys, values):
         if not (value < float("inf")):  # Inf, NaN (or an overflow): finite entries only
             # the condition holds on every rank alike: the value was all-reduced
-            both = _all_reduce(_sums_of_squares(groups[k], robust=True), k[1]).tolist()
+            both = all_reduce(_sums_of_squares(groups[k], robust=True), k[1]).tolist()
             value, bad = both
             if bad:
                 _warn_once("nonfinite", (
@@ -483,7 +489,8 @@ def finite_difference_hvp(
 
 
 __all__ = [
-    "CREATE_GRAPH_HINT", "FD_SCHEMES", "GENERATORS", "BufferGuard", "ModuleTrees", "RngSnapshot",
+    "CREATE_GRAPH_HINT", "FD_SCHEMES", "GENERATORS", "BufferGuard", "ModuleTrees", "RngSnapshot", "all_reduce",
+    "local_and_reduction",
     "autograd_hvp", "check_graphs", "create_graph_failed", "fd_radius", "finite_difference_hvp",
     "ComputePrecision", "autocast_dtype", "module_trees", "param_norm", "unit_roundoff", "warn_user",
 ]

@@ -491,17 +491,17 @@ def _global_curvature_scale(b: Bucket, idx: list[int] | None, exp_avg_ds: list[T
     tensor: the operator saw only this rank's shard.  The default rule's floor depends
     on it everywhere, so without this FSDP2 would not step as one process does.  Every
     rank calls it alike (it all-reduces over the mesh dimensions a tensor is sharded on)."""
-    from esgdm.hvp import _all_reduce, _local_and_reduction
+    from esgdm.hvp import all_reduce, local_and_reduction  # (torch.distributed: imported when needed)
 
     for i, d in zip(range(len(b)) if idx is None else idx, exp_avg_ds):
         p = b.params[i]
         if not is_dtensor(p):
             continue
-        _, key = _local_and_reduction(p)
+        _, key = local_and_reduction(p)
         if key is None:
             continue  # replicated: the shard is the whole tensor
         sums = torch.stack([d.double().sqrt().sum(), (d != 0).sum().double()])
-        _all_reduce(sums, key)
+        all_reduce(sums, key)
         new = torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), torch.zeros_like(sums[0]))
         if found_inf is not None:
             new = torch.where(found_inf.to(new.device) != 0, b.scalars[i, DSCALE], new)

@@ -11,8 +11,9 @@ the arguments first): it updates ``params``, ``exp_avgs`` and, on a D-step,
 * ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_ds[i]`` (and ``hvps[i]``)
   have the same shape, the same strides and are dense, so a kernel may walk all of
   them as flat arrays of ``numel`` elements (element ``k`` = memory offset ``k``);
-* ``exp_avgs``/``exp_avg_ds`` are float32 or bfloat16 (float64 for float64
-  parameters), the rest are in the parameters' dtype;
+* ``exp_avgs``/``exp_avg_ds`` are in one of the state dtypes that the dtype table
+  (:mod:`esgdm.dtypes`) allows for the parameters' dtype and the backend's row of the
+  capability table lists; the rest are in the parameters' dtype;
 * ``scalars``, ``index``, ``hparams``, ``grad_scale``, ``found_inf`` are on the
   parameters' device (see :mod:`esgdm.ops`).
 

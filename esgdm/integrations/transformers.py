@@ -82,9 +82,10 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     ) from e
 
 from esgdm.buckets import is_dtensor
-from esgdm.hvp import ComputePrecision, RngSnapshot
+from esgdm.guards import RngSnapshot
 from esgdm.integrations import quiet_create_graph, restore_step, unwrap_optimizer
 from esgdm.optimizer import ESGDM
+from esgdm.precision import ComputePrecision
 
 __all__ = ["ESGDMTrainer", "esgdm_kwargs_from_args"]
 
