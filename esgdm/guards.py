@@ -5,7 +5,9 @@ and other threads' draws.
 * :data:`GENERATORS`: a reader-writer lock that orders the closure evaluations of every
   ESGDM optimizer of the process around those replays;
 * :func:`module_trees` / :class:`ModuleTrees`: the modules that hold the parameters,
-  whose buffers :class:`BufferGuard` copies before the probe and back after it.
+  whose buffers :class:`BufferGuard` copies before the probe and back after it;
+* :func:`drain_at_exit`: in a multi-process run, the probe's collectives must be
+  released before the interpreter finalizes (see the comment above it).
 
 The comment below says why each is needed and what it does not cover.
 """

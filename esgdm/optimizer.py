@@ -210,7 +210,7 @@ class ESGDM(Optimizer):
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
-        self._store.hparam_key = None
+        self._store.hparam_tables_for = None
 
     def should_create_graph(self) -> bool:
         """Whether the next ``step()`` takes a Hessian-vector product by double backward,
@@ -316,7 +316,7 @@ class ESGDM(Optimizer):
             if ascend is not None:  # maximize: the gradient flips sign; D = max(.., h*h) needs no flip
                 grads = [g.neg() if ascend[b.group_index[i]] else g
                          for i, g in zip(range(len(b)) if idx is None else idx, grads)]
-            backend, note = store.chosen[b.key]
+            backend, note = store.backend_choice[b.key]
             if note is not None:
                 backends.warn_once(note)
             store.apply(b, backend.name, idx, grads, hvps, hparams[b.device], grad_scale, found_inf, flags, seed)
@@ -420,7 +420,7 @@ class ESGDM(Optimizer):
         self.__dict__.update(counters)
         if seed is not None:
             self._curvature.seed, self._curvature.seed_shared = seed, True
-        self._store.hparam_key = None
+        self._store.hparam_tables_for = None
         self.state.clear()
         self.state.update(loaded["other"])  # entries that are not a parameter's, as torch.optim
         self._store.load_state(self, loaded["state"])

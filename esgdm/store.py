@@ -91,10 +91,10 @@ class BucketStore:
         self.signature: tuple | None = None  # the layout the buckets were built for
         self.meta_signature: tuple | None = None  # the same in metadata (compiled steps)
         self.any_dtensor = False
-        self.chosen: dict[tuple, tuple] = {}  # bucket key -> (backend, note)
+        self.backend_choice: dict[tuple, tuple] = {}  # bucket key -> (backend, its note or None)
         self.param_keys: dict[int, int] = {}  # id(p) -> p's index in optimizer order
-        self.hparams: dict[torch.device, Tensor] = {}
-        self.hparam_key: tuple | None = None  # what the tables were uploaded for
+        self.hparam_tables: dict[torch.device, Tensor] = {}  # device -> float64 [n_groups, 6]
+        self.hparam_tables_for: tuple | None = None  # the group values the tables hold (hparam_key)
         self.watch = _Watch()
         self.state_obj: Any = None  # the opt.state object whose edits flag self.watch
 
@@ -261,10 +261,10 @@ class BucketStore:
                  if isinstance(p, Tensor) and id(p) in ours and opt.state[p]}
         for key in [k for k in opt.state if isinstance(k, Tensor) and id(k) in ours]:
             del opt.state[key]
-        self.buckets, self.signature, self.chosen = new, layout, chosen
+        self.buckets, self.signature, self.backend_choice = new, layout, chosen
         self.meta_signature = self._meta_layout(opt)
         self.param_keys = {id(p): k for k, p in enumerate(params)}
-        self.hparam_key = None
+        self.hparam_tables_for = None
         for b in new:
             for i, p in enumerate(b.params):
                 if p in saved:
@@ -282,7 +282,7 @@ class BucketStore:
         return backend, note
 
     def backend_for(self, bucket: Bucket) -> backends.Backend:
-        return self.chosen[bucket.key][0]
+        return self.backend_choice[bucket.key][0]
 
     # ---------------------------------------------------------- hyper-parameters
 
@@ -294,7 +294,7 @@ class BucketStore:
         device every step, never read by the host."""
         key = tuple(hparam_key(g) for g in opt.param_groups)
         devices = {b.device for b in buckets}
-        if key != self.hparam_key or not devices.issubset(self.hparams):
+        if key != self.hparam_tables_for or not devices.issubset(self.hparam_tables):
             for gi, group in enumerate(opt.param_groups):
                 check_group(group, f" in param group {gi}", exact=opt.exact)
             rows = torch.tensor([hparam_row(g) for g in opt.param_groups], dtype=torch.float64)
@@ -303,20 +303,20 @@ class BucketStore:
                 raise RuntimeError("ESGDM hyper-parameters changed during CUDA graph capture: set them "
                                    "before capturing (use a tensor lr to change lr between replays)")
             for device in devices:
-                table = self.hparams.get(device)
+                table = self.hparam_tables.get(device)
                 if table is None or table.shape != rows.shape:
-                    self.hparams[device] = rows.to(device)
+                    self.hparam_tables[device] = rows.to(device)
                 elif device.type == "cuda":
                     table.copy_(rows.pin_memory(), non_blocking=True)  # same address: graphs see it
                 else:
                     table.copy_(rows)
-            self.hparam_key = key
+            self.hparam_tables_for = key
         for gi, group in enumerate(opt.param_groups):
             lr = group["lr"]
             if isinstance(lr, Tensor):
                 for device in devices:
-                    self.hparams[device][gi, 0].copy_(lr.reshape(()), non_blocking=True)
-        return self.hparams
+                    self.hparam_tables[device][gi, 0].copy_(lr.reshape(()), non_blocking=True)
+        return self.hparam_tables
 
     # ----------------------------------------------------------- validation pass
 
