@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from esgdm.dtypes import state_dtype_for
 from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM
 
 try:  # torch >= 2.5 (FSDP2's sharded parameters)
@@ -52,17 +53,6 @@ def real_view(t: Tensor) -> Tensor:
 #: Every tensor's slice of a flat buffer starts on a multiple of this many bytes.
 ALIGN_BYTES = 16
 
-#: State dtypes a user may ask for (``state_dtype=``); float64 parameters keep float64.
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def state_dtype_for(dtype: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
-    """Optimizer state is float32 by default, bfloat16 when asked, float64 for float64
-    parameters (whatever was asked: compact state would throw their precision away)."""
-    if dtype == torch.float64:
-        return torch.float64
-    return requested or torch.float32
-
 
 def is_dense(t: Tensor) -> bool:
     """True when ``t`` covers exactly ``numel`` consecutive elements in some dim order.
@@ -79,6 +69,12 @@ def is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def overlaps(p: Tensor) -> bool:
+    """Whether two elements of ``p`` share memory (an expanded tensor, stride 0).  An
+    empty tensor has no elements to share (torch gives some of them stride-0 dims)."""
+    return p.numel() > 0 and any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride()))
 
 
 def same_layout(t: Tensor, shape: Sequence[int], strides: Sequence[int]) -> bool:
@@ -115,7 +111,8 @@ class Bucket:
     Args:
         params: the parameters, in optimizer order (group by group).
         group_index: for each parameter, the index of its param group.
-        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for ``m`` and ``D``.
+        state_dtype: the ``state_dtype=`` asked for (:func:`esgdm.dtypes.state_dtype_for`
+            gives ``m`` and ``D``'s dtype).
     """
 
     def __init__(self, params: Sequence[Tensor], group_index: Sequence[int],
@@ -300,7 +297,6 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
 
 
 __all__ = [
-    "ALIGN_BYTES", "Bucket", "STATE_DTYPES", "build_buckets", "bytes_moved", "index_bounds",
-    "is_dense", "is_dtensor", "local", "note_index_bounds", "real_view", "same_layout",
-    "state_dtype_for", "state_strides",
+    "ALIGN_BYTES", "Bucket", "build_buckets", "bytes_moved", "index_bounds", "is_dense", "is_dtensor",
+    "local", "note_index_bounds", "overlaps", "real_view", "same_layout", "state_strides",
 ]

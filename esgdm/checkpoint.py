@@ -27,17 +27,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from esgdm import dtypes
 from esgdm.buckets import local
 
-EXP_AVG, EXP_AVG_D, BIAS, WARM, STEP = (
+#: The keys of one parameter's state (``opt.state[p]``), as the original ``esgd.ESGD``
+#: names them, plus ``step``.  (The columns of the device table that holds the three
+#: scalars are :data:`esgdm.rule.BIAS`, :data:`~esgdm.rule.WARM`, :data:`~esgdm.rule.STEPS`.)
+KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_BIAS, KEY_WARM, KEY_STEP = (
     "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "lr_warmup_cumprod", "step")
-STATE_KEYS = (EXP_AVG, EXP_AVG_D, BIAS, WARM)
+#: The keys every saved parameter state must have (``step`` may be missing: the original's).
+REQUIRED_KEYS = (KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_BIAS, KEY_WARM)
 
 #: Seeds are 64-bit: every bit keys the signs (:mod:`esgdm.signs`).
 SEED_LIMIT = 2**64
 
 #: What ``global_state["state_dtype"]`` may say (``state_dict`` writes one of these).
-STATE_DTYPE_NAMES = ("float32", "bfloat16")
+STATE_DTYPE_NAMES = tuple(dtypes.name(d) for d in dtypes.STATE_OPTIONS)
 
 #: Each saved param group carries a copy of ``global_state`` under this key, because
 #: torch.distributed.checkpoint keeps only ``state`` and ``param_groups``.
@@ -201,23 +206,23 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
         p = id_to_param[key]
         if not entry:
             continue  # a parameter whose state was reset
-        missing = [k for k in STATE_KEYS if k not in entry]
+        missing = [k for k in REQUIRED_KEYS if k not in entry]
         if missing:
             raise ValueError(f"state of parameter id {key!r} lacks {missing}")
         where = f"state {{}} of parameter id {key!r}".format
-        exp_avg = state_tensor(where(repr(EXP_AVG)), entry[EXP_AVG], p.shape, p.is_complex())
-        exp_avg_d = state_tensor(where(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape, p.is_complex())
-        check_values(where(repr(EXP_AVG)), exp_avg, nonnegative=False)
-        check_values(where(repr(EXP_AVG_D)), exp_avg_d, nonnegative=True)
+        exp_avg = state_tensor(where(repr(KEY_EXP_AVG)), entry[KEY_EXP_AVG], p.shape, p.is_complex())
+        exp_avg_d = state_tensor(where(repr(KEY_EXP_AVG_D)), entry[KEY_EXP_AVG_D], p.shape, p.is_complex())
+        check_values(where(repr(KEY_EXP_AVG)), exp_avg, nonnegative=False)
+        check_values(where(repr(KEY_EXP_AVG_D)), exp_avg_d, nonnegative=True)
         per_param[p] = {
-            EXP_AVG: exp_avg,
-            EXP_AVG_D: exp_avg_d,
-            BIAS: in_unit_interval(where(repr(BIAS)), entry[BIAS]),
-            WARM: in_unit_interval(where(repr(WARM)), entry[WARM]),
-            STEP: step_count(where(repr(STEP)), entry.get(STEP, 0.0)),
+            KEY_EXP_AVG: exp_avg,
+            KEY_EXP_AVG_D: exp_avg_d,
+            KEY_BIAS: in_unit_interval(where(repr(KEY_BIAS)), entry[KEY_BIAS]),
+            KEY_WARM: in_unit_interval(where(repr(KEY_WARM)), entry[KEY_WARM]),
+            KEY_STEP: step_count(where(repr(KEY_STEP)), entry.get(KEY_STEP, 0.0)),
         }
     return {"counters": counters, "groups": groups, "state": per_param, "other": other}
 
 
-__all__ = ["BIAS", "EXP_AVG", "GROUP_KEY", "EXP_AVG_D", "SEED_LIMIT", "STATE_KEYS", "STEP", "WARM",
-           "check_count", "check_seed", "check_values", "scalar", "validate"]
+__all__ = ["GROUP_KEY", "KEY_BIAS", "KEY_EXP_AVG", "KEY_EXP_AVG_D", "KEY_STEP", "KEY_WARM", "REQUIRED_KEYS",
+           "SEED_LIMIT", "STATE_DTYPE_NAMES", "check_count", "check_seed", "check_values", "scalar", "validate"]

@@ -17,7 +17,9 @@ arguments:
   nothing at all when ``found_inf`` is nonzero.
 * ``flags``: :data:`esgdm.rule.FLAG_EXACT`, :data:`esgdm.rule.FLAG_STOCHASTIC_ROUNDING`;
   ``seed``: keys the stochastic rounding.
-* ``kernel``: which implementation runs: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+* ``kernel``: which implementation runs: a backend name (``"triton"``, ``"cuda"``,
+  ``"cpu"``, ``"torch"`` or one registered with :func:`esgdm.backends.register`); what
+  it steps where is :func:`esgdm.backends.why_not` (the capability table).
 
 The CPU and CUDA implementations are the same function, :func:`step_impl`: it checks
 the arguments (:func:`check_step_args`), runs the named kernel (the element-wise rule
@@ -35,12 +37,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from esgdm import backends
+from esgdm import backends, dtypes
 from esgdm.buckets import index_bounds, is_dense, note_index_bounds, same_layout
 from esgdm.rule import FLAG_EXACT, HPARAM_COLUMNS, SCALAR_COLUMNS, update_dscale
 
 NAMESPACE = "esgdm"
-STEP = "step_"
+#: The operator's name in :data:`NAMESPACE` (``torch.ops.esgdm.step_``).
+OP_NAME = "step_"
 
 #: The operator's schema, written once.
 STEP_SCHEMA = (
@@ -56,26 +59,25 @@ _CAN_STEP: set = set()
 
 def _kernel_reason(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None if backend ``kernel`` (built in or registered) steps ``dtype`` tensors on
-    ``device``, else its reason: the backends themselves are the one table of what runs
-    where."""
+    ``device``, else its reason: :func:`esgdm.backends.why_not`, which reads the
+    capability table for the built-in backends."""
     key = (kernel, backends.generation(kernel), device.type, dtype)
     if key in _CAN_STEP:
         return None
     try:
-        reason = backends.get(kernel).why_not(device, dtype)
+        reason = backends.why_not(kernel, device, dtype)
     except ValueError as e:  # not a backend name
         return str(e)
     if reason is None:
         _CAN_STEP.add(key)
     return reason
 
-#: State dtypes accepted for each parameter dtype.
-STATE_DTYPES = {
-    torch.float32: (torch.float32, torch.bfloat16),
-    torch.bfloat16: (torch.float32, torch.bfloat16),
-    torch.float16: (torch.float32, torch.bfloat16),
-    torch.float64: (torch.float64,),
-}
+
+def _state_dtypes(kernel: str, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The state dtypes ``kernel`` takes for ``dtype`` parameters: its row of the
+    capability table, or, for a registered backend, what the dtype table allows."""
+    row = backends.capability(kernel)
+    return dtypes.state_dtypes(dtype) if row is None else row.state_dtypes(dtype)
 
 
 def _fail(message: str):
@@ -138,14 +140,15 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     dtype = p0.dtype
     if not per_tensor:
         return
-    if dtype not in STATE_DTYPES:
+    if dtype not in dtypes.PARAM_DTYPES:
         _fail(f"parameters of dtype {dtype} are not supported "
-              f"(supported: {', '.join(str(d) for d in STATE_DTYPES)})")
+              f"(supported: {', '.join(str(d) for d in dtypes.PARAM_DTYPES)})")
     e0 = exp_avgs[0]
     state_dtype = e0.dtype if isinstance(e0, Tensor) else None
-    if state_dtype not in STATE_DTYPES[dtype]:
+    allowed = _state_dtypes(kernel, dtype)
+    if state_dtype not in allowed:
         _fail(f"exp_avgs[0] has dtype {state_dtype}; state for {dtype} parameters must be "
-              f"{' or '.join(str(d) for d in STATE_DTYPES[dtype])}")
+              f"{' or '.join(str(d) for d in allowed)}")
     lists = {"params": (params, dtype), "grads": (grads, dtype), "exp_avgs": (exp_avgs, state_dtype),
              "exp_avg_ds": (exp_avg_ds, state_dtype)}
     if hvps is not None:
@@ -256,18 +259,19 @@ def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # FRAGMENT: the namespace may be shared
 
 #: Dispatch keys the operator has an implementation for: every device type torch steps
-#: tensors on.  Which kernel can run there is each backend's answer (``why_not``): the
-#: portable "torch" backend everywhere, the fused ones where they say so.
+#: tensors on.  Which kernel can run there is the capability table's answer
+#: (:func:`esgdm.backends.why_not`): the portable "torch" backend on every device type,
+#: the fused ones where their rows say so.
 DISPATCH_KEYS = ("CPU", "CUDA", "MPS", "XPU", "HPU", "PrivateUse1")
 
 
 def _register() -> None:
-    if hasattr(getattr(torch.ops, NAMESPACE), STEP):
+    if hasattr(getattr(torch.ops, NAMESPACE), OP_NAME):
         return  # defined already (this module was reloaded)
-    _lib.define(STEP + STEP_SCHEMA)
-    for key in DISPATCH_KEYS:  # the backends say what each device can run (why_not)
-        _lib.impl(STEP, step_impl, key)
-    qualname = f"{NAMESPACE}::{STEP}"
+    _lib.define(OP_NAME + STEP_SCHEMA)
+    for key in DISPATCH_KEYS:  # the capability table says what each device can run
+        _lib.impl(OP_NAME, step_impl, key)
+    qualname = f"{NAMESPACE}::{OP_NAME}"
     register_fake = getattr(torch.library, "register_fake", None)
     if register_fake is not None:  # torch >= 2.4
         register_fake(qualname, _step_fake, lib=_lib)
@@ -278,7 +282,8 @@ def _register() -> None:
 _register()
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing this call."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
@@ -293,7 +298,7 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
     ``_checked=True`` (the optimizer's eager calls) skips the per-tensor checks of
     :func:`check_step_args` that the caller's bookkeeping guarantees; at 4096 small
     tensors they cost the host more than the kernel does."""
-    if _is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
+    if is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
         torch.ops.esgdm.step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                               grad_scale, found_inf, flags, seed, kernel)
     else:
@@ -301,4 +306,5 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                   grad_scale, found_inf, flags, seed, kernel, _checked)
 
 
-__all__ = ["NAMESPACE", "STATE_DTYPES", "STEP_SCHEMA", "check_step_args", "step_", "step_impl"]
+__all__ = ["DISPATCH_KEYS", "NAMESPACE", "OP_NAME", "STEP_SCHEMA", "check_step_args", "is_compiling", "step_",
+           "step_impl"]

@@ -66,3 +66,13 @@ def test_the_triton_kernel_reads_no_column_by_number():
     """Every read or write of a ``scalars``/``hparams`` row goes through a named column."""
     source = (ROOT / "kernels" / "esgdm_step.py").read_text()
     assert not re.findall(r"\b[sh]row\s*\+\s*\d", source)
+
+
+def test_triton_dtypes_follow_the_capability_table():
+    """The kernel module's dtype lists are the ``triton`` row of the capability table."""
+    kernels = pytest.importorskip("esgdm.kernels.esgdm_step", reason="needs triton")
+    from esgdm.backends import CAPABILITIES
+
+    row = CAPABILITIES["triton"]
+    assert tuple(kernels.DTYPES) == row.params
+    assert all(row.state_dtypes(p) == tuple(kernels.STATE_DTYPES) for p in row.params)

@@ -5,25 +5,21 @@
 calls :func:`esgdm.kernels.esgdm_step.fused_step`, which steps the whole bucket and
 advances its per-tensor scalars in one launch, without reading anything back.
 
-Where it runs: CUDA tensors whenever Triton imports (``"auto"`` picks it first there);
-CPU tensors only in the Triton interpreter, i.e. when ``TRITON_INTERPRET=1`` was set
-before the kernel module was imported (that is how CI tests it).  Parameter dtypes:
-float32, bfloat16, float16, with float32 or bfloat16 state (arithmetic in float32).
+Where it runs (its row of :mod:`esgdm.backends.capabilities`): CUDA tensors whenever
+Triton imports (``"auto"`` picks it first there); CPU tensors only in the Triton
+interpreter, i.e. when ``TRITON_INTERPRET=1`` was set before the kernel module was
+imported (that is how CI tests it).  Parameter dtypes: float32, bfloat16, float16, with
+float32 or bfloat16 state (arithmetic in float32).
 """
 
 from __future__ import annotations
 
 import torch
 
-from esgdm.backends import Backend
+from esgdm.backends import BuiltinBackend
 
 #: Oldest CUDA compute capability Triton generates code for.
 MIN_CAPABILITY = (7, 0)
-
-#: Parameter and state dtypes the kernel handles (kept here too so that why_not does
-#: not have to import Triton to refuse a dtype; the kernel module holds the same lists).
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _triton_error() -> str | None:
@@ -39,23 +35,10 @@ def _triton_error() -> str | None:
     return None
 
 
-def _names(dtypes) -> str:
-    names = [str(d).replace("torch.", "") for d in dtypes]
-    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
-
-
-class TritonBackend(Backend):
+class TritonBackend(BuiltinBackend):
     name = "triton"
 
-    def why_not(self, device: torch.device, dtype: torch.dtype,
-                state_dtype: torch.dtype | None = None) -> str | None:
-        device = torch.device(device)
-        if dtype not in DTYPES:
-            return f"the Triton kernel steps {_names(DTYPES)} parameters, not {dtype}"
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            return f"the Triton kernel keeps {_names(STATE_DTYPES)} state, not {state_dtype}"
-        if device.type not in ("cuda", "cpu"):
-            return f"the Triton kernel runs on CUDA devices, not {device.type}"
+    def unavailable(self, device: torch.device) -> str | None:
         error = _triton_error()
         if error is not None:
             return error
