@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import torch
 
+from esgdm import quant
+
 
 class ParamRow(NamedTuple):
     """What one parameter dtype gets."""
@@ -52,6 +54,9 @@ PARAM_DTYPES: dict[torch.dtype, ParamRow] = {
 STATE_OPTIONS: dict[torch.dtype, StateOption] = {
     torch.float32: StateOption(min_numel=0, complex_ok=True),
     torch.bfloat16: StateOption(min_numel=0, complex_ok=False),
+    # 8-bit blockwise state (esgdm.quant): codes plus one float32 scale per 256 elements;
+    # smaller tensors keep float32 state, their scales would cost more than they save
+    torch.uint8: StateOption(min_numel=quant.MIN_NUMEL, complex_ok=False),
 }
 
 # A floating dtype without a row (a float8 parameter) is refused by every backend; its

@@ -7,7 +7,8 @@ arguments:
 * ``params``, ``grads``, ``exp_avgs``, ``exp_avg_ds``, ``hvps`` (None on a plain step):
   one entry per tensor; each tensor dense, with the same shape and strides as its
   parameter.  ``exp_avgs``/``exp_avg_ds`` are float32 or bfloat16 (float64 for
-  float64 parameters), the rest are in the parameters' dtype.
+  float64 parameters) or uint8 codes of 8-bit state (:mod:`esgdm.quant`), the rest are
+  in the parameters' dtype.
 * ``scalars`` float64 ``[n_slots, 4]``: per-tensor ``bias, warm, steps, dscale``,
   advanced in place; ``index`` int32 ``[n, 2]``: each tensor's slot in ``scalars`` and
   row in ``hparams`` (checked to be rows of them); ``hparams`` float64
@@ -17,6 +18,8 @@ arguments:
   nothing at all when ``found_inf`` is nonzero.
 * ``flags``: :data:`esgdm.rule.FLAG_EXACT`, :data:`esgdm.rule.FLAG_STOCHASTIC_ROUNDING`;
   ``seed``: keys the stochastic rounding.
+* ``qscales`` (8-bit state only, else None): per tensor its float32 ``[n_blocks, 2]``
+  block scales (:mod:`esgdm.quant`), contiguous, updated in place.
 * ``kernel``: which implementation runs: a backend name (``"triton"``, ``"cuda"``,
   ``"cpu"``, ``"torch"`` or one registered with :func:`esgdm.backends.register`); what
   it steps where is :func:`esgdm.backends.why_not` (the capability table).
@@ -37,7 +40,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from esgdm import backends, dtypes
+from esgdm import backends, dtypes, quant
 from esgdm.buckets import index_bounds, is_dense, note_index_bounds, same_layout
 from esgdm.rule import FLAG_EXACT, HPARAM_COLUMNS, SCALAR_COLUMNS, update_dscale
 
@@ -49,7 +52,7 @@ OP_NAME = "step_"
 STEP_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_ds, "
     "Tensor[]? hvps, Tensor(d!) scalars, Tensor index, Tensor hparams, Tensor? grad_scale, "
-    "Tensor? found_inf, int flags, int seed, str kernel) -> ()"
+    "Tensor? found_inf, int flags, int seed, str kernel, Tensor(e!)[]? qscales=None) -> ()"
 )
 
 #: (kernel, its registration generation, device type, dtype) combinations a backend
@@ -99,7 +102,8 @@ def _check_table(name: str, t: Tensor, dtype: torch.dtype, width: int, device, r
 def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                     exp_avg_ds: Sequence[Tensor], hvps: Sequence[Tensor] | None, scalars: Tensor,
                     index: Tensor, hparams: Tensor, grad_scale: Tensor | None,
-                    found_inf: Tensor | None, kernel: str, per_tensor: bool = True) -> None:
+                    found_inf: Tensor | None, kernel: str, per_tensor: bool = True,
+                    qscales: Sequence[Tensor] | None = None) -> None:
     """Raises ValueError naming the first argument that breaks the operator's contract.
 
     The common case (everything fine) is checked list-wise, a few attribute reads per
@@ -138,6 +142,7 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
                   + (f"{t.dtype} with {t.numel()} elements on {t.device}" if isinstance(t, Tensor)
                      else type(t).__name__))
     dtype = p0.dtype
+    _check_qscales(params, exp_avgs, qscales, device, per_tensor)
     if not per_tensor:
         return
     if dtype not in dtypes.PARAM_DTYPES:
@@ -160,6 +165,30 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     if not ok:
         _name_culprit(params, lists, device)
     _check_index(index, scalars.shape[0], hparams.shape[0])
+
+
+def _check_qscales(params, exp_avgs, qscales, device, per_tensor: bool) -> None:
+    """8-bit state comes with its block scales, one ``[n_blocks, 2]`` float32 table per
+    tensor; other state with none."""
+    e0 = exp_avgs[0]
+    quantized = isinstance(e0, Tensor) and e0.dtype == torch.uint8
+    if not quantized:
+        if qscales is not None:
+            _fail(f"qscales is given but the state is {getattr(e0, 'dtype', None)}, not 8-bit (uint8) codes")
+        return
+    if qscales is None:
+        _fail("exp_avgs hold 8-bit (uint8) codes: qscales, their block scales, is required")
+    if len(qscales) != len(params):
+        _fail(f"qscales has {len(qscales)} tensors, params has {len(params)}")
+    if not per_tensor:
+        return
+    for i, (p, qs) in enumerate(zip(params, qscales)):
+        want = (quant.n_blocks(p.numel()), 2)
+        if (not isinstance(qs, Tensor) or qs.dtype != torch.float32 or tuple(qs.shape) != want
+                or qs.device != device or not qs.is_contiguous()):
+            got = (f"{qs.dtype} of shape {tuple(qs.shape)} on {qs.device}" if isinstance(qs, Tensor)
+                   else type(qs).__name__)
+            _fail(f"qscales[{i}] must be a contiguous float32 tensor of shape {want} on {device}, got {got}")
 
 
 def _all_like(params, lists, device) -> bool:
@@ -238,20 +267,28 @@ def _check_index(index: Tensor, n_slots: int, n_groups: int) -> None:
 
 
 def step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-              grad_scale, found_inf, flags, seed, kernel, _checked: bool = False) -> None:
-    """The operator's CPU and CUDA implementation (see the module docstring)."""
+              grad_scale, found_inf, flags, seed, kernel, qscales=None, _checked: bool = False) -> None:
+    """The operator's implementation on every device (see the module docstring)."""
     check_step_args(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                    grad_scale, found_inf, kernel, per_tensor=not _checked)
+                    grad_scale, found_inf, kernel, per_tensor=not _checked, qscales=qscales)
     if not params:
         return
-    backends.get(kernel).step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                              grad_scale, found_inf, int(flags), int(seed))
+    backend = backends.get(kernel)
+    if qscales is None:  # (a backend registered from outside need not know qscales)
+        backend.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                     grad_scale, found_inf, int(flags), int(seed))
+    else:
+        backend.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                     grad_scale, found_inf, int(flags), int(seed), qscales=qscales)
     if hvps is not None and not flags & FLAG_EXACT:
-        update_dscale(scalars, index[:, 0].long(), exp_avg_ds, found_inf)
+        if qscales is None:
+            update_dscale(scalars, index[:, 0].long(), exp_avg_ds, found_inf)
+        else:
+            quant.update_dscale(scalars, index[:, 0].long(), exp_avg_ds, qscales, found_inf)
 
 
 def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-               grad_scale, found_inf, flags, seed, kernel) -> None:
+               grad_scale, found_inf, flags, seed, kernel, qscales=None) -> None:
     # In place on its inputs and returns nothing: nothing to compute for a fake tensor.
     return None
 
@@ -291,7 +328,8 @@ def is_compiling() -> bool:
 
 
 def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-          grad_scale=None, found_inf=None, flags=0, seed=0, kernel="torch", _checked=False) -> None:
+          grad_scale=None, found_inf=None, flags=0, seed=0, kernel="torch", _checked=False,
+          qscales=None) -> None:
     """One ESGD-M step of one bucket: ``torch.ops.esgdm.step_`` under ``torch.compile``,
     its implementation called directly in eager mode.
 
@@ -300,10 +338,10 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
     tensors they cost the host more than the kernel does."""
     if is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
         torch.ops.esgdm.step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                              grad_scale, found_inf, flags, seed, kernel)
+                              grad_scale, found_inf, flags, seed, kernel, qscales)
     else:
         step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                  grad_scale, found_inf, flags, seed, kernel, _checked)
+                  grad_scale, found_inf, flags, seed, kernel, qscales, _checked)
 
 
 __all__ = ["DISPATCH_KEYS", "NAMESPACE", "OP_NAME", "STEP_SCHEMA", "check_step_args", "is_compiling", "step_",

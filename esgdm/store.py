@@ -33,7 +33,7 @@ from torch import Tensor
 
 from esgdm import backends, checkpoint, ops
 from esgdm.buckets import Bucket, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
-from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_STEP, KEY_WARM
+from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_QSCALE, KEY_STEP, KEY_WARM
 from esgdm.hyperparams import check_group
 from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM, curvature_scale
 
@@ -115,12 +115,13 @@ class BucketStore:
         return {k: local(v) if isinstance(v, Tensor) else v for k, v in opt.state[p].items()}
 
     def write_state(self, opt: ESGDM, b: Bucket, i: int, saved: dict) -> None:
-        """Copies one parameter's state into bucket ``b`` and exposes it as views."""
-        b.exp_avg_views[i].copy_(real_view(_shard_of(saved[KEY_EXP_AVG], b.params[i])))
-        b.exp_avg_d_views[i].copy_(real_view(_shard_of(saved[KEY_EXP_AVG_D], b.params[i])))
+        """Copies one parameter's state into bucket ``b`` (converting between float and
+        8-bit state) and exposes it as views."""
+        b.load(i, real_view(_shard_of(saved[KEY_EXP_AVG], b.params[i])),
+               real_view(_shard_of(saved[KEY_EXP_AVG_D], b.params[i])), saved.get(KEY_QSCALE))
         for col, key in ((BIAS, KEY_BIAS), (WARM, KEY_WARM), (STEPS, KEY_STEP)):
             b.scalars[i, col] = torch.as_tensor(saved.get(key, 0.0), dtype=torch.float64).to(b.device)
-        b.scalars[i, DSCALE] = curvature_scale([b.exp_avg_d_views[i]])[0].to(b.device)
+        b.scalars[i, DSCALE] = b.curvature_scale([i])[0].to(b.device)
         self.expose_state(opt, b, i)
 
     def expose_state(self, opt: ESGDM, b: Bucket, i: int) -> None:
@@ -131,6 +132,7 @@ class BucketStore:
             KEY_BIAS: b.scalar(i, BIAS),
             KEY_WARM: b.scalar(i, WARM),
             KEY_STEP: b.scalar(i, STEPS),
+            **({} if b.qscale_views is None else {KEY_QSCALE: b.qscale_views[i]}),
         })
 
     def expose_stepped(self, opt: ESGDM, b: Bucket, idx: list[int] | None) -> None:
@@ -169,8 +171,10 @@ class BucketStore:
                 if not b.exposed[i]:
                     continue
                 entry = opt.state.get(p)
-                if entry is not None and len(entry) == 5 and _is_view(entry.get(KEY_EXP_AVG), b.exp_avg_views[i]) \
-                        and _is_view(entry.get(KEY_EXP_AVG_D), b.exp_avg_d_views[i]):
+                if entry is not None and len(entry) == 5 + b.quantized \
+                        and _is_view(entry.get(KEY_EXP_AVG), b.exp_avg_views[i]) \
+                        and _is_view(entry.get(KEY_EXP_AVG_D), b.exp_avg_d_views[i]) \
+                        and (b.qscale_views is None or entry.get(KEY_QSCALE) is b.qscale_views[i]):
                     continue
                 if not entry:  # reset
                     b.reset_state(i)
@@ -179,14 +183,17 @@ class BucketStore:
                     opt.state.pop(p, None)
                     continue
                 as_shown = torch.view_as_complex if b.complex[i] else (lambda t: t)
-                merged = {KEY_EXP_AVG: as_shown(b.exp_avg_views[i]), KEY_EXP_AVG_D: as_shown(b.exp_avg_d_views[i]),
-                          KEY_BIAS: b.scalar(i, BIAS), KEY_WARM: b.scalar(i, WARM),
-                          KEY_STEP: b.scalar(i, STEPS), **entry}
+                shown = {KEY_EXP_AVG: as_shown(b.exp_avg_views[i]), KEY_EXP_AVG_D: as_shown(b.exp_avg_d_views[i]),
+                         KEY_BIAS: b.scalar(i, BIAS), KEY_WARM: b.scalar(i, WARM), KEY_STEP: b.scalar(i, STEPS)}
+                if b.qscale_views is not None:
+                    shown[KEY_QSCALE] = b.qscale_views[i]
+                merged = {**shown, **entry}
+                if merged[KEY_EXP_AVG].dtype != torch.uint8:  # float values assigned: no scales
+                    merged.pop(KEY_QSCALE, None)
                 shape = b.tensors[i].shape[:-1] if b.complex[i] else b.tensors[i].shape
                 for key in (KEY_EXP_AVG, KEY_EXP_AVG_D):
                     merged[key] = local(merged[key])
-                    checkpoint.state_tensor(f"opt.state[p][{key!r}]", merged[key], shape,
-                                            complex_state=b.complex[i])
+                checkpoint.state_entry("opt.state[p][{}]", merged, shape, complex_state=b.complex[i])
                 for key in (KEY_BIAS, KEY_WARM, KEY_STEP):
                     checkpoint.scalar(f"opt.state[p][{key!r}]", merged[key])
                 self.write_state(opt, b, i, {k: v.clone() if isinstance(v, Tensor) else v
@@ -430,8 +437,11 @@ class BucketStore:
                     writeback.append((b.tensors[i], params[k]))
         exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
         exp_avg_ds = b.exp_avg_d_views if full else [b.exp_avg_d_views[i] for i in idx]
+        qscales = b.qscale_views
+        if qscales is not None and not full:
+            qscales = [qscales[i] for i in idx]
         ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
-                  grad_scale, found_inf, flags, seed, kernel, _checked=True)
+                  grad_scale, found_inf, flags, seed, kernel, _checked=True, qscales=qscales)
         for p, work in writeback:
             p.copy_(work)
         if hvps is not None and b.any_dtensor and not flags & FLAG_EXACT:

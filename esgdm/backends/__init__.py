@@ -59,6 +59,9 @@ class Backend:
     """
 
     name: str = "?"
+    #: The state dtypes this backend keeps (a registered backend may add ``torch.uint8``
+    #: and take the ``qscales`` of 8-bit state, see :mod:`esgdm.quant`).
+    state_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
 
     def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """``None`` if this backend can step ``dtype`` parameters on ``device``,
@@ -79,7 +82,10 @@ class Backend:
         found_inf: Tensor | None,
         flags: int,
         seed: int,
+        qscales: Sequence[Tensor] | None = None,
     ) -> None:
+        """Steps one bucket in place (see the module docstring).  ``qscales`` is passed
+        only with 8-bit (uint8) state: each tensor's block scales (:mod:`esgdm.quant`)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -195,6 +201,8 @@ def why_not(name: str, device: torch.device, dtype: torch.dtype,
         reason = row.why_not(device, dtype, state_dtype)
         if reason is not None:
             return reason
+    elif state_dtype is not None and state_dtype not in backend.state_dtypes:
+        return f"it keeps {', '.join(map(str, backend.state_dtypes))} state, not {state_dtype}"
     return backend.why_not(device, dtype)
 
 

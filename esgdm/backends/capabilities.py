@@ -105,7 +105,7 @@ CAPABILITIES: dict[str, Capability] = {
         auto=None,
         device_reason="",
         params=_ALL_PARAMS,
-        states=_ALL_STATES,
+        states=(*_ALL_STATES, torch.uint8),
         needs="nothing but torch",
     ),
 }
