@@ -50,7 +50,9 @@ Two ESGD-M-only studies replace the optimizer comparison when asked for:
   round-to-nearest and with stochastic rounding, and bf16 weights with bf16 state, at
   each task's rate: losses, loss relative to float32 at the same seed, the share of
   elements a step changes, step and ``opt.step()`` times, optimizer-state bytes
-  (``sum(b.nbytes() for b in opt.buckets())``); one PNG per task.
+  (``sum(b.nbytes() for b in opt.buckets())``); one PNG per task.  It includes 8-bit
+  state (``fp32 + 8-bit state``, ``bf16 + 8-bit state, stochastic``);
+  ``--lowprec-variants`` picks some variants.
 
     python benchmarks/bench_train.py --rules --quick --seeds 2 --tasks reluconv,geluconv,deadmlp
     python benchmarks/bench_train.py --rules --quick --tasks deadmlp,mostlydead \
@@ -927,6 +929,9 @@ LOWPREC_VARIANTS = (
     ("bf16, stochastic rounding", torch.bfloat16, {"stochastic_rounding": True}),
     ("bf16 + bf16 state, stochastic", torch.bfloat16,
      {"stochastic_rounding": True, "state_dtype": torch.bfloat16}),
+    ("fp32 + 8-bit state", torch.float32, {"state_dtype": torch.uint8}),
+    ("bf16 + 8-bit state, stochastic", torch.bfloat16,
+     {"stochastic_rounding": True, "state_dtype": torch.uint8}),
 )
 
 
@@ -968,7 +973,8 @@ def run_lowprec(tasks, device, args, log) -> list[Run]:
         log(f"\n## {task.title}: {task.steps} steps at lr {lr:g}; {args.seeds} seed(s)")
         trainers = [Trainer(task, "ESGD-M", lr, seed, device, args,
                             Variant(label, dict(kw), dtype=dt, hvp="autograd"), time_opt=True)
-                    for label, dt, kw in LOWPREC_VARIANTS for seed in range(args.seeds)]
+                    for label, dt, kw in LOWPREC_VARIANTS for seed in range(args.seeds)
+                    if not args.lowprec_variants or label in args.lowprec_variants.split(",")]
         done = lockstep(trainers, f"{task.name} precision", args)
         for r in done:
             log(f"  {task.name:8s} {r.variant:30s} seed {r.seed}: train {r.final('train loss'):.4g}  "
@@ -1316,6 +1322,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--lowprec", action="store_true",
                        help="fp32 vs bf16 weights (round-to-nearest / stochastic rounding) and "
                             "bf16 state, at each task's lr (one table and one PNG per task)")
+    ap.add_argument("--lowprec-variants", default="",
+                    help="with --lowprec: only these variants (comma-separated labels of LOWPREC_VARIANTS, "
+                         "e.g. 'fp32,fp32 + 8-bit state')")
     study.add_argument("--lowprec-lrs", default="",
                        help="with --lowprec: 'task=lr,...' (default " +
                             ", ".join(f"{k}={v:g}" for k, v in LOWPREC_LRS.items()) + ")")
