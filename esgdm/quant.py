@@ -192,6 +192,21 @@ def step_through_float32(step, params, grads, m_codes, d_codes, qscales, hvps, s
             dc.copy_(torch.where(skip, dc, new_dc))
 
 
+def update_dscale(scalars: Tensor, slot: Tensor, d_codes: Sequence[Tensor], qscales: Sequence[Tensor],
+                  found_inf: Tensor | None = None) -> None:
+    """Writes each stepped tensor's :func:`curvature_scale` into ``scalars[:, DSCALE]``
+    (:func:`esgdm.rule.update_dscale` for 8-bit state; unchanged where ``found_inf`` is
+    nonzero).  No host read."""
+    from esgdm import rule
+
+    if not d_codes:
+        return
+    new = curvature_scale(d_codes, qscales).to(scalars.device)
+    if found_inf is not None:
+        new = torch.where(found_inf.to(scalars.device) != 0, scalars[slot, rule.DSCALE], new)
+    scalars[slot, rule.DSCALE] = new
+
+
 def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], m_codes: Sequence[Tensor],
                    d_codes: Sequence[Tensor], qscales: Sequence[Tensor], hvps: Sequence[Tensor] | None,
                    scalars: Tensor, index: Tensor, hparams: Tensor, grad_scale: Tensor | None,
@@ -211,12 +226,11 @@ def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], m_codes: S
     for m, d, mc, dc, qs in zip(ms, ds, m_codes, d_codes, qscales):
         quantize_into(m, d if d_step else None, mc, dc, qs)
     if d_step and not flags & rule.FLAG_EXACT:
-        slot = index[:, 0].long()
-        scalars[slot, rule.DSCALE] = curvature_scale(d_codes, qscales).to(scalars.device)
+        update_dscale(scalars, index[:, 0].long(), d_codes, qscales)
 
 
 __all__ = [
     "BLOCK", "D_LEVELS", "D_SCALE", "MIN_NUMEL", "M_LEVELS", "M_SCALE", "M_ZERO", "curvature_scale",
     "decode_d", "decode_m", "dequantize", "encode_d", "encode_m", "n_blocks", "new_qscale",
-    "quantize_into", "reference_step", "step_through_float32",
+    "quantize_into", "reference_step", "step_through_float32", "update_dscale",
 ]

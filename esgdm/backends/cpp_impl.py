@@ -22,16 +22,19 @@ import importlib
 
 import torch
 
+from esgdm import quant
 from esgdm.backends import Backend
+from esgdm.rule import FLAG_EXACT
 
 #: Parameter dtypes the kernels step.
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
-#: State (exp_avg, exp_avg_d) dtypes the kernels take for each parameter dtype.
+#: State (exp_avg, exp_avg_d) dtypes the kernels take for each parameter dtype
+#: (uint8: 8-bit codes with per-block scales, esgdm.quant; ``qscales`` then given).
 STATE_DTYPES = {
-    torch.float32: (torch.float32, torch.bfloat16),
-    torch.float16: (torch.float32, torch.bfloat16),
-    torch.bfloat16: (torch.float32, torch.bfloat16),
+    torch.float32: (torch.float32, torch.bfloat16, torch.uint8),
+    torch.float16: (torch.float32, torch.bfloat16, torch.uint8),
+    torch.bfloat16: (torch.float32, torch.bfloat16, torch.uint8),
     torch.float64: (torch.float64,),
 }
 
@@ -102,11 +105,18 @@ def runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
 
 
 def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-          grad_scale, found_inf, flags, seed) -> None:
+          grad_scale, found_inf, flags, seed, qscales=None) -> None:
     # Only the low 32 bits of the seed key the rounding: masked here so that any
     # Python int fits the extension's int64 argument.
+    if qscales is None:
+        _C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK)
+        return
     _C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-            grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK)
+            grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK, list(qscales))
+    if hvps is not None and params and not int(flags) & FLAG_EXACT:
+        # 8-bit state: the curvature scale is read from the codes (esgdm.quant)
+        quant.update_dscale(scalars, index[:, 0].long(), exp_avg_ds, qscales, found_inf)
 
 
 class _CompiledBackend(Backend):
@@ -123,9 +133,14 @@ class _CompiledBackend(Backend):
         return None
 
     def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-             grad_scale, found_inf, flags, seed):
+             grad_scale, found_inf, flags, seed, qscales=None):
+        """The bucket's step (:class:`esgdm.backends.Backend`).  With uint8
+        ``exp_avgs``/``exp_avg_ds`` (8-bit state, :mod:`esgdm.quant`) ``qscales`` holds
+        each tensor's float32 ``[n_blocks, 2]`` block scales, and a D-step also refreshes
+        the tensors' ``dscale`` from the codes (:func:`esgdm.quant.update_dscale`): the
+        op must not refresh it from ``exp_avg_ds`` again."""
         _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-              grad_scale, found_inf, flags, seed)
+              grad_scale, found_inf, flags, seed, qscales)
 
 
 class CpuBackend(_CompiledBackend):
