@@ -108,7 +108,7 @@ class Bucket:
 def run(workloads, rounds: int, kinds=("plain", "dstep", "dstep+dscale")):
     configs = [(w, state, kind) for w in workloads for state in ("fp32", "u8") for kind in kinds]
     times: dict = {c: [] for c in configs}
-    for name, bucket in workloads.items():  # warm-up: first touch, thread pool
+    for bucket in workloads.values():  # warm-up: first touch, thread pool
         for state in ("fp32", "u8"):
             bucket.step(state, "dstep")
     for _ in range(rounds):

@@ -1,9 +1,10 @@
 // The ESGD-M rule of esgdm/rule.py, written once for the C++ CPU kernel and the CUDA
 // kernel (esgdm_cpu.cpp, esgdm_cuda.cu): the per-tensor scalars (derive, make_coeffs),
-// the per-element update (update) and the stochastic rounding of 16-bit parameters
-// (mix32, stochastic_round).  Everything here is plain arithmetic on the math type T
-// (float, or double for float64 parameters); loading, converting and storing the
-// tensors' dtypes is the kernels' business.
+// the per-element update (update), the stochastic rounding of 16-bit parameters
+// (mix32, stochastic_round) and the codes of the 8-bit state of esgdm/quant.py
+// (decode_m, decode_root, decode_d, encode_m, encode_root).  Everything here is plain
+// arithmetic on the math type T (float, or double for float64 parameters); loading,
+// converting and storing the tensors' dtypes is the kernels' business.
 //
 // Every operation is one IEEE operation of the reference (esgdm.rule.reference_step,
 // torch ops), in the same order, so that results agree with it to the bit where torch

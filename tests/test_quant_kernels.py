@@ -500,3 +500,22 @@ def test_empty_and_tiny_tensors():
     empty = Case([0, 300], torch.float32, True, nonfinite=False)
     out, ref = run_backend("cpu", empty), run_reference(empty)
     assert_matches(empty, out, ref)
+
+
+@pytest.mark.parametrize("block,warps", [(256, 2), (512, 4), (1024, 4)])
+@pytest.mark.parametrize("name,device", [p for p in BACKENDS if p.id.startswith("triton")])
+def test_triton_program_sizes(name, device, block, warps):
+    """Programs of one, two and four quantization blocks (SMALL_CONFIG and CONFIGS), on the
+    fast path (full, aligned tiles) and the masked one (tails); a program size that is not
+    a multiple of 256 is refused."""
+    from esgdm.kernels import esgdm_step as K
+
+    case = Case([4096, 4097, 1500], torch.bfloat16, True, device=device, seed=8)
+    out, ref = case.clone(), run_reference(case, EXACT)
+    K.fused_step(out.params, out.grads, out.exp_avgs, out.exp_avg_ds, out.hvps, out.scalars, out.index,
+                 out.hparams, flags=EXACT, block=block, num_warps=warps, qscales=out.qscales)
+    assert_matches(case, out, ref)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        c = case.clone()
+        K.fused_step(c.params, c.grads, c.exp_avgs, c.exp_avg_ds, c.hvps, c.scalars, c.index,
+                     c.hparams, block=128, num_warps=2, qscales=c.qscales)

@@ -12,7 +12,11 @@ the arguments first): it updates ``params``, ``exp_avgs`` and, on a D-step,
   have the same shape, the same strides and are dense, so a kernel may walk all of
   them as flat arrays of ``numel`` elements (element ``k`` = memory offset ``k``);
 * ``exp_avgs``/``exp_avg_ds`` are float32 or bfloat16 (float64 for float64
-  parameters), the rest are in the parameters' dtype;
+  parameters), the rest are in the parameters' dtype; the fused backends ("triton",
+  "cuda", "cpu") also take uint8 codes (8-bit state, :mod:`esgdm.quant`) for float32,
+  bfloat16 and float16 parameters, with a trailing ``qscales=`` list of each tensor's
+  float32 ``[n_blocks, 2]`` block scales, and then refresh ``dscale`` themselves on
+  D-steps (from the codes);
 * ``scalars``, ``index``, ``hparams``, ``grad_scale``, ``found_inf`` are on the
   parameters' device (see :mod:`esgdm.ops`).
 
