@@ -24,7 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM
+from esgdm import quant
+from esgdm.dtypes import state_dtype_for
+from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM, curvature_scale
 
 try:  # torch >= 2.5 (FSDP2's sharded parameters)
     from torch.distributed.tensor import DTensor as _DTensor
@@ -52,17 +54,6 @@ def real_view(t: Tensor) -> Tensor:
 #: Every tensor's slice of a flat buffer starts on a multiple of this many bytes.
 ALIGN_BYTES = 16
 
-#: State dtypes a user may ask for (``state_dtype=``); float64 parameters keep float64.
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def state_dtype_for(dtype: torch.dtype, requested: torch.dtype | None = None) -> torch.dtype:
-    """Optimizer state is float32 by default, bfloat16 when asked, float64 for float64
-    parameters (whatever was asked: compact state would throw their precision away)."""
-    if dtype == torch.float64:
-        return torch.float64
-    return requested or torch.float32
-
 
 def is_dense(t: Tensor) -> bool:
     """True when ``t`` covers exactly ``numel`` consecutive elements in some dim order.
@@ -79,6 +70,12 @@ def is_dense(t: Tensor) -> bool:
             return False
         expected *= size
     return True
+
+
+def overlaps(p: Tensor) -> bool:
+    """Whether two elements of ``p`` share memory (an expanded tensor, stride 0).  An
+    empty tensor has no elements to share (torch gives some of them stride-0 dims)."""
+    return p.numel() > 0 and any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride()))
 
 
 def same_layout(t: Tensor, shape: Sequence[int], strides: Sequence[int]) -> bool:
@@ -115,7 +112,13 @@ class Bucket:
     Args:
         params: the parameters, in optimizer order (group by group).
         group_index: for each parameter, the index of its param group.
-        state_dtype: ``torch.float32`` (default) or ``torch.bfloat16`` for ``m`` and ``D``.
+        state_dtype: the ``state_dtype=`` asked for (:func:`esgdm.dtypes.state_dtype_for`
+            gives ``m`` and ``D``'s dtype; :func:`build_buckets` has put only tensors
+            large enough for it here).
+
+    With 8-bit state (``torch.uint8``, :mod:`esgdm.quant`) ``exp_avg``/``exp_avg_d`` hold
+    codes and a third flat buffer, ``qscale`` (float32 ``[blocks, 2]``), the block
+    scales; ``qscale_views[i]`` is tensor ``i``'s ``[n_blocks(numel), 2]`` rows.
     """
 
     def __init__(self, params: Sequence[Tensor], group_index: Sequence[int],
@@ -160,6 +163,16 @@ class Bucket:
 
         self.exp_avg = torch.zeros(total, dtype=self.state_dtype, device=self.device)
         self.exp_avg_d = torch.zeros(total, dtype=self.state_dtype, device=self.device)
+        self.quantized = self.state_dtype == torch.uint8
+        self.qscale_views: list[Tensor] | None = None
+        if self.quantized:
+            self.exp_avg.fill_(quant.M_ZERO)  # the code of m = 0
+            blocks = [quant.n_blocks(n) for n in self.numels]
+            self.qscale = torch.zeros((sum(blocks), 2), dtype=torch.float32, device=self.device)
+            starts = [0]
+            for nb in blocks[:-1]:
+                starts.append(starts[-1] + nb)
+            self.qscale_views = [self.qscale[s:s + nb] for s, nb in zip(starts, blocks)]
         self.scalars = torch.zeros((len(self.params), len(SCALAR_COLUMNS)), dtype=torch.float64,
                                    device=self.device)
         self.scalars[:, BIAS] = 1.0
@@ -175,8 +188,8 @@ class Bucket:
         return len(self.params)
 
     @property
-    def key(self) -> tuple[torch.device, torch.dtype]:
-        return (self.device, self.dtype)
+    def key(self) -> tuple[torch.device, torch.dtype, torch.dtype]:
+        return (self.device, self.dtype, self.state_dtype)
 
     def view(self, flat: Tensor, i: int) -> Tensor:
         """Tensor ``i``'s slice of ``flat``, shaped (and strided) like the parameter
@@ -217,12 +230,47 @@ class Bucket:
             self._index_cache[key] = table
         return table
 
+    def load(self, i: int, exp_avg: Tensor, exp_avg_d: Tensor, qscale: Tensor | None = None) -> None:
+        """Writes tensor ``i``'s ``m`` and ``D`` from checked values in either format
+        (float, or 8-bit codes with their ``qscale``), converting to this bucket's:
+        8-bit codes laid out as this bucket's are copied as they are (a checkpoint
+        round-trips exactly), others decoded (in their own memory order) and encoded."""
+        m_view, d_view = self.exp_avg_views[i], self.exp_avg_d_views[i]
+        if exp_avg.dtype == torch.uint8:
+            assert qscale is not None
+            exp_avg, exp_avg_d, qscale = (t.to(self.device) for t in (exp_avg, exp_avg_d, qscale))
+            if self.quantized and exp_avg.stride() == m_view.stride() and exp_avg_d.stride() == d_view.stride():
+                assert self.qscale_views is not None
+                m_view.copy_(exp_avg)
+                d_view.copy_(exp_avg_d)
+                self.qscale_views[i].copy_(qscale)
+                return
+            exp_avg, exp_avg_d = quant.dequantize(exp_avg, exp_avg_d, qscale)
+        if not self.quantized:
+            m_view.copy_(exp_avg)
+            d_view.copy_(exp_avg_d)
+            return
+        assert self.qscale_views is not None
+        m = torch.empty_like(m_view, dtype=torch.float32).copy_(exp_avg)  # the codes' layout
+        d = torch.empty_like(d_view, dtype=torch.float32).copy_(exp_avg_d)
+        quant.quantize_into(m, d, m_view, d_view, self.qscale_views[i])
+
+    def curvature_scale(self, idx: Sequence[int]) -> Tensor:
+        """float64 ``[len(idx)]``: the curvature scale ``dscale`` of tensors ``idx`` from
+        their stored ``D`` (:func:`esgdm.rule.curvature_scale`)."""
+        if self.qscale_views is not None:
+            return quant.curvature_scale([self.exp_avg_d_views[i] for i in idx],
+                                         [self.qscale_views[i] for i in idx])
+        return curvature_scale([self.exp_avg_d_views[i] for i in idx])
+
     def reset_state(self, i: int | None = None) -> None:
         """Zeroes tensor ``i``'s state (every tensor's when None)."""
         targets = range(len(self)) if i is None else [i]
         for j in targets:
-            self.exp_avg_views[j].zero_()
+            self.exp_avg_views[j].fill_(quant.M_ZERO if self.quantized else 0)
             self.exp_avg_d_views[j].zero_()
+            if self.qscale_views is not None:
+                self.qscale_views[j].zero_()
         rows = slice(None) if i is None else slice(i, i + 1)
         self.scalars[rows, BIAS] = 1.0
         self.scalars[rows, WARM] = 1.0
@@ -230,8 +278,10 @@ class Bucket:
         self.scalars[rows, DSCALE] = 0.0
 
     def nbytes(self) -> int:
-        """Bytes of optimizer state held (m, D and the per-tensor scalars)."""
-        return 2 * self.total * self.state_dtype.itemsize + self.scalars.numel() * 8
+        """Bytes of optimizer state held (m, D, 8-bit state's block scales and the
+        per-tensor scalars)."""
+        scales = self.qscale.numel() * 4 if self.quantized else 0
+        return 2 * self.total * self.state_dtype.itemsize + scales + self.scalars.numel() * 8
 
     def __repr__(self) -> str:
         return (
@@ -276,14 +326,24 @@ def index_bounds(table: Tensor) -> tuple[int, int] | None:
 
 
 def build_buckets(param_groups: Sequence[dict], state_dtype: torch.dtype | None = None) -> list[Bucket]:
-    """Groups every parameter of ``param_groups`` into buckets by (device, dtype)."""
-    members: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]] = {}
+    """Groups every parameter of ``param_groups`` into buckets by (device, dtype, state
+    dtype): with ``state_dtype=torch.uint8`` the tensors too small for 8-bit state
+    (:data:`esgdm.dtypes.STATE_OPTIONS`) and FSDP2 shards (below) get buckets of their own."""
+    members: dict[tuple, tuple[list[Tensor], list[int]]] = {}
     for gi, group in enumerate(param_groups):
         for p in group["params"]:
-            params, groups = members.setdefault((local(p).device, p.dtype.to_real()), ([], []))
+            t = real_view(local(p))
+            asked = state_dtype
+            if asked == torch.uint8 and is_dtensor(p):
+                # The block scales of a shard are not a tensor torch.distributed.checkpoint
+                # could save and reshard (their number follows the local shard's size, not
+                # the parameter's shape): FSDP2 shards keep float32 state.
+                asked = None
+            key = (t.device, t.dtype, state_dtype_for(t.dtype, asked, t.numel()))
+            params, groups = members.setdefault(key, ([], []))
             params.append(p)
             groups.append(gi)
-    return [Bucket(params, groups, state_dtype) for params, groups in members.values()]
+    return [Bucket(params, groups, key[2]) for key, (params, groups) in members.items()]
 
 
 def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int = 4) -> int:
@@ -300,7 +360,6 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
 
 
 __all__ = [
-    "ALIGN_BYTES", "Bucket", "STATE_DTYPES", "build_buckets", "bytes_moved", "index_bounds",
-    "is_dense", "is_dtensor", "local", "note_index_bounds", "real_view", "same_layout",
-    "state_dtype_for", "state_strides",
+    "ALIGN_BYTES", "Bucket", "build_buckets", "bytes_moved", "index_bounds", "is_dense", "is_dtensor",
+    "local", "note_index_bounds", "overlaps", "real_view", "same_layout", "state_strides",
 ]

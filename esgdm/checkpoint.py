@@ -27,17 +27,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from esgdm.buckets import local
+from esgdm import dtypes, quant
+from esgdm.buckets import is_dense, local
 
-EXP_AVG, EXP_AVG_D, BIAS, WARM, STEP = (
+#: The keys of one parameter's state (``opt.state[p]``), as the original ``esgd.ESGD``
+#: names them, plus ``step``.  (The columns of the device table that holds the three
+#: scalars are :data:`esgdm.rule.BIAS`, :data:`~esgdm.rule.WARM`, :data:`~esgdm.rule.STEPS`.)
+KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_BIAS, KEY_WARM, KEY_STEP = (
     "exp_avg", "exp_avg_d", "exp_avg_bias_corr", "lr_warmup_cumprod", "step")
-STATE_KEYS = (EXP_AVG, EXP_AVG_D, BIAS, WARM)
+#: The keys every saved parameter state must have (``step`` may be missing: the original's).
+REQUIRED_KEYS = (KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_BIAS, KEY_WARM)
+#: 8-bit state (``state_dtype=torch.uint8``): ``exp_avg``/``exp_avg_d`` hold uint8 codes and
+#: this key the float32 ``[blocks, 2]`` block scales (:mod:`esgdm.quant`).
+KEY_QSCALE = "qscale"
 
 #: Seeds are 64-bit: every bit keys the signs (:mod:`esgdm.signs`).
 SEED_LIMIT = 2**64
 
 #: What ``global_state["state_dtype"]`` may say (``state_dict`` writes one of these).
-STATE_DTYPE_NAMES = ("float32", "bfloat16")
+STATE_DTYPE_NAMES = tuple(dtypes.name(d) for d in dtypes.STATE_OPTIONS)
 
 #: Each saved param group carries a copy of ``global_state`` under this key, because
 #: torch.distributed.checkpoint keeps only ``state`` and ``param_groups``.
@@ -91,6 +99,53 @@ def state_tensor(name: str, value: Any, shape, complex_state: bool = False) -> T
     if tuple(value.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(value.shape)}, the parameter has shape {tuple(shape)}")
     return value
+
+
+def quantized_state(name: str, exp_avg: Any, exp_avg_d: Any, qscale: Any, shape) -> None:
+    """8-bit state as :mod:`esgdm.quant` writes it: uint8 codes of ``shape``, dense (the
+    blocks follow their memory order), no m code 0 (outside the code), and float32
+    ``[n_blocks, 2]`` scales, finite and ``>= 0``."""
+    numel = math.prod(shape)
+    for key, codes in ((KEY_EXP_AVG, exp_avg), (KEY_EXP_AVG_D, exp_avg_d)):
+        if not isinstance(codes, Tensor) or codes.dtype != torch.uint8:
+            got = codes.dtype if isinstance(codes, Tensor) else type(codes).__name__
+            raise ValueError(f"{name.format(repr(key))} must be uint8 codes like "
+                             f"{name.format(repr(KEY_EXP_AVG))}, got {got}")
+        if codes.is_meta:
+            raise ValueError(f"{name.format(repr(key))} is a tensor on the meta device (it holds no values)")
+        if tuple(codes.shape) != tuple(shape):
+            raise ValueError(f"{name.format(repr(key))} has shape {tuple(codes.shape)}, the parameter "
+                             f"has shape {tuple(shape)}")
+        if not is_dense(codes):
+            raise ValueError(f"{name.format(repr(key))} is not dense (strides {codes.stride()}): 8-bit "
+                             "codes are blocks of consecutive memory")
+    if not bool((local(exp_avg) != 0).all()):
+        raise ValueError(f"{name.format(repr(KEY_EXP_AVG))} holds code 0, which the 8-bit m code never "
+                         "writes (it is 128 +- 127)")
+    want = (quant.n_blocks(numel), 2)
+    if not isinstance(qscale, Tensor) or qscale.dtype != torch.float32 or tuple(qscale.shape) != want:
+        got = (f"{qscale.dtype} of shape {tuple(qscale.shape)}" if isinstance(qscale, Tensor)
+               else type(qscale).__name__)
+        raise ValueError(f"{name.format(repr(KEY_QSCALE))} must be float32 of shape {want} (one row per "
+                         f"{quant.BLOCK} elements), got {got}")
+    check_values(name.format(repr(KEY_QSCALE)), qscale, nonnegative=True)
+
+
+def state_entry(name: str, entry: dict, shape, complex_state: bool) -> dict:
+    """One parameter's ``exp_avg``/``exp_avg_d`` (and ``qscale``), checked: float
+    state, or 8-bit codes with their scales.  ``name``: a format string for the key."""
+    exp_avg, exp_avg_d = entry[KEY_EXP_AVG], entry[KEY_EXP_AVG_D]
+    if isinstance(exp_avg, Tensor) and exp_avg.dtype == torch.uint8:
+        if KEY_QSCALE not in entry:
+            raise ValueError(f"{name.format(repr(KEY_EXP_AVG))} holds 8-bit codes but there is no "
+                             f"{KEY_QSCALE!r} with their block scales")
+        quantized_state(name, exp_avg, exp_avg_d, entry[KEY_QSCALE], shape)
+        return {KEY_EXP_AVG: exp_avg, KEY_EXP_AVG_D: exp_avg_d, KEY_QSCALE: entry[KEY_QSCALE]}
+    exp_avg = state_tensor(name.format(repr(KEY_EXP_AVG)), exp_avg, shape, complex_state)
+    exp_avg_d = state_tensor(name.format(repr(KEY_EXP_AVG_D)), exp_avg_d, shape, complex_state)
+    check_values(name.format(repr(KEY_EXP_AVG)), exp_avg, nonnegative=False)
+    check_values(name.format(repr(KEY_EXP_AVG_D)), exp_avg_d, nonnegative=True)
+    return {KEY_EXP_AVG: exp_avg, KEY_EXP_AVG_D: exp_avg_d}
 
 
 def _first_bad(t: Tensor, ok: Tensor) -> str:
@@ -201,23 +256,19 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
         p = id_to_param[key]
         if not entry:
             continue  # a parameter whose state was reset
-        missing = [k for k in STATE_KEYS if k not in entry]
+        missing = [k for k in REQUIRED_KEYS if k not in entry]
         if missing:
             raise ValueError(f"state of parameter id {key!r} lacks {missing}")
         where = f"state {{}} of parameter id {key!r}".format
-        exp_avg = state_tensor(where(repr(EXP_AVG)), entry[EXP_AVG], p.shape, p.is_complex())
-        exp_avg_d = state_tensor(where(repr(EXP_AVG_D)), entry[EXP_AVG_D], p.shape, p.is_complex())
-        check_values(where(repr(EXP_AVG)), exp_avg, nonnegative=False)
-        check_values(where(repr(EXP_AVG_D)), exp_avg_d, nonnegative=True)
         per_param[p] = {
-            EXP_AVG: exp_avg,
-            EXP_AVG_D: exp_avg_d,
-            BIAS: in_unit_interval(where(repr(BIAS)), entry[BIAS]),
-            WARM: in_unit_interval(where(repr(WARM)), entry[WARM]),
-            STEP: step_count(where(repr(STEP)), entry.get(STEP, 0.0)),
+            **state_entry(f"state {{}} of parameter id {key!r}", entry, p.shape, p.is_complex()),
+            KEY_BIAS: in_unit_interval(where(repr(KEY_BIAS)), entry[KEY_BIAS]),
+            KEY_WARM: in_unit_interval(where(repr(KEY_WARM)), entry[KEY_WARM]),
+            KEY_STEP: step_count(where(repr(KEY_STEP)), entry.get(KEY_STEP, 0.0)),
         }
     return {"counters": counters, "groups": groups, "state": per_param, "other": other}
 
 
-__all__ = ["BIAS", "EXP_AVG", "GROUP_KEY", "EXP_AVG_D", "SEED_LIMIT", "STATE_KEYS", "STEP", "WARM",
-           "check_count", "check_seed", "check_values", "scalar", "validate"]
+__all__ = ["GROUP_KEY", "KEY_BIAS", "KEY_EXP_AVG", "KEY_EXP_AVG_D", "KEY_QSCALE", "KEY_STEP", "KEY_WARM",
+           "REQUIRED_KEYS", "SEED_LIMIT", "STATE_DTYPE_NAMES", "check_count", "check_seed", "check_values",
+           "quantized_state", "scalar", "state_entry", "validate"]

@@ -3,20 +3,21 @@
 On a D-step ESGD-M needs ``h = H v`` for a random sign vector ``v``; the square of
 ``h`` is an unbiased estimate of ``diag(H^2)`` (the ``E[v v^T] = I`` property of
 Rademacher vectors), and under a diagonal Hessian it is exact whatever the signs.
+
+Two ways: :func:`autograd_hvp` (double backward) and :func:`finite_difference_hvp`
+(gradient differences, with the radius :func:`fd_radius`).  What the probe must leave
+as it found it (random state, buffers, other threads' draws) is :mod:`esgdm.guards`;
+the precision a closure computes in, which sizes the radius, is :mod:`esgdm.precision`.
+Which one a step uses, and with which signs, is :mod:`esgdm.curvature`'s decision.
 """
 
 from __future__ import annotations
 
-import atexit
-import gc
 import os
 import sys
 import threading
-import time
-import weakref
 from collections.abc import Sequence
-from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,6 +26,16 @@ from esgdm.buckets import (
     local,  # a DTensor's local shard (same storage), else the tensor
     real_view,  # a complex tensor's real view, else the tensor
 )
+from esgdm.guards import (  # re-exported: the probe's guards have been importable from here
+    GENERATORS,
+    BufferGuard,
+    ModuleTrees,
+    RngSnapshot,
+    drain_at_exit,
+    is_distributed,
+    module_trees,
+)
+from esgdm.precision import ComputePrecision, autocast_dtype, unit_roundoff
 
 CREATE_GRAPH_HINT = (
     "ESGD-M needs a Hessian-vector product on this step, so the backward pass must "
@@ -176,7 +187,6 @@ FD_SCHEMES = ("forward", "central")
 
 _warned: set[str] = set()  # the warnings given once per process
 _warn_lock = threading.Lock()
-_thread = threading.local()  # per-thread state (the ComputePrecision objects open)
 
 
 _INTERNAL = tuple(os.path.dirname(str(m.__file__)) + os.sep for m in (torch, sys.modules[__package__]))
@@ -203,180 +213,8 @@ def _warn_once(key: str, message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def unit_roundoff(dtype: torch.dtype) -> float:
-    """Half the machine epsilon of a floating dtype: 2^-24 for fp32, 2^-8 for bf16."""
-    return torch.finfo(dtype).eps / 2
 
-
-def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on ``device_type`` right now, None when it is off.
-
-    Works with the device-type API of torch >= 2.4 (``torch.is_autocast_enabled(dt)``,
-    ``torch.get_autocast_dtype(dt)``) and with the older per-device functions.
-    """
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # older torch: no argument, and it means CUDA
-        if device_type == "cpu":
-            enabled = torch.is_autocast_cpu_enabled()
-        elif device_type == "cuda":
-            enabled = torch.is_autocast_enabled()
-        else:
-            return None
-    except RuntimeError:  # a device type autocast does not know
-        return None
-    if not enabled:
-        return None
-    getter = getattr(torch, "get_autocast_dtype", None)
-    if getter is not None:
-        return getter(device_type)
-    return torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
-
-
-def _autocast_eligible(dtype: torch.dtype) -> bool:
-    """Whether autocast may run ops on tensors of ``dtype`` in a lower precision."""
-    return dtype.is_floating_point and dtype != torch.float64
-
-
-def _device_type(t: Tensor) -> str:
-    return t.device.type
-
-
-def _open_precisions() -> list:
-    """The ComputePrecision objects open (entered, not yet left) in this thread."""
-    stack = getattr(_thread, "precisions", None)
-    if stack is None:
-        stack = _thread.precisions = []
-    return stack
-
-
-def _outer_saved_tensor_hooks():
-    """The saved-tensor hooks active now: None when there are none, False when this
-    torch cannot tell (then none of ours are installed, so as not to hide them)."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    if top is None:
-        return False
-    try:
-        return top(False)
-    except TypeError:  # torch before the ignore_is_tracing argument
-        return top()
-
-
-def _unpack(t: Tensor) -> Tensor:
-    return t
-
-
-class ComputePrecision:
-    """Learns the precision a closure computes in, for the finite-difference radius.
-
-    Use it around the main evaluation of the closure::
-
-        with ComputePrecision() as precision:
-            loss = closure()
-        hvps = finite_difference_hvp(..., precision=precision)
-
-    It records the autocast state when entered and, through saved-tensor hooks
-    (thread-local, so other threads and torch.compile never see them), the dtype of
-    every floating tensor below float32 saved for backward inside, keeping per device
-    type the least precise dtype seen.  :meth:`unit_roundoff` then gives the ``u`` to size the
-    radius with.  Reusable; each ``with`` adds to what was seen.
-
-    ``watch_saves=False`` (or :meth:`refused_by` having seen torch.func refuse the
-    hooks) leaves the saved tensors alone: only the autocast state at entry counts.
-    """
-
-    def __init__(self, device_types: Sequence[str] = ("cpu", "cuda"), watch_saves: bool = True):
-        self.device_types = tuple(dict.fromkeys(device_types))
-        self.dtypes: dict[str, torch.dtype] = {}  # device type -> least precise compute dtype
-        self.watch_saves = watch_saves
-        self._hooks: list = []  # one per open ``with`` (it may be nested): the hooks pushed, or None
-
-    def _note(self, device_type: str, dtype: torch.dtype) -> None:
-        old = self.dtypes.get(device_type)
-        if old is None or unit_roundoff(dtype) > unit_roundoff(old):
-            self.dtypes[device_type] = dtype
-
-    def record(self, *_args) -> None:
-        """Reads the autocast state now."""
-        for device_type in self.device_types:
-            dtype = autocast_dtype(device_type)
-            if dtype is not None and dtype.is_floating_point:
-                self._note(device_type, dtype)
-
-    def merge(self, other: ComputePrecision) -> None:
-        for device_type, dtype in other.dtypes.items():
-            self._note(device_type, dtype)
-
-    def replay(self) -> None:
-        """Adds what this one saw to every ComputePrecision open in this thread (for a
-        closure whose gradients were computed before the optimizer asked for them)."""
-        for open_one in _open_precisions():
-            if open_one is not self:
-                open_one.merge(self)
-
-    def _hooks_for(self, outer):
-        outer_pack = outer[0] if outer else None
-
-        def pack(t):
-            if t.is_floating_point() and t.dtype.itemsize < 4:  # lower than float32: 16 bits or less
-                self._note(t.device.type, t.dtype)
-            return t.detach() if outer_pack is None else outer_pack(t)
-
-        return torch.autograd.graph.saved_tensors_hooks(pack, outer[1] if outer else _unpack)
-
-    def __enter__(self) -> ComputePrecision:
-        self.record()
-        hooks = None
-        if self.watch_saves:
-            outer = _outer_saved_tensor_hooks()
-            if outer is not False:
-                hooks = self._hooks_for(outer)
-                try:
-                    hooks.__enter__()
-                except RuntimeError:  # hooks are disabled here (inside a torch.func transform)
-                    hooks = None
-        self._hooks.append(hooks)
-        _open_precisions().append(self)
-        return self
-
-    def __exit__(self, *exc) -> Literal[False]:
-        stack = _open_precisions()
-        for i in range(len(stack) - 1, -1, -1):
-            if stack[i] is self:
-                del stack[i]
-                break
-        hooks = self._hooks.pop()
-        if hooks is not None:
-            hooks.__exit__(*exc)
-        return False
-
-    def refused_by(self, error: BaseException) -> bool:
-        """Whether ``error`` is torch.func refusing saved-tensor hooks while these were
-        on; if so they stay off from now on (the caller reruns the evaluation)."""
-        if self.watch_saves and isinstance(error, RuntimeError) and "saved tensor hooks" in str(error):
-            self.watch_saves = False
-            return True
-        return False
-
-    def __getstate__(self) -> dict:  # picklable (an optimizer may hold one): no open hooks
-        return {"device_types": self.device_types, "dtypes": dict(self.dtypes),
-                "watch_saves": self.watch_saves, "_hooks": []}
-
-    def unit_roundoff(self, params: Sequence[Tensor]) -> float:
-        """``u`` for finite differences over ``params``: the largest unit roundoff of
-        their dtypes and, for autocast-eligible ones, of the compute dtype seen on
-        their device type."""
-        u = 0.0
-        for p in params:
-            u = max(u, unit_roundoff(p.dtype))
-            if _autocast_eligible(p.dtype):
-                dtype = self.dtypes.get(_device_type(p))
-                if dtype is not None:
-                    u = max(u, unit_roundoff(dtype))
-        return u if u > 0 else unit_roundoff(torch.float32)
-
-
-def _local_and_reduction(p: Tensor):
+def local_and_reduction(p: Tensor):
     """(the tensor whose squares this process sums, the reduction key).
 
     The key is None for a plain tensor, else (mesh, mesh dims to sum over): the
@@ -433,7 +271,7 @@ def _sums_of_squares(tensors: Sequence[Tensor], robust: bool) -> Tensor:
     return torch.stack([total, bad.to(torch.float64)])
 
 
-def _all_reduce(value: Tensor, key) -> Tensor:
+def all_reduce(value: Tensor, key) -> Tensor:
     if key is not None:
         import torch.distributed as dist
 
@@ -452,18 +290,18 @@ def param_norm(params: Sequence[Tensor]) -> float:
     """
     groups: dict = {}  # (device, reduction key) -> local tensors; insertion order is
     for p in params:   # the parameters' order, the same on every rank
-        local, key = _local_and_reduction(p)
+        local, key = local_and_reduction(p)
         groups.setdefault((local.device, key), []).append(local)
     if not groups:
         return 0.0
     keys = list(groups)
-    sums = [_all_reduce(_sums_of_squares(groups[k], robust=False), k[1]) for k in keys]
+    sums = [all_reduce(_sums_of_squares(groups[k], robust=False), k[1]) for k in keys]
     values = torch.stack([s.to("cpu") for s in sums]).tolist()
     total = 0.0
     for k, value in zip(keys, values):
         if not (value < float("inf")):  # Inf, NaN (or an overflow): finite entries only
             # the condition holds on every rank alike: the value was all-reduced
-            both = _all_reduce(_sums_of_squares(groups[k], robust=True), k[1]).tolist()
+            both = all_reduce(_sums_of_squares(groups[k], robust=True), k[1]).tolist()
             value, bad = both
             if bad:
                 _warn_once("nonfinite", (
@@ -501,296 +339,6 @@ def fd_radius(
     power = 0.5 if scheme == "forward" else 1.0 / 3.0
     return (u ** power) * (1.0 + theta_norm) / max(n_elements, 1) ** 0.5
 
-
-# --------------------------------------------------------------------------
-# Threads and torch.compile.
-#
-# Nothing of the probe is visible outside the thread that runs it, except
-# through torch's own generators, which are process-wide:
-#   * The compute precision is learnt through saved-tensor hooks, which are
-#     thread-local (above), not through global nn.Module hooks: those ran for the
-#     modules of every thread, and Dynamo traced them into compiled models (and
-#     failed: "... is already tracked for mutation").
-#   * Buffers (BatchNorm running statistics, ...) are put back from outside the
-#     model: the buffers of every module of the module trees that hold the
-#     parameters are copied before the probe and copied back after it (all of them:
-#     eager BatchNorm updates its running statistics without bumping their version
-#     counters, so versions cannot tell which moved).  The trees are found by
-#     scanning the live nn.Module objects once (module_trees; the optimizer caches
-#     the roots per parameter set and walks them again at each probe).  Compiled
-#     models update the same buffer tensors in place, so they are covered too; a
-#     global forward hook saw only eager module calls.  Trade-off: a
-#     buffer outside those trees (a loss module with a buffer and no parameters) is
-#     not restored, and a model put in a common container with another thread's
-#     model shares a tree with it, whose buffers the probe then copies back too
-#     (give each thread its own root module).
-#   * Random numbers.  The probe must draw what the main evaluation drew (dropout
-#     masks), and torch's CPU generator and each CUDA device's generator are shared
-#     by all threads: there is no per-thread random state to fork.  So:
-#       - The generators are left alone when the main evaluation drew nothing (the
-#         states before and after it are equal): models without randomness never
-#         see a generator move or rewind.
-#       - Otherwise the probe rewinds them to the state before the main evaluation
-#         and puts back the state after it (torch.random.fork_rng semantics: the
-#         probe's draws never advance the stream).  While it runs, a thread that
-#         draws from the same generator would get replayed numbers and shift the
-#         probe's masks, so ESGDM orders the evaluations of its closures with
-#         GENERATORS, a reader-writer lock: a D-step that may rewind holds it
-#         exclusively from before the main evaluation to after the probe, every
-#         other closure evaluation holds it shared.  Optimizers in different
-#         threads thus never see each other's rewinds, and every probe replays
-#         exactly the draws of its own main evaluation.  Draws made outside
-#         ESGDM.step (a forward before a closure-less step, data sampling) are
-#         ordered only if that code holds the lock shared
-#         (``with GENERATORS.hold(exclusive=False): ...``); otherwise they may fall
-#         inside a D-step: they then get replayed numbers, shift the probe's masks,
-#         and (as the states before and after the main evaluation differ) make the
-#         probe rewind even for a model that draws nothing.  Which thread gets
-#         which numbers of a shared generator depends on timing anyway, with any
-#         optimizer, so runs with dropout in several threads are not reproducible
-#         draw for draw; models that draw nothing (or draw from generators of their
-#         own) give in threads exactly the numbers of a run one after the other.
-#         Measured (the setting of tests/test_threads.py, 10 runs of two threads
-#         training with nn.Dropout, 12 steps each): without the lock every run had
-#         probes whose masks differed from their main evaluation's (54 of 120
-#         D-steps), with it none (0 of 120).
-#       - No lock is taken in a distributed run (more than one rank): ranks that
-#         are threads of one process would wait for each other inside their closures.
-# --------------------------------------------------------------------------
-
-
-class RngSnapshot:
-    """The CPU and CUDA random-number states, to replay them for the probe."""
-
-    def __init__(self):
-        self.cpu = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-
-    def restore(self) -> None:
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-    def same(self, other: RngSnapshot) -> bool:
-        """Whether both hold the same states (nothing drew in between)."""
-        if not torch.equal(self.cpu, other.cpu) or (self.cuda is None) != (other.cuda is None):
-            return False
-        if self.cuda is None or other.cuda is None:
-            return True  # both None (checked above)
-        return len(self.cuda) == len(other.cuda) and all(torch.equal(a, b) for a, b in zip(self.cuda, other.cuda))
-
-
-class _GeneratorLock:
-    """A reader-writer lock over the evaluations of ESGDM closures (see above):
-    shared for those that keep the generators' streams, exclusive for a D-step that
-    may rewind them.  Re-entrant per thread (a closure may step another optimizer:
-    the inner step runs under the outer hold); writers go first."""
-
-    def __init__(self):
-        self._cond = threading.Condition(threading.Lock())
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-        self._depth = threading.local()
-
-    @contextmanager
-    def hold(self, exclusive: bool):
-        depth = getattr(self._depth, "n", 0)
-        if depth or _distributed():
-            self._depth.n = depth + 1
-            try:
-                yield
-            finally:
-                self._depth.n = depth
-            return
-        with self._cond:
-            if exclusive:
-                self._writers_waiting += 1
-                try:
-                    while self._writer or self._readers:
-                        self._cond.wait()
-                finally:
-                    self._writers_waiting -= 1
-                self._writer = True
-            else:
-                while self._writer or self._writers_waiting:
-                    self._cond.wait()
-                self._readers += 1
-        self._depth.n = 1
-        try:
-            yield
-        finally:
-            self._depth.n = 0
-            with self._cond:
-                if exclusive:
-                    self._writer = False
-                else:
-                    self._readers -= 1
-                self._cond.notify_all()
-
-
-# At exit of a multi-process run over gloo, torch 2.14 can abort ("terminate called
-# without an active exception", SIGABRT) after training finished, with any optimizer
-# (measured with torch.optim.SGD and esgdm not imported: 2 of 12 runs of FSDP2 on two
-# processes).  A collective issued during backward (FSDP2's reduce-scatter, DDP's
-# all-reduce) keeps a copy of the thread-local state, which holds a Python object
-# (the contextvars.Context that autograd stashes there for the backward); when the
-# interpreter's final garbage collection frees the last reference to such a work,
-# gloo's worker thread must take the GIL to release that object, Python ends the
-# thread instead (it is finalizing), and the unwinding through a noexcept destructor
-# calls std::terminate.  esgdm's own code starts no threads: its CPU kernel runs on
-# ATen's OpenMP pool and its C++ helpers keep no state.  The way around: collect
-# those objects before finalization starts, while other threads may still take the
-# GIL, and let gloo's threads release them (0 of 24 runs aborted with this; the sleep
-# is a bound, the threads need microseconds once scheduled).
-_exit_drain: list[bool] = []
-
-
-def _drain_before_exit() -> None:
-    gc.collect()
-    time.sleep(0.1)
-
-
-def _drain_at_exit() -> None:
-    """Registers :func:`_drain_before_exit` once (see above)."""
-    with _warn_lock:
-        if not _exit_drain:
-            _exit_drain.append(True)
-            atexit.register(_drain_before_exit)
-
-
-def _distributed() -> bool:
-    """Whether this process is one of several ranks (which may be threads of one process)."""
-    dist = getattr(torch, "distributed", None)
-    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-#: Orders the closure evaluations of every ESGDM optimizer of this process.
-GENERATORS = _GeneratorLock()
-
-
-def module_trees(params: Sequence[Tensor]) -> list[torch.nn.Module]:
-    """Every module of the module trees that hold one of ``params``: the modules that
-    own one, all their ancestors, and everything below the topmost ones.
-
-    Parameters know nothing of their modules, so this scans the live nn.Module
-    objects once (0.08 s among 350k live objects, measured); callers cache it.
-    """
-    ids = {id(p) for p in params}
-    owners: list = []
-    parents: dict = {}
-    for obj in gc.get_objects():
-        if not issubclass(type(obj), torch.nn.Module):
-            continue
-        own = getattr(obj, "_parameters", None)
-        children = getattr(obj, "_modules", None)
-        if own and any(id(p) in ids for p in own.values()):
-            owners.append(obj)
-        if children:
-            for child in children.values():
-                if child is not None:
-                    parents.setdefault(id(child), []).append(obj)
-    roots, seen, todo = [], set(), owners
-    while todo:
-        m = todo.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
-        up = parents.get(id(m))
-        if up:
-            todo.extend(up)
-        else:
-            roots.append(m)
-    return _below(roots)
-
-
-def _below(roots: Sequence[torch.nn.Module]) -> list[torch.nn.Module]:
-    """Every module of the trees under ``roots``, each once, roots first."""
-    out, seen = [], set()
-    for root in roots:
-        for m in root.modules():
-            if id(m) not in seen:
-                seen.add(id(m))
-                out.append(m)
-    return out
-
-
-class ModuleTrees:
-    """:func:`module_trees`, cached per parameter set (the roots are kept weakly and
-    walked again on each call, so modules added below them are seen)."""
-
-    def __init__(self):
-        self._key: tuple | None = None
-        self._roots: list = []
-
-    def __call__(self, params: Sequence[Tensor]) -> list[torch.nn.Module]:
-        key = tuple(map(id, params))
-        roots = [r() for r in self._roots]
-        if key != self._key or any(r is None for r in roots):
-            modules = module_trees(params)
-            below = {id(c) for m in modules for c in m.children()}
-            roots = [m for m in modules if id(m) not in below]
-            self._key, self._roots = key, [weakref.ref(r) for r in roots]
-            return modules
-        return _below(roots)
-
-    def __getstate__(self) -> dict:  # copies find their own modules again
-        return {"_key": None, "_roots": []}
-
-
-def _inference(t: Tensor) -> bool:
-    try:
-        return t.is_inference()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-class BufferGuard:
-    """Puts back every buffer of ``modules`` that changes inside the guard.
-
-    The probe's forward pass would otherwise move BatchNorm running statistics (and
-    any other buffer) a second time.  Entering copies the buffers; leaving copies
-    them all back (version counters cannot tell: eager BatchNorm updates its running
-    statistics without bumping them) and puts back a buffer that was replaced.
-    Nothing is installed anywhere, so other threads and torch.compile see nothing.
-    """
-
-    def __init__(self, modules: Sequence[torch.nn.Module]):
-        self.modules = list(modules)
-        self.saved: list = []
-
-    def snapshot(self) -> None:
-        copies: dict[int, Tensor] = {}  # a buffer shared by two modules is copied once
-        saved = []
-        with torch.no_grad():
-            for module in self.modules:
-                for name, buf in module._buffers.items():
-                    if buf is None:
-                        continue
-                    if _inference(buf):
-                        continue  # cannot be changed in place outside inference mode
-                    if id(buf) not in copies:
-                        copies[id(buf)] = buf.detach().clone()
-                    saved.append((module, name, buf, copies[id(buf)]))
-        self.saved = saved
-
-    def restore(self) -> None:
-        done = set()
-        with torch.no_grad():
-            for module, name, original, value in self.saved:
-                if module._buffers.get(name) is not original:
-                    module._buffers[name] = original  # undo a replacement
-                if id(original) not in done:
-                    done.add(id(original))
-                    original.copy_(value)
-
-    def __enter__(self) -> BufferGuard:
-        self.snapshot()
-        return self
-
-    def __exit__(self, *exc) -> Literal[False]:
-        self.restore()
-        return False
 
 
 def _probe_grads(
@@ -873,15 +421,15 @@ def finite_difference_hvp(
     held: list[Tensor] | None = list(signs)  # dropped (None) as soon as no longer needed
     del signs  # (held is then the only reference: dropping it frees the signs)
     reals = [real_view(p) for p in params]  # what is perturbed (complex: as the real view)
-    seen = ComputePrecision(device_types=("cpu", "cuda", *(_device_type(p) for p in params)),
+    seen = ComputePrecision(device_types=("cpu", "cuda", *(p.device.type for p in params)),
                             watch_saves=precision is None or precision.watch_saves)
     seen.record()  # the autocast state around this call
     if precision is not None:
         seen.merge(precision)
     if modules is None:
         modules = module_trees(params)
-    if _distributed():
-        _drain_at_exit()
+    if is_distributed():
+        drain_at_exit()
     if radius is None:
         theta_norm = param_norm(reals)
         n = sum(p.numel() for p in reals)
@@ -941,7 +489,8 @@ def finite_difference_hvp(
 
 
 __all__ = [
-    "CREATE_GRAPH_HINT", "FD_SCHEMES", "GENERATORS", "BufferGuard", "ModuleTrees", "RngSnapshot",
+    "CREATE_GRAPH_HINT", "FD_SCHEMES", "GENERATORS", "BufferGuard", "ModuleTrees", "RngSnapshot", "all_reduce",
+    "local_and_reduction",
     "autograd_hvp", "check_graphs", "create_graph_failed", "fd_radius", "finite_difference_hvp",
     "ComputePrecision", "autocast_dtype", "module_trees", "param_norm", "unit_roundoff", "warn_user",
 ]

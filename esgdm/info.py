@@ -1,4 +1,8 @@
-"""``python -m esgdm.info``: versions, backends, and what ``auto`` picks on each device."""
+"""``python -m esgdm.info``: versions, the capability table, and what ``auto`` picks on each device.
+
+Everything said about the backends comes from the capability table
+(:data:`esgdm.backends.capabilities.CAPABILITIES`) and :func:`esgdm.backends.why_not`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import sys
 import torch
 
 import esgdm
-from esgdm import backends
+from esgdm import backends, dtypes
 
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -45,18 +49,22 @@ def report() -> str:
         "",
         "backends:",
     ]
-    for name in backends.BACKEND_NAMES[1:]:
+    for name, row in backends.CAPABILITIES.items():
         b = backends.get(name)
-        usable = [str(d) for d in devices() if b.why_not(d, torch.float32) is None]
+        usable = [str(d) for d in devices() if backends.why_not(name, d, torch.float32) is None]
         status = f"usable on {', '.join(usable)}" if usable else "not usable here"
         lines.append(f"  {name:7s} {status}")
+        where = "every device type" if row.devices is None else ", ".join(row.devices)
+        lines.append(f"          runs on: {where}; needs {row.needs}")
+        pairs = "; ".join(f"{dtypes.name(p)} with {dtypes.names(row.state_dtypes(p))} state" for p in row.params)
+        lines.append(f"          steps: {pairs}")
         if isinstance(b, backends._Missing):
             lines.append(f"          {b.reason}")
             continue
         if b.describe():
             lines.append(f"          {b.describe()}")
         for d in devices():
-            reason = b.why_not(d, torch.float32)
+            reason = backends.why_not(name, d, torch.float32)
             if reason:
                 lines.append(f"          not on {d}: {reason}")
     lines += ["", "backend 'auto' picks:"]

@@ -7,7 +7,8 @@ arguments:
 * ``params``, ``grads``, ``exp_avgs``, ``exp_avg_ds``, ``hvps`` (None on a plain step):
   one entry per tensor; each tensor dense, with the same shape and strides as its
   parameter.  ``exp_avgs``/``exp_avg_ds`` are float32 or bfloat16 (float64 for
-  float64 parameters), the rest are in the parameters' dtype.
+  float64 parameters) or uint8 codes of 8-bit state (:mod:`esgdm.quant`), the rest are
+  in the parameters' dtype.
 * ``scalars`` float64 ``[n_slots, 4]``: per-tensor ``bias, warm, steps, dscale``,
   advanced in place; ``index`` int32 ``[n, 2]``: each tensor's slot in ``scalars`` and
   row in ``hparams`` (checked to be rows of them); ``hparams`` float64
@@ -17,7 +18,11 @@ arguments:
   nothing at all when ``found_inf`` is nonzero.
 * ``flags``: :data:`esgdm.rule.FLAG_EXACT`, :data:`esgdm.rule.FLAG_STOCHASTIC_ROUNDING`;
   ``seed``: keys the stochastic rounding.
-* ``kernel``: which implementation runs: ``"triton"``, ``"cuda"``, ``"cpu"`` or ``"torch"``.
+* ``qscales`` (8-bit state only, else None): per tensor its float32 ``[n_blocks, 2]``
+  block scales (:mod:`esgdm.quant`), contiguous, updated in place.
+* ``kernel``: which implementation runs: a backend name (``"triton"``, ``"cuda"``,
+  ``"cpu"``, ``"torch"`` or one registered with :func:`esgdm.backends.register`); what
+  it steps where is :func:`esgdm.backends.why_not` (the capability table).
 
 The CPU and CUDA implementations are the same function, :func:`step_impl`: it checks
 the arguments (:func:`check_step_args`), runs the named kernel (the element-wise rule
@@ -35,18 +40,19 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from esgdm import backends
+from esgdm import backends, dtypes, quant
 from esgdm.buckets import index_bounds, is_dense, note_index_bounds, same_layout
 from esgdm.rule import FLAG_EXACT, HPARAM_COLUMNS, SCALAR_COLUMNS, update_dscale
 
 NAMESPACE = "esgdm"
-STEP = "step_"
+#: The operator's name in :data:`NAMESPACE` (``torch.ops.esgdm.step_``).
+OP_NAME = "step_"
 
 #: The operator's schema, written once.
 STEP_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_ds, "
     "Tensor[]? hvps, Tensor(d!) scalars, Tensor index, Tensor hparams, Tensor? grad_scale, "
-    "Tensor? found_inf, int flags, int seed, str kernel) -> ()"
+    "Tensor? found_inf, int flags, int seed, str kernel, Tensor(e!)[]? qscales=None) -> ()"
 )
 
 #: (kernel, its registration generation, device type, dtype) combinations a backend
@@ -56,26 +62,25 @@ _CAN_STEP: set = set()
 
 def _kernel_reason(kernel: str, device: torch.device, dtype: torch.dtype) -> str | None:
     """None if backend ``kernel`` (built in or registered) steps ``dtype`` tensors on
-    ``device``, else its reason: the backends themselves are the one table of what runs
-    where."""
+    ``device``, else its reason: :func:`esgdm.backends.why_not`, which reads the
+    capability table for the built-in backends."""
     key = (kernel, backends.generation(kernel), device.type, dtype)
     if key in _CAN_STEP:
         return None
     try:
-        reason = backends.get(kernel).why_not(device, dtype)
+        reason = backends.why_not(kernel, device, dtype)
     except ValueError as e:  # not a backend name
         return str(e)
     if reason is None:
         _CAN_STEP.add(key)
     return reason
 
-#: State dtypes accepted for each parameter dtype.
-STATE_DTYPES = {
-    torch.float32: (torch.float32, torch.bfloat16),
-    torch.bfloat16: (torch.float32, torch.bfloat16),
-    torch.float16: (torch.float32, torch.bfloat16),
-    torch.float64: (torch.float64,),
-}
+
+def _state_dtypes(kernel: str, dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The state dtypes ``kernel`` takes for ``dtype`` parameters: its row of the
+    capability table, or, for a registered backend, what the dtype table allows."""
+    row = backends.capability(kernel)
+    return dtypes.state_dtypes(dtype) if row is None else row.state_dtypes(dtype)
 
 
 def _fail(message: str):
@@ -97,7 +102,8 @@ def _check_table(name: str, t: Tensor, dtype: torch.dtype, width: int, device, r
 def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                     exp_avg_ds: Sequence[Tensor], hvps: Sequence[Tensor] | None, scalars: Tensor,
                     index: Tensor, hparams: Tensor, grad_scale: Tensor | None,
-                    found_inf: Tensor | None, kernel: str, per_tensor: bool = True) -> None:
+                    found_inf: Tensor | None, kernel: str, per_tensor: bool = True,
+                    qscales: Sequence[Tensor] | None = None) -> None:
     """Raises ValueError naming the first argument that breaks the operator's contract.
 
     The common case (everything fine) is checked list-wise, a few attribute reads per
@@ -136,16 +142,18 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
                   + (f"{t.dtype} with {t.numel()} elements on {t.device}" if isinstance(t, Tensor)
                      else type(t).__name__))
     dtype = p0.dtype
+    _check_qscales(params, exp_avgs, qscales, device, per_tensor)
     if not per_tensor:
         return
-    if dtype not in STATE_DTYPES:
+    if dtype not in dtypes.PARAM_DTYPES:
         _fail(f"parameters of dtype {dtype} are not supported "
-              f"(supported: {', '.join(str(d) for d in STATE_DTYPES)})")
+              f"(supported: {', '.join(str(d) for d in dtypes.PARAM_DTYPES)})")
     e0 = exp_avgs[0]
     state_dtype = e0.dtype if isinstance(e0, Tensor) else None
-    if state_dtype not in STATE_DTYPES[dtype]:
+    allowed = _state_dtypes(kernel, dtype)
+    if state_dtype not in allowed:
         _fail(f"exp_avgs[0] has dtype {state_dtype}; state for {dtype} parameters must be "
-              f"{' or '.join(str(d) for d in STATE_DTYPES[dtype])}")
+              f"{' or '.join(str(d) for d in allowed)}")
     lists = {"params": (params, dtype), "grads": (grads, dtype), "exp_avgs": (exp_avgs, state_dtype),
              "exp_avg_ds": (exp_avg_ds, state_dtype)}
     if hvps is not None:
@@ -157,6 +165,30 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     if not ok:
         _name_culprit(params, lists, device)
     _check_index(index, scalars.shape[0], hparams.shape[0])
+
+
+def _check_qscales(params, exp_avgs, qscales, device, per_tensor: bool) -> None:
+    """8-bit state comes with its block scales, one ``[n_blocks, 2]`` float32 table per
+    tensor; other state with none."""
+    e0 = exp_avgs[0]
+    quantized = isinstance(e0, Tensor) and e0.dtype == torch.uint8
+    if not quantized:
+        if qscales is not None:
+            _fail(f"qscales is given but the state is {getattr(e0, 'dtype', None)}, not 8-bit (uint8) codes")
+        return
+    if qscales is None:
+        _fail("exp_avgs hold 8-bit (uint8) codes: qscales, their block scales, is required")
+    if len(qscales) != len(params):
+        _fail(f"qscales has {len(qscales)} tensors, params has {len(params)}")
+    if not per_tensor:
+        return
+    for i, (p, qs) in enumerate(zip(params, qscales)):
+        want = (quant.n_blocks(p.numel()), 2)
+        if (not isinstance(qs, Tensor) or qs.dtype != torch.float32 or tuple(qs.shape) != want
+                or qs.device != device or not qs.is_contiguous()):
+            got = (f"{qs.dtype} of shape {tuple(qs.shape)} on {qs.device}" if isinstance(qs, Tensor)
+                   else type(qs).__name__)
+            _fail(f"qscales[{i}] must be a contiguous float32 tensor of shape {want} on {device}, got {got}")
 
 
 def _all_like(params, lists, device) -> bool:
@@ -235,20 +267,28 @@ def _check_index(index: Tensor, n_slots: int, n_groups: int) -> None:
 
 
 def step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-              grad_scale, found_inf, flags, seed, kernel, _checked: bool = False) -> None:
-    """The operator's CPU and CUDA implementation (see the module docstring)."""
+              grad_scale, found_inf, flags, seed, kernel, qscales=None, _checked: bool = False) -> None:
+    """The operator's implementation on every device (see the module docstring)."""
     check_step_args(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                    grad_scale, found_inf, kernel, per_tensor=not _checked)
+                    grad_scale, found_inf, kernel, per_tensor=not _checked, qscales=qscales)
     if not params:
         return
-    backends.get(kernel).step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                              grad_scale, found_inf, int(flags), int(seed))
+    backend = backends.get(kernel)
+    if qscales is None:  # (a backend registered from outside need not know qscales)
+        backend.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                     grad_scale, found_inf, int(flags), int(seed))
+    else:
+        backend.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+                     grad_scale, found_inf, int(flags), int(seed), qscales=qscales)
     if hvps is not None and not flags & FLAG_EXACT:
-        update_dscale(scalars, index[:, 0].long(), exp_avg_ds, found_inf)
+        if qscales is None:
+            update_dscale(scalars, index[:, 0].long(), exp_avg_ds, found_inf)
+        else:
+            quant.update_dscale(scalars, index[:, 0].long(), exp_avg_ds, qscales, found_inf)
 
 
 def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-               grad_scale, found_inf, flags, seed, kernel) -> None:
+               grad_scale, found_inf, flags, seed, kernel, qscales=None) -> None:
     # In place on its inputs and returns nothing: nothing to compute for a fake tensor.
     return None
 
@@ -256,18 +296,19 @@ def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
 _lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # FRAGMENT: the namespace may be shared
 
 #: Dispatch keys the operator has an implementation for: every device type torch steps
-#: tensors on.  Which kernel can run there is each backend's answer (``why_not``): the
-#: portable "torch" backend everywhere, the fused ones where they say so.
+#: tensors on.  Which kernel can run there is the capability table's answer
+#: (:func:`esgdm.backends.why_not`): the portable "torch" backend on every device type,
+#: the fused ones where their rows say so.
 DISPATCH_KEYS = ("CPU", "CUDA", "MPS", "XPU", "HPU", "PrivateUse1")
 
 
 def _register() -> None:
-    if hasattr(getattr(torch.ops, NAMESPACE), STEP):
+    if hasattr(getattr(torch.ops, NAMESPACE), OP_NAME):
         return  # defined already (this module was reloaded)
-    _lib.define(STEP + STEP_SCHEMA)
-    for key in DISPATCH_KEYS:  # the backends say what each device can run (why_not)
-        _lib.impl(STEP, step_impl, key)
-    qualname = f"{NAMESPACE}::{STEP}"
+    _lib.define(OP_NAME + STEP_SCHEMA)
+    for key in DISPATCH_KEYS:  # the capability table says what each device can run
+        _lib.impl(OP_NAME, step_impl, key)
+    qualname = f"{NAMESPACE}::{OP_NAME}"
     register_fake = getattr(torch.library, "register_fake", None)
     if register_fake is not None:  # torch >= 2.4
         register_fake(qualname, _step_fake, lib=_lib)
@@ -278,7 +319,8 @@ def _register() -> None:
 _register()
 
 
-def _is_compiling() -> bool:
+def is_compiling() -> bool:
+    """Whether torch.compile is tracing this call."""
     compiler = getattr(torch, "compiler", None)
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
@@ -286,19 +328,21 @@ def _is_compiling() -> bool:
 
 
 def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-          grad_scale=None, found_inf=None, flags=0, seed=0, kernel="torch", _checked=False) -> None:
+          grad_scale=None, found_inf=None, flags=0, seed=0, kernel="torch", _checked=False,
+          qscales=None) -> None:
     """One ESGD-M step of one bucket: ``torch.ops.esgdm.step_`` under ``torch.compile``,
     its implementation called directly in eager mode.
 
     ``_checked=True`` (the optimizer's eager calls) skips the per-tensor checks of
     :func:`check_step_args` that the caller's bookkeeping guarantees; at 4096 small
     tensors they cost the host more than the kernel does."""
-    if _is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
+    if is_compiling() or (params and params[0].is_meta):  # meta: the fake implementation
         torch.ops.esgdm.step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                              grad_scale, found_inf, flags, seed, kernel)
+                              grad_scale, found_inf, flags, seed, kernel, qscales)
     else:
         step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                  grad_scale, found_inf, flags, seed, kernel, _checked)
+                  grad_scale, found_inf, flags, seed, kernel, qscales, _checked)
 
 
-__all__ = ["NAMESPACE", "STATE_DTYPES", "STEP_SCHEMA", "check_step_args", "step_", "step_impl"]
+__all__ = ["DISPATCH_KEYS", "NAMESPACE", "OP_NAME", "STEP_SCHEMA", "check_step_args", "is_compiling", "step_",
+           "step_impl"]

@@ -105,6 +105,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from esgdm.dtypes import math_dtype
+
 #: Columns of the per-tensor scalar state.
 SCALAR_COLUMNS = ("bias", "warm", "steps", "dscale")
 BIAS, WARM, STEPS, DSCALE = range(len(SCALAR_COLUMNS))
@@ -292,7 +294,7 @@ def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: 
     sr = bool(flags & FLAG_STOCHASTIC_ROUNDING)
     for i in range(n):
         p = params[i]
-        math = torch.float64 if p.dtype == torch.float64 else torch.float32
+        math = math_dtype(p.dtype)
 
         def f(name, i=i, math=math):  # a per-tensor scalar rounded to the math dtype, as a float
             return torch.tensor(co[name][i].item(), dtype=torch.float64).to(math).item()

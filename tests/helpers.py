@@ -7,7 +7,7 @@ import torch
 from reference import ReferenceESGDM
 
 import esgdm
-import esgdm.optimizer
+import esgdm.curvature
 
 
 def cpu_backends(dtype=torch.float32, names=("torch", "cpu", "triton")) -> list:
@@ -64,7 +64,7 @@ def signs_for(step: int, index: int, like: torch.Tensor) -> torch.Tensor:
 class InjectedSigns:
     """Makes ``esgdm.ESGDM`` and the reference draw the same sign vectors.
 
-    Patches :func:`esgdm.optimizer.draw_signs` (the only place the package draws them)
+    Patches :func:`esgdm.curvature.draw_signs` (the only place the package draws them)
     so that each parameter gets ``signs_for(step, its index in optimizer order)``.
     """
 
@@ -78,7 +78,7 @@ class InjectedSigns:
         def fake_signs(seed, step, key, p):
             return signs_for(step, injector.opt_index[id(p)], p)
 
-        monkeypatch.setattr(esgdm.optimizer, "draw_signs", fake_signs)
+        monkeypatch.setattr(esgdm.curvature, "draw_signs", fake_signs)
 
     def ref_signs(self, p):
         return signs_for(self.ref.steps, self.ref_index[id(p)], p)

@@ -31,7 +31,8 @@ from esgdm.backends import cpp_impl
 
 PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 # uint8 (8-bit) state comes with its block scales: tests/test_quant_kernels.py
-COMBOS = [(p, s) for p in PARAM_DTYPES for s in cpp_impl.STATE_DTYPES[p] if s != torch.uint8]
+COMBOS = [(p, s) for p in PARAM_DTYPES for s in backends.CAPABILITIES["cpu"].state_dtypes(p)
+          if s != torch.uint8]
 HALF = (torch.bfloat16, torch.float16)
 
 
@@ -413,7 +414,7 @@ def test_found_inf_writes_nothing(ext, dtype, value):
 def test_non_finite_gradients_and_hvps(ext, dtype, d_step, exact):
     """Non-finite g (after the division by grad_scale): the element is left alone.
     Non-finite h: the observation is dropped (h^2 = 0), the rest of the step happens."""
-    state = cpp_impl.STATE_DTYPES[dtype][0]
+    state = backends.CAPABILITIES["cpu"].state_dtypes(dtype)[0]
     case = Case([37, 2500], dtype, state, d_step, seed=9)
     bad_g = {0: [0, 5, 36], 1: [1, 1024, 2499]}
     bad_h = {0: [2, 5, 7], 1: [3, 1030, 2000]}

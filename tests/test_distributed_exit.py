@@ -5,7 +5,7 @@ It used to finish training and then abort at interpreter exit in about a third o
 runs ("terminate called without an active exception", SIGABRT, so torchrun returns 1):
 gloo's worker thread released, during Python's finalization, a work created during
 backward whose copy of the thread-local state holds a Python object (see
-esgdm/hvp.py, _drain_before_exit).  This happens with any optimizer; esgdm collects
+esgdm/guards.py, _drain_before_exit).  This happens with any optimizer; esgdm collects
 those objects before finalization in runs that take finite differences.
 """
 

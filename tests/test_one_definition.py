@@ -68,6 +68,16 @@ def test_the_triton_kernel_reads_no_column_by_number():
     assert not re.findall(r"\b[sh]row\s*\+\s*\d", source)
 
 
+def test_triton_dtypes_follow_the_capability_table():
+    """The kernel module's dtype lists are the ``triton`` row of the capability table."""
+    kernels = pytest.importorskip("esgdm.kernels.esgdm_step", reason="needs triton")
+    from esgdm.backends import CAPABILITIES
+
+    row = CAPABILITIES["triton"]
+    assert tuple(kernels.DTYPES) == row.params
+    assert all(row.state_dtypes(p) == tuple(kernels.STATE_DTYPES) for p in row.params)
+
+
 def test_8bit_state_copies_follow_the_quantizer():
     """The block size, scale columns and code levels of esgdm.quant, as the C++ header
     and the Triton kernel module hold them."""

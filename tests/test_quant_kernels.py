@@ -1,10 +1,11 @@
 """8-bit state (uint8 codes, per-block float32 scales) in the fused kernels, against
 :func:`esgdm.quant.reference_step`, the one reference quantizer's step.
 
-Each backend steps a bucket through ``Backend.step(..., qscales=...)`` (the C++ CPU
-kernel always here; the Triton kernel in the interpreter on CPU tensors, its big cases
-marked slow; the CUDA kernel, and Triton compiled, only on a GPU), and the reference
-steps a copy of the same inputs.  Compared:
+Each backend steps a bucket through the operator, ``esgdm.ops.step_(..., kernel=name,
+qscales=...)``, i.e. its ``Backend.step`` then the op's curvature-scale refresh (the C++
+CPU kernel always here; the Triton kernel in the interpreter on CPU tensors, its big
+cases marked slow; the CUDA kernel, and Triton compiled, only on a GPU), and the
+reference steps a copy of the same inputs.  Compared:
 
 * parameters: float32 within 1e-6 of the magnitude of the terms that made them
   (``|p| + |p - p_new|``, as tests/test_triton_backend.py), 16-bit within one unit in
@@ -13,7 +14,7 @@ steps a copy of the same inputs.  Compared:
   or ``sqrt(D)`` may differ from the reference's in its last bit, and land on the other
   side of a code boundary);
 * scales: within a relative 1e-6; ``bias, warm, steps`` exactly; ``dscale`` (refreshed by
-  the backend from the codes on default-rule D-steps) within 1e-3;
+  the op from the codes on default-rule D-steps) within 1e-3;
 * bit for bit: what a step must not write (D codes and scales on a plain step,
   everything with ``found_inf`` set).
 
@@ -196,6 +197,18 @@ class Case:
 
 
 def run_backend(name, case: Case, flags=0, seed=0) -> Case:
+    """A stepped copy of ``case``: the op with backend ``name`` (its kernel, then the
+    curvature-scale refresh from the codes)."""
+    from esgdm import ops
+
+    c = case.clone()
+    ops.step_(c.params, c.grads, c.exp_avgs, c.exp_avg_ds, c.hvps, c.scalars, c.index, c.hparams,
+              c.grad_scale, c.found_inf, flags, seed, kernel=name, qscales=c.qscales)
+    return c
+
+
+def run_kernel(name, case: Case, flags=0, seed=0) -> Case:
+    """A stepped copy of ``case``: ``Backend.step`` alone (no dscale refresh)."""
     c = case.clone()
     _backend(name).step(c.params, c.grads, c.exp_avgs, c.exp_avg_ds, c.hvps, c.scalars, c.index,
                         c.hparams, c.grad_scale, c.found_inf, flags, seed, qscales=c.qscales)
@@ -288,14 +301,15 @@ def assert_matches(start: Case, out: Case, ref: Case):
                                rtol=1e-3, atol=0.0, msg="dscale")
 
 
-def assert_bits_equal(out: Case, ref: Case):
+def assert_bits_equal(out: Case, ref: Case, scalars=True):
     """Everything the step writes, bit for bit."""
     for what in ("params", "exp_avgs", "exp_avg_ds", "qscales"):
         for i, (a, b) in enumerate(zip(getattr(out, what), getattr(ref, what))):
             assert a.stride() == b.stride()
             differ = _flat(a).view(torch.uint8) != _flat(b).view(torch.uint8)
             assert not differ.any(), f"{what}[{i}]: {int(differ.sum())} bytes differ"
-    assert torch.equal(out.scalars.view(torch.int64), ref.scalars.view(torch.int64)), "scalars"
+    if scalars:
+        assert torch.equal(out.scalars.view(torch.int64), ref.scalars.view(torch.int64)), "scalars"
 
 
 @contextlib.contextmanager
@@ -341,6 +355,9 @@ def test_kernel_matches_the_reference(name, device, dtype, d_step, flags):
         assert torch.equal(out.scalars[:, rule.DSCALE], case.scalars[:, rule.DSCALE]), "dscale"
     else:
         assert not torch.equal(out.scalars[:, rule.DSCALE], case.scalars[:, rule.DSCALE])
+    kernel = run_kernel(name, case, flags)  # the kernel alone leaves dscale to the op
+    assert torch.equal(kernel.scalars[:, rule.DSCALE], case.scalars[:, rule.DSCALE]), "kernel dscale"
+    assert_bits_equal(kernel, out, scalars=False)
     # non-finite gradient elements: p left alone, m kept (re-encoded with the new scale)
     for t, k in ((0, 5), (0, 300), (len(SIZES) - 1, 7)):
         assert _flat(out.params[t])[k] == _flat(case.params[t])[k]
@@ -478,16 +495,19 @@ def test_the_cpu_kernel_checks_the_scales():
     assert_unchanged(c.params, case.params, "params")
 
 
-def test_capability_tables_accept_uint8_state():
-    for dtype in P_DTYPES:
-        assert torch.uint8 in cpp_impl.STATE_DTYPES[dtype]
-    assert torch.uint8 not in cpp_impl.STATE_DTYPES[torch.float64]
-    from esgdm.backends import triton_impl
+def test_capability_table_gives_the_fused_kernels_8bit_state():
+    """float32/bfloat16/float16 parameters may have uint8 state on every fused backend;
+    float64 parameters never."""
+    from esgdm.backends import CAPABILITIES
 
-    assert torch.uint8 in triton_impl.STATE_DTYPES
-    reason = triton_impl.BACKEND.why_not(torch.device("cpu"), torch.float32, torch.uint8)
-    assert reason is None or "uint8" not in reason
-    assert "float64" in triton_impl.BACKEND.why_not(torch.device("cpu"), torch.float64, torch.uint8)
+    for name in ("triton", "cuda", "cpu"):
+        row = CAPABILITIES[name]
+        for dtype in P_DTYPES:
+            assert torch.uint8 in row.state_dtypes(dtype), (name, dtype)
+            assert row.why_not(row.devices[0], dtype, torch.uint8) is None
+        assert torch.uint8 not in row.state_dtypes(torch.float64)
+        if torch.float64 in row.params:
+            assert "not torch.uint8" in row.why_not(row.devices[0], torch.float64, torch.uint8)
 
 
 def test_empty_and_tiny_tensors():

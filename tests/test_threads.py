@@ -4,7 +4,7 @@ torch's own optimizers can train separate models in separate threads; so can ESG
 with hvp="finite_difference": the probe installs nothing global (no module hooks),
 restores only its own model's buffers, and touches torch's process-wide generators
 only when its closure drew from them, under a lock that orders the closures of all
-ESGDM optimizers (see esgdm/hvp.py).
+ESGDM optimizers (see esgdm/guards.py).
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def test_every_probe_replays_its_own_masks_with_the_global_generator():
 
 def test_a_thread_drawing_under_the_lock_gets_its_stream_untouched():
     """A BatchNorm model without dropout trains with finite differences while another
-    thread draws from the global generator, holding esgdm.hvp.GENERATORS shared as
+    thread draws from the global generator, holding esgdm.guards.GENERATORS shared as
     the README asks of code that draws next to ESGDM: the D-steps neither rewind nor
     restore the generator, so that thread gets exactly the stream it gets alone."""
     for _ in range(3):

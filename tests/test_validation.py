@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import esgdm
-import esgdm.optimizer
+import esgdm.store
 from esgdm import backends, ops
 
 CPU = torch.device("cpu")
@@ -40,8 +40,8 @@ BACKENDS = [pytest.param(n, marks=pytest.mark.skipif(not _available(n), reason=f
 def frontend(request, monkeypatch):
     """With the C++ gather helper (when built) and with the pure-Python path."""
     if request.param == "python":
-        monkeypatch.setattr(esgdm.optimizer, "_FRONTEND", None)
-    elif esgdm.optimizer._FRONTEND is None:
+        monkeypatch.setattr(esgdm.store, "_FRONTEND", None)
+    elif esgdm.store._FRONTEND is None:
         pytest.skip("esgdm._C has no front-end helpers here")
     return request.param
 

@@ -11,19 +11,21 @@ the arguments first): it updates ``params``, ``exp_avgs`` and, on a D-step,
 * ``params[i]``, ``grads[i]``, ``exp_avgs[i]``, ``exp_avg_ds[i]`` (and ``hvps[i]``)
   have the same shape, the same strides and are dense, so a kernel may walk all of
   them as flat arrays of ``numel`` elements (element ``k`` = memory offset ``k``);
-* ``exp_avgs``/``exp_avg_ds`` are float32 or bfloat16 (float64 for float64
-  parameters), the rest are in the parameters' dtype; the fused backends ("triton",
-  "cuda", "cpu") also take uint8 codes (8-bit state, :mod:`esgdm.quant`) for float32,
-  bfloat16 and float16 parameters, with a trailing ``qscales=`` list of each tensor's
-  float32 ``[n_blocks, 2]`` block scales, and then refresh ``dscale`` themselves on
-  D-steps (from the codes);
+* ``exp_avgs``/``exp_avg_ds`` are in one of the state dtypes that the dtype table
+  (:mod:`esgdm.dtypes`) allows for the parameters' dtype and the backend's row of the
+  capability table lists; the rest are in the parameters' dtype;
 * ``scalars``, ``index``, ``hparams``, ``grad_scale``, ``found_inf`` are on the
   parameters' device (see :mod:`esgdm.ops`).
 
+What each built-in backend steps, where, and why not elsewhere is one table,
+:data:`esgdm.backends.capabilities.CAPABILITIES`; :func:`why_not` reads it (then the
+backend's own run-time conditions), and so do ``"auto"`` (:func:`candidates`), the
+operator's checks and ``python -m esgdm.info``.  A backend registered from outside
+(:func:`register`) answers for itself (its :meth:`Backend.why_not`).
+
 Backends are loaded lazily.  A backend that cannot run somewhere says why in one
-sentence (:meth:`Backend.why_not`); asking for it by name there raises
-:class:`BackendUnavailableError` with those reasons, and ``"auto"`` moves to the next
-candidate with a one-time warning.
+sentence; asking for it by name there raises :class:`BackendUnavailableError` with
+those reasons, and ``"auto"`` moves to the next candidate with a one-time warning.
 """
 
 from __future__ import annotations
@@ -36,23 +38,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from esgdm.backends.capabilities import CAPABILITIES, Capability, auto_order
+
 #: Names accepted by ``ESGDM(backend=...)`` and the ``ESGDM_BACKEND`` variable.
-BACKEND_NAMES = ("auto", "triton", "cuda", "cpu", "torch")
+BACKEND_NAMES = ("auto", *CAPABILITIES)
 
-#: Candidates that ``"auto"`` tries, fastest first, per device type.
-AUTO_ORDER = {
-    "cuda": ("triton", "cuda", "torch"),
-    "cpu": ("cpu", "torch"),
-}
-_AUTO_DEFAULT = ("torch",)
-
-#: Where each backend lives: module path and the attribute holding the Backend.
-_LOCATIONS = {
-    "torch": ("esgdm.backends.torch_impl", "BACKEND"),
-    "triton": ("esgdm.backends.triton_impl", "BACKEND"),
-    "cuda": ("esgdm.backends.cpp_impl", "CUDA_BACKEND"),
-    "cpu": ("esgdm.backends.cpp_impl", "CPU_BACKEND"),
-}
+#: Where each backend lives: module path and the attribute holding the Backend (a
+#: registered backend: no module, it is loaded already).
+_LOCATIONS = {name: row.location for name, row in CAPABILITIES.items()}
 
 
 class BackendUnavailableError(RuntimeError):
@@ -66,6 +59,9 @@ class Backend:
     """
 
     name: str = "?"
+    #: The state dtypes this backend keeps (a registered backend may add ``torch.uint8``
+    #: and take the ``qscales`` of 8-bit state, see :mod:`esgdm.quant`).
+    state_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
 
     def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """``None`` if this backend can step ``dtype`` parameters on ``device``,
@@ -86,7 +82,10 @@ class Backend:
         found_inf: Tensor | None,
         flags: int,
         seed: int,
+        qscales: Sequence[Tensor] | None = None,
     ) -> None:
+        """Steps one bucket in place (see the module docstring).  ``qscales`` is passed
+        only with 8-bit (uint8) state: each tensor's block scales (:mod:`esgdm.quant`)."""
         raise NotImplementedError
 
     def describe(self) -> str:
@@ -95,6 +94,22 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<esgdm backend {self.name!r}>"
+
+
+class BuiltinBackend(Backend):
+    """A backend with a row in the capability table: :meth:`why_not` reads the row,
+    then :meth:`unavailable`."""
+
+    def why_not(self, device: torch.device, dtype: torch.dtype,
+                state_dtype: torch.dtype | None = None) -> str | None:
+        reason = CAPABILITIES[self.name].why_not(device, dtype, state_dtype)
+        return reason if reason is not None else self.unavailable(torch.device(device))
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """What the table cannot say: None if this process can run the backend on
+        ``device`` (a device and dtype its row covers), else why not (the extension was
+        not built, Triton does not import, no GPU is visible, ...)."""
+        return None
 
 
 class _Missing(Backend):
@@ -163,12 +178,38 @@ def check_name(name: str) -> str:
     return name
 
 
+def capability(name: str) -> Capability | None:
+    """The capability table's row of backend ``name``; None for a registered one (a
+    built-in name registered again included: the new backend answers for itself)."""
+    return CAPABILITIES.get(name) if not generation(name) else None
+
+
 def candidates(device: torch.device) -> tuple[str, ...]:
-    return AUTO_ORDER.get(device.type, _AUTO_DEFAULT)
+    """What ``"auto"`` tries on ``device``, fastest first (the capability table's order)."""
+    return auto_order(device.type)
 
 
-def resolve(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Backend, str | None]:
-    """Picks the backend for one bucket.
+def why_not(name: str, device: torch.device, dtype: torch.dtype,
+            state_dtype: torch.dtype | None = None) -> str | None:
+    """None if backend ``name`` can step ``dtype`` parameters (with ``state_dtype``
+    state, None: any) on ``device`` here, else why not: its row of the capability
+    table first, then the backend's own run-time conditions.  Raises ValueError for a
+    name that is no backend."""
+    backend = get(name)
+    row = capability(name)
+    if row is not None:
+        reason = row.why_not(device, dtype, state_dtype)
+        if reason is not None:
+            return reason
+    elif state_dtype is not None and state_dtype not in backend.state_dtypes:
+        return f"it keeps {', '.join(map(str, backend.state_dtypes))} state, not {state_dtype}"
+    return backend.why_not(device, dtype)
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype,
+            state_dtype: torch.dtype | None = None) -> tuple[Backend, str | None]:
+    """Picks the backend for one bucket (``dtype`` parameters with ``state_dtype``
+    state on ``device``).
 
     Returns ``(backend, note)`` where ``note`` is ``None`` or, for ``"auto"``, a
     sentence saying which faster backends were skipped and why.  Raises
@@ -177,7 +218,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Backen
     where = f"{dtype} parameters on {device}"
     if name != "auto":
         backend = get(name)
-        reason = backend.why_not(device, dtype)
+        reason = why_not(name, device, dtype, state_dtype)
         if reason is not None:
             raise BackendUnavailableError(
                 f"esgdm backend {name!r} cannot step {where}: {reason}"
@@ -186,7 +227,7 @@ def resolve(name: str, device: torch.device, dtype: torch.dtype) -> tuple[Backen
     skipped: list[str] = []
     for cand in candidates(device):
         backend = get(cand)
-        reason = backend.why_not(device, dtype)
+        reason = why_not(cand, device, dtype, state_dtype)
         if reason is None:
             note = None
             if skipped:
@@ -209,6 +250,7 @@ def warn_once(message: str) -> None:
 
 
 __all__ = [
-    "AUTO_ORDER", "BACKEND_NAMES", "Backend", "BackendUnavailableError", "candidates",
-    "check_name", "default_name", "get", "register", "resolve", "warn_once",
+    "BACKEND_NAMES", "CAPABILITIES", "Backend", "BackendUnavailableError", "BuiltinBackend", "Capability",
+    "candidates", "capability", "check_name", "default_name", "generation", "get", "register", "resolve",
+    "warn_once", "why_not",
 ]

@@ -13,7 +13,9 @@ dispatcher operator of its own.
 
 This module always imports.  If the extension is missing (not built, or built against
 another torch) both backends say so through :meth:`Backend.why_not`, so that ``auto``
-warns once and uses the next backend, and asking for them by name raises.
+warns once and uses the next backend, and asking for them by name raises.  Which
+devices and dtypes they step is their rows of the capability table
+(:mod:`esgdm.backends.capabilities`).
 """
 
 from __future__ import annotations
@@ -22,21 +24,7 @@ import importlib
 
 import torch
 
-from esgdm import quant
-from esgdm.backends import Backend
-from esgdm.rule import FLAG_EXACT
-
-#: Parameter dtypes the kernels step.
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-#: State (exp_avg, exp_avg_d) dtypes the kernels take for each parameter dtype
-#: (uint8: 8-bit codes with per-block scales, esgdm.quant; ``qscales`` then given).
-STATE_DTYPES = {
-    torch.float32: (torch.float32, torch.bfloat16, torch.uint8),
-    torch.float16: (torch.float32, torch.bfloat16, torch.uint8),
-    torch.bfloat16: (torch.float32, torch.bfloat16, torch.uint8),
-    torch.float64: (torch.float64,),
-}
+from esgdm.backends import BuiltinBackend
 
 EXTENSION = "esgdm._C"
 
@@ -108,37 +96,22 @@ def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
           grad_scale, found_inf, flags, seed, qscales=None) -> None:
     # Only the low 32 bits of the seed key the rounding: masked here so that any
     # Python int fits the extension's int64 argument.
-    if qscales is None:
-        _C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK)
-        return
+    # With uint8 state (8-bit, esgdm.quant) qscales holds the block scales.
     _C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-            grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK, list(qscales))
-    if hvps is not None and params and not int(flags) & FLAG_EXACT:
-        # 8-bit state: the curvature scale is read from the codes (esgdm.quant)
-        quant.update_dscale(scalars, index[:, 0].long(), exp_avg_ds, qscales, found_inf)
+            grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK,
+            None if qscales is None else list(qscales))
 
 
-class _CompiledBackend(Backend):
-    device_type = "?"
-
-    def _common_why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
-        if _C is None:
-            return LOAD_ERROR
-        if device.type != self.device_type:
-            return f"it runs on {self.device_type} tensors only, not on {device.type}"
-        if dtype not in SUPPORTED_DTYPES:
-            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
-            return f"it steps {names} parameters, not {dtype}"
-        return None
+class _CompiledBackend(BuiltinBackend):
+    def unavailable(self, device: torch.device) -> str | None:
+        return LOAD_ERROR if _C is None else None
 
     def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
              grad_scale, found_inf, flags, seed, qscales=None):
         """The bucket's step (:class:`esgdm.backends.Backend`).  With uint8
         ``exp_avgs``/``exp_avg_ds`` (8-bit state, :mod:`esgdm.quant`) ``qscales`` holds
-        each tensor's float32 ``[n_blocks, 2]`` block scales, and a D-step also refreshes
-        the tensors' ``dscale`` from the codes (:func:`esgdm.quant.update_dscale`): the
-        op must not refresh it from ``exp_avg_ds`` again."""
+        each tensor's float32 ``[n_blocks, 2]`` block scales, updated in place (D's on
+        D-steps only); the op refreshes ``dscale`` from the codes afterwards."""
         _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
               grad_scale, found_inf, flags, seed, qscales)
 
@@ -147,10 +120,6 @@ class CpuBackend(_CompiledBackend):
     """One pass per tensor on CPU, parallel over ``torch.get_num_threads()`` threads."""
 
     name = "cpu"
-    device_type = "cpu"
-
-    def why_not(self, device, dtype):
-        return self._common_why_not(device, dtype)
 
     def describe(self):
         info = build_info()
@@ -165,10 +134,9 @@ class CudaBackend(_CompiledBackend):
     """Multi-tensor apply: one CUDA kernel launch per bucket, on the current stream."""
 
     name = "cuda"
-    device_type = "cuda"
 
-    def why_not(self, device, dtype):
-        reason = self._common_why_not(device, dtype)
+    def unavailable(self, device):
+        reason = super().unavailable(device)
         if reason is not None:
             return reason
         info = build_info() or {}
@@ -198,5 +166,4 @@ class CudaBackend(_CompiledBackend):
 CPU_BACKEND = CpuBackend()
 CUDA_BACKEND = CudaBackend()
 
-__all__ = ["CPU_BACKEND", "CUDA_BACKEND", "STATE_DTYPES", "SUPPORTED_DTYPES", "build_info",
-           "cuda_archs", "load_extension", "runs_on"]
+__all__ = ["CPU_BACKEND", "CUDA_BACKEND", "build_info", "cuda_archs", "load_extension", "runs_on"]

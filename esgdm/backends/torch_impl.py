@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from esgdm.backends import Backend
+from esgdm.quant import step_through_float32
 from esgdm.rule import (
     BIAS,
     DSCALE_FLOOR,
@@ -103,7 +104,11 @@ class TorchBackend(Backend):
         return None
 
     def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-             grad_scale, found_inf, flags, seed):
+             grad_scale, found_inf, flags, seed, qscales=None):
+        if qscales is not None:  # 8-bit state: decoded to float32 around the same step
+            step_through_float32(torch_step, params, grads, exp_avgs, exp_avg_ds, qscales, hvps, scalars,
+                                 index, hparams, grad_scale, found_inf, flags, seed)
+            return
         torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                    grad_scale, found_inf, flags, seed)
 

@@ -5,29 +5,22 @@
 calls :func:`esgdm.kernels.esgdm_step.fused_step`, which steps the whole bucket and
 advances its per-tensor scalars in one launch, without reading anything back.
 
-Where it runs: CUDA tensors whenever Triton imports (``"auto"`` picks it first there);
-CPU tensors only in the Triton interpreter, i.e. when ``TRITON_INTERPRET=1`` was set
-before the kernel module was imported (that is how CI tests it).  Parameter dtypes:
-float32, bfloat16, float16, with float32, bfloat16 or 8-bit (uint8 codes and block
-scales, :mod:`esgdm.quant`) state (arithmetic in float32).
+Where it runs (its row of :mod:`esgdm.backends.capabilities`): CUDA tensors whenever
+Triton imports (``"auto"`` picks it first there); CPU tensors only in the Triton
+interpreter, i.e. when ``TRITON_INTERPRET=1`` was set before the kernel module was
+imported (that is how CI tests it).  Parameter dtypes: float32, bfloat16, float16, with
+float32, bfloat16 or 8-bit state (uint8 codes and block scales, :mod:`esgdm.quant`;
+arithmetic in float32).
 """
 
 from __future__ import annotations
 
 import torch
 
-from esgdm import quant
-from esgdm.backends import Backend
-from esgdm.rule import FLAG_EXACT
+from esgdm.backends import BuiltinBackend
 
 #: Oldest CUDA compute capability Triton generates code for.
 MIN_CAPABILITY = (7, 0)
-
-#: Parameter and state dtypes the kernel handles (kept here too so that why_not does
-#: not have to import Triton to refuse a dtype; the kernel module holds the same lists).
-#: uint8: 8-bit state (esgdm.quant), with ``qscales``.
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
 
 def _triton_error() -> str | None:
@@ -43,23 +36,10 @@ def _triton_error() -> str | None:
     return None
 
 
-def _names(dtypes) -> str:
-    names = [str(d).replace("torch.", "") for d in dtypes]
-    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
-
-
-class TritonBackend(Backend):
+class TritonBackend(BuiltinBackend):
     name = "triton"
 
-    def why_not(self, device: torch.device, dtype: torch.dtype,
-                state_dtype: torch.dtype | None = None) -> str | None:
-        device = torch.device(device)
-        if dtype not in DTYPES:
-            return f"the Triton kernel steps {_names(DTYPES)} parameters, not {dtype}"
-        if state_dtype is not None and state_dtype not in STATE_DTYPES:
-            return f"the Triton kernel keeps {_names(STATE_DTYPES)} state, not {state_dtype}"
-        if device.type not in ("cuda", "cpu"):
-            return f"the Triton kernel runs on CUDA devices, not {device.type}"
+    def unavailable(self, device: torch.device) -> str | None:
         error = _triton_error()
         if error is not None:
             return error
@@ -87,17 +67,14 @@ class TritonBackend(Backend):
              grad_scale, found_inf, flags, seed, qscales=None):
         """The bucket's step (:class:`esgdm.backends.Backend`).  With uint8
         ``exp_avgs``/``exp_avg_ds`` (8-bit state, :mod:`esgdm.quant`) ``qscales`` holds
-        each tensor's float32 ``[n_blocks, 2]`` block scales, and a D-step also refreshes
-        the tensors' ``dscale`` from the codes (:func:`esgdm.quant.update_dscale`): the
-        op must not refresh it from ``exp_avg_ds`` again."""
+        each tensor's float32 ``[n_blocks, 2]`` block scales, updated in place (D's on
+        D-steps only); the op refreshes ``dscale`` from the codes afterwards."""
         if not params:
             return
         from esgdm.kernels import esgdm_step
 
         esgdm_step.fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                               grad_scale, found_inf, flags, seed, qscales=qscales)
-        if qscales is not None and hvps is not None and not int(flags) & FLAG_EXACT:
-            quant.update_dscale(scalars, index[:, 0].long(), exp_avg_ds, qscales, found_inf)
 
     def describe(self) -> str:
         error = _triton_error()

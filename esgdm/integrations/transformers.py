@@ -82,9 +82,10 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
     ) from e
 
 from esgdm.buckets import is_dtensor
-from esgdm.hvp import ComputePrecision, RngSnapshot
+from esgdm.guards import RngSnapshot
 from esgdm.integrations import quiet_create_graph, restore_step, unwrap_optimizer
 from esgdm.optimizer import ESGDM
+from esgdm.precision import ComputePrecision
 
 __all__ = ["ESGDMTrainer", "esgdm_kwargs_from_args"]
 
@@ -320,10 +321,10 @@ class ESGDMTrainer(Trainer):
             raise ValueError(
                 f"ESGDMTrainer: {why} cannot run the double backward that hvp='autograd' needs; construct "
                 "esgdm.ESGDM(..., hvp='finite_difference') or hvp='auto' (the trainer passes the closure)")
-        if why is not None and opt.hvp == "auto" and not opt._fd_fallback:
+        if why is not None and opt.hvp == "auto" and not opt._curvature.fd_fallback:
             warnings.warn(f"esgdm: {why} cannot run a double backward; hvp='auto' takes Hessian-vector "
                           "products by finite differences from now on", RuntimeWarning, stacklevel=3)
-            opt._fd_fallback = True
+            opt._curvature.fd_fallback = True
         self._esgdm_checked = weakref.ref(model)
 
     @contextlib.contextmanager

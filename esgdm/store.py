@@ -1,0 +1,568 @@
+"""The bucket store: an optimizer's flat state, its views, and every check before a write.
+
+:class:`BucketStore` holds the (device, dtype) :class:`~esgdm.buckets.Bucket` s of one
+:class:`esgdm.ESGDM` and everything derived from them:
+
+* building the buckets, and rebuilding them (moving the state along) when the
+  parameters change: the layout signature (:meth:`BucketStore.sync`), and the backend
+  each bucket is stepped by (:meth:`BucketStore.backend_for`);
+* the state as the user sees it: ``opt.state[p]`` holds views into the flat buffers,
+  and edits of ``opt.state`` (an entry reset, a tensor assigned) are followed
+  (:meth:`BucketStore.sync_user_state`, the ``_Watch*`` classes);
+* the device tables: hyper-parameters per group (:meth:`BucketStore.device_hparams`;
+  the index tables are the buckets');
+* the validation pass: gradients and Hessian-vector products gathered per bucket and
+  checked before anything is written (:meth:`BucketStore.gather`,
+  :meth:`BucketStore.check_like`), then the write itself, one ``esgdm::step_`` call per
+  bucket (:meth:`BucketStore.apply`).
+
+The store keeps no reference to its optimizer: each method that reads the param
+groups, ``opt.state`` or an option is handed the optimizer.  The schedule (which step
+is a D-step) is the optimizer's; ``h`` is :mod:`esgdm.curvature`'s.
+"""
+
+from __future__ import annotations
+
+import collections
+import operator
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from esgdm import backends, checkpoint, ops
+from esgdm.buckets import Bucket, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
+from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_QSCALE, KEY_STEP, KEY_WARM
+from esgdm.hyperparams import check_group
+from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM, curvature_scale
+
+if TYPE_CHECKING:
+    from esgdm.optimizer import ESGDM
+
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+_shape_of = operator.attrgetter("shape")
+_layout_of = operator.attrgetter("layout")
+_STRIDED = {torch.strided}
+# Device-type tests cheaper than building each tensor's torch.device (with get_device).
+_ON_DEVICE_TYPE = {"cpu": operator.attrgetter("is_cpu"), "cuda": operator.attrgetter("is_cuda")}
+
+def _frontend_helpers():
+    """esgdm._C's C++ helpers for the per-step bookkeeping, if the extension has them."""
+    try:
+        from esgdm.backends.cpp_impl import _C
+    except Exception:  # noqa: BLE001 - the helpers are an optimisation only
+        return None
+    # gather_checked_grads: an extension built before it existed is not used at all.
+    return _C if _C is not None and hasattr(_C, "layout_key") and hasattr(_C, "gather_checked_grads") else None
+
+
+_FRONTEND = _frontend_helpers()
+
+
+def all_params(param_groups: list[dict]) -> list[Tensor]:
+    return [p for group in param_groups for p in group["params"]]
+
+
+def hparam_row(group: dict) -> tuple:
+    """The group's row of the device hyper-parameter table (a tensor lr contributes 0:
+    its value is copied on the device)."""
+    lr = group["lr"]
+    b1, b2 = group["betas"]
+    return (0.0 if isinstance(lr, Tensor) else float(lr), float(b1), float(b2),
+            float(group["lr_warmup"]), float(group["eps"]), float(group["weight_decay"]))
+
+
+def hparam_key(group: dict) -> tuple:
+    """What the group's row was uploaded for (a tensor lr by identity)."""
+    lr = group["lr"]
+    b1, b2 = group["betas"]
+    return (("tensor", id(lr)) if isinstance(lr, Tensor) else lr, b1, b2, group["lr_warmup"],
+            group["eps"], group["weight_decay"])
+
+
+class BucketStore:
+    """The buckets of one optimizer and what is derived from them (see the module)."""
+
+    def __init__(self) -> None:
+        self.buckets: list[Bucket] = []
+        self.signature: tuple | None = None  # the layout the buckets were built for
+        self.meta_signature: tuple | None = None  # the same in metadata (compiled steps)
+        self.any_dtensor = False
+        self.backend_choice: dict[tuple, tuple] = {}  # bucket key -> (backend, its note or None)
+        self.param_keys: dict[int, int] = {}  # id(p) -> p's index in optimizer order
+        self.hparam_tables: dict[torch.device, Tensor] = {}  # device -> float64 [n_groups, 6]
+        self.hparam_tables_for: tuple | None = None  # the group values the tables hold (hparam_key)
+        self.watch = _Watch()
+        self.state_obj: Any = None  # the opt.state object whose edits flag self.watch
+
+    # ---------------------------------------------------------------- state views
+
+    def watch_state(self, opt: ESGDM) -> None:
+        """Makes ``opt.state`` (and each entry) flag user edits (see :class:`_Watch`)."""
+        self.watch = _Watch()
+        state = _WatchedState(self.watch)
+        for p, entry in dict(opt.state).items():
+            wrap = entry and isinstance(entry, dict)  # (an entry that is not a parameter's may be anything)
+            dict.__setitem__(state, p, _WatchedEntry(self.watch, entry) if wrap else entry)
+        opt.state = state
+        self.state_obj = state
+
+    def read_state(self, opt: ESGDM, p: Tensor) -> dict:
+        """One parameter's state as the user sees it (what was assigned wins)."""
+        return {k: local(v) if isinstance(v, Tensor) else v for k, v in opt.state[p].items()}
+
+    def write_state(self, opt: ESGDM, b: Bucket, i: int, saved: dict) -> None:
+        """Copies one parameter's state into bucket ``b`` (converting between float and
+        8-bit state) and exposes it as views."""
+        b.load(i, real_view(_shard_of(saved[KEY_EXP_AVG], b.params[i])),
+               real_view(_shard_of(saved[KEY_EXP_AVG_D], b.params[i])), saved.get(KEY_QSCALE))
+        for col, key in ((BIAS, KEY_BIAS), (WARM, KEY_WARM), (STEPS, KEY_STEP)):
+            b.scalars[i, col] = torch.as_tensor(saved.get(key, 0.0), dtype=torch.float64).to(b.device)
+        b.scalars[i, DSCALE] = b.curvature_scale([i])[0].to(b.device)
+        self.expose_state(opt, b, i)
+
+    def expose_state(self, opt: ESGDM, b: Bucket, i: int) -> None:
+        b.exposed[i] = True
+        opt.state[b.params[i]] = _WatchedEntry(self.watch, {
+            KEY_EXP_AVG: b.exposed_view(b.exp_avg_views[i], i),
+            KEY_EXP_AVG_D: b.exposed_view(b.exp_avg_d_views[i], i),
+            KEY_BIAS: b.scalar(i, BIAS),
+            KEY_WARM: b.scalar(i, WARM),
+            KEY_STEP: b.scalar(i, STEPS),
+            **({} if b.qscale_views is None else {KEY_QSCALE: b.qscale_views[i]}),
+        })
+
+    def expose_stepped(self, opt: ESGDM, b: Bucket, idx: list[int] | None) -> None:
+        """Shows the state of the tensors ``idx`` (None: all) of ``b`` that had none."""
+        if not b.all_exposed:
+            for i in (range(len(b)) if idx is None else idx):
+                if not b.exposed[i]:
+                    self.expose_state(opt, b, i)
+            b.all_exposed = all(b.exposed)
+
+    def load_state(self, opt: ESGDM, state: dict) -> None:
+        """Writes the validated per-parameter ``state`` (:func:`esgdm.checkpoint.validate`)."""
+        for b in self.buckets:
+            b.exposed = [False] * len(b)
+            for i, p in enumerate(b.params):
+                # The loaded values may be views of this very state (torch.distributed.
+                # checkpoint loads in place into what state_dict() returned): copy, then
+                # reset only what the checkpoint does not cover.
+                if p in state:
+                    self.write_state(opt, b, i, state[p])
+                else:
+                    b.reset_state(i)
+            b.all_exposed = all(b.exposed)
+
+    def sync_user_state(self, opt: ESGDM, buckets: list[Bucket]) -> None:
+        """Follows what users do to ``opt.state`` as with any torch.optim optimizer:
+        ``opt.state[p] = {}`` (or deleting it) resets that parameter's state, and
+        assigning a new tensor to a state key copies it in."""
+        if opt.state is not self.state_obj:  # opt.state = {...} replaced
+            self.watch_state(opt)
+            self.watch.dirty = True
+        if not self.watch.dirty:
+            return  # nothing edited since the last step: O(1)
+        for b in buckets:
+            for i, p in enumerate(b.params):
+                if not b.exposed[i]:
+                    continue
+                entry = opt.state.get(p)
+                if entry is not None and len(entry) == 5 + b.quantized \
+                        and _is_view(entry.get(KEY_EXP_AVG), b.exp_avg_views[i]) \
+                        and _is_view(entry.get(KEY_EXP_AVG_D), b.exp_avg_d_views[i]) \
+                        and (b.qscale_views is None or entry.get(KEY_QSCALE) is b.qscale_views[i]):
+                    continue
+                if not entry:  # reset
+                    b.reset_state(i)
+                    b.exposed[i] = False
+                    b.all_exposed = False
+                    opt.state.pop(p, None)
+                    continue
+                as_shown = torch.view_as_complex if b.complex[i] else (lambda t: t)
+                shown = {KEY_EXP_AVG: as_shown(b.exp_avg_views[i]), KEY_EXP_AVG_D: as_shown(b.exp_avg_d_views[i]),
+                         KEY_BIAS: b.scalar(i, BIAS), KEY_WARM: b.scalar(i, WARM), KEY_STEP: b.scalar(i, STEPS)}
+                if b.qscale_views is not None:
+                    shown[KEY_QSCALE] = b.qscale_views[i]
+                merged = {**shown, **entry}
+                if merged[KEY_EXP_AVG].dtype != torch.uint8:  # float values assigned: no scales
+                    merged.pop(KEY_QSCALE, None)
+                shape = b.tensors[i].shape[:-1] if b.complex[i] else b.tensors[i].shape
+                for key in (KEY_EXP_AVG, KEY_EXP_AVG_D):
+                    merged[key] = local(merged[key])
+                checkpoint.state_entry("opt.state[p][{}]", merged, shape, complex_state=b.complex[i])
+                for key in (KEY_BIAS, KEY_WARM, KEY_STEP):
+                    checkpoint.scalar(f"opt.state[p][{key!r}]", merged[key])
+                self.write_state(opt, b, i, {k: v.clone() if isinstance(v, Tensor) else v
+                                             for k, v in merged.items()})
+        self.watch.dirty = False
+
+    # ------------------------------------------------------------------- buckets
+
+    def _layout(self, opt: ESGDM) -> tuple:
+        """What the buckets were built for: the parameters (and their groups), and where
+        each one's data is and how it is laid out (``model.to(...)`` and ``p.data = t``
+        keep the Parameter object but move its data: a new dtype, device or shape comes
+        with new memory, a new layout with new strides).  Three C-level maps."""
+        ids = tuple(tuple(map(id, group["params"])) for group in opt.param_groups)
+        params = all_params(opt.param_groups)
+        if self.any_dtensor:  # FSDP2: what matters is each rank's local shard
+            params = [local(p) for p in params]
+        elif _FRONTEND is not None:
+            return (ids, _FRONTEND.layout_key(params))  # the same, hashed in C++
+        return (ids, tuple(map(Tensor.data_ptr, params)), tuple(map(Tensor.stride, params)))
+
+    @staticmethod
+    def _meta_layout(opt: ESGDM) -> tuple:
+        """The parameters and their metadata (what a compiled step can compare)."""
+        ids = tuple(tuple(map(id, group["params"])) for group in opt.param_groups)
+        params = [local(p) for p in all_params(opt.param_groups)]
+        return (ids, tuple(tuple(p.stride()) for p in params), tuple(tuple(p.shape) for p in params),
+                tuple(p.dtype for p in params), tuple(str(p.device) for p in params))
+
+    def sync(self, opt: ESGDM) -> list[Bucket]:
+        """The (device, dtype) buckets of ``opt``'s parameters, rebuilt (moving the state
+        along) when the parameters changed.  Raises before changing anything when state
+        cannot follow."""
+        params = all_params(opt.param_groups)
+        self.any_dtensor = any(map(is_dtensor, params))
+        if ops.is_compiling():
+            # Addresses cannot be traced: compare metadata (which Dynamo guards on too).
+            meta = self._meta_layout(opt)
+            if self.buckets and meta == self.meta_signature:
+                return self.buckets
+            layout = None
+        else:
+            layout = self._layout(opt)
+            if layout == self.signature:
+                return self.buckets
+            if self.signature is None and self.buckets and self._meta_layout(opt) == self.meta_signature:
+                self.signature = layout  # built inside a compiled step: same parameters
+                return self.buckets
+        old = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
+        for p in params:
+            t = local(p)
+            if t.layout != torch.strided or t.is_neg():
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} is now "
+                                 + (f"a {t.layout} tensor" if t.layout != torch.strided else "a negated view")
+                                 + ": only plain strided tensors can be stepped")
+            if overlaps(p):
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} now has strides {p.stride()}: "
+                                 "its elements share memory (an expanded tensor), which cannot be stepped")
+            b, i = old.get(id(p), (None, 0))
+            if b is not None and p in opt.state and opt.state[p]:
+                if tuple(b.exp_avg_views[i].shape) != tuple(real_view(local(p)).shape):
+                    raise ValueError(
+                        f"a parameter changed shape from {tuple(b.exp_avg_views[i].shape)} to "
+                        f"{tuple(real_view(local(p)).shape)} (p.data = ... with another shape): its optimizer "
+                        "state cannot follow; reset it with opt.state[p] = {} first")
+        new = build_buckets(opt.param_groups, opt.state_dtype)
+        chosen = {b.key: self._resolve(opt, b) for b in new}
+        # Nothing above mutated anything; now move the existing state across (entries
+        # whose key is not a parameter, which torch.optim passes through, stay as they are).
+        ours = {id(p) for b in self.buckets for p in b.params} | {id(p) for p in params}
+        saved = {p: self.read_state(opt, p) for p in list(opt.state)
+                 if isinstance(p, Tensor) and id(p) in ours and opt.state[p]}
+        for key in [k for k in opt.state if isinstance(k, Tensor) and id(k) in ours]:
+            del opt.state[key]
+        self.buckets, self.signature, self.backend_choice = new, layout, chosen
+        self.meta_signature = self._meta_layout(opt)
+        self.param_keys = {id(p): k for k, p in enumerate(params)}
+        self.hparam_tables_for = None
+        for b in new:
+            for i, p in enumerate(b.params):
+                if p in saved:
+                    self.write_state(opt, b, i, saved[p])
+        return self.buckets
+
+    @staticmethod
+    def _resolve(opt: ESGDM, b: Bucket) -> tuple:
+        """The backend for bucket ``b`` (and its note); with ``fused=True``, a fused one."""
+        backend, note = backends.resolve(opt.backend, b.device, b.dtype, b.state_dtype)
+        if getattr(opt, "fused", None) and backend.name == "torch":
+            raise backends.BackendUnavailableError(
+                f"fused=True, but no fused esgdm kernel can step {b.dtype} parameters on {b.device}"
+                + (f" ({note})" if note else "") + ": construct ESGDM without fused=True")
+        return backend, note
+
+    def backend_for(self, bucket: Bucket) -> backends.Backend:
+        return self.backend_choice[bucket.key][0]
+
+    # ---------------------------------------------------------- hyper-parameters
+
+    def device_hparams(self, opt: ESGDM, buckets: list[Bucket]) -> dict:
+        """The float64 ``[n_groups, 6]`` hyper-parameter table on each bucket's device.
+
+        Uploaded only when a group's values changed (an LR scheduler that assigns a
+        Python float costs one small non-blocking copy); a tensor lr is copied on the
+        device every step, never read by the host."""
+        key = tuple(hparam_key(g) for g in opt.param_groups)
+        devices = {b.device for b in buckets}
+        if key != self.hparam_tables_for or not devices.issubset(self.hparam_tables):
+            for gi, group in enumerate(opt.param_groups):
+                check_group(group, f" in param group {gi}", exact=opt.exact)
+            rows = torch.tensor([hparam_row(g) for g in opt.param_groups], dtype=torch.float64)
+            rows = rows.reshape(-1, len(HPARAM_COLUMNS))
+            if opt.capturable and _capturing():
+                raise RuntimeError("ESGDM hyper-parameters changed during CUDA graph capture: set them "
+                                   "before capturing (use a tensor lr to change lr between replays)")
+            for device in devices:
+                table = self.hparam_tables.get(device)
+                if table is None or table.shape != rows.shape:
+                    self.hparam_tables[device] = rows.to(device)
+                elif device.type == "cuda":
+                    table.copy_(rows.pin_memory(), non_blocking=True)  # same address: graphs see it
+                else:
+                    table.copy_(rows)
+            self.hparam_tables_for = key
+        for gi, group in enumerate(opt.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                for device in devices:
+                    self.hparam_tables[device][gi, 0].copy_(lr.reshape(()), non_blocking=True)
+        return self.hparam_tables
+
+    # ----------------------------------------------------------- validation pass
+
+    def gather(self, opt: ESGDM, b: Bucket) -> tuple[list[int] | None, list[Tensor]]:
+        """Indices (None: all) and gradients of the tensors of ``b`` that have one, checked
+        (:meth:`check_like`) and laid out like their state.  Raises before anything is
+        written."""
+        if _FRONTEND is not None and not b.any_dtensor and not b.any_complex and not ops.is_compiling():
+            grads, _present, like, bad = _FRONTEND.gather_checked_grads(b.params)
+            if like and b.all_dense:
+                return None, grads  # every gradient there, checked and laid out like its state
+            if bad >= 0:
+                self.refuse(opt, b, bad, grads[bad], "gradient")
+            checked = True
+        else:
+            grads = [p.grad for p in b.params] if ops.is_compiling() else list(map(_grad_of, b.params))
+            checked = False
+        if b.any_dtensor:
+            grads = [None if g is None else local(g) for g in grads]
+        idx = None
+        if any(g is None for g in grads):
+            idx = [i for i, g in enumerate(grads) if g is not None]
+            grads = [grads[i] for i in idx]
+        if b.any_complex:  # stepped as the real view, like the parameter
+            with torch.enable_grad():  # (a view that keeps the gradient's graph, for the HVP)
+                grads = [real_view(g) if isinstance(g, Tensor) and g.layout == torch.strided else g
+                         for g in grads]
+        if not checked:
+            self.check_like(opt, b, idx, grads, "gradient")
+        return idx, self.match_layout(b, idx, grads)
+
+    def check_like(self, opt: ESGDM, b: Bucket, idx: list[int] | None, tensors: list[Tensor],
+                   what: str) -> None:
+        """Raises, naming the parameter, unless each of ``tensors`` (the ``what`` of
+        bucket ``b``'s tensors ``idx``, None: all) is a plain strided tensor with its
+        parameter's dtype, device and shape: what the kernels may read as such (any
+        strides: :meth:`match_layout` copies what is not laid out like the state)."""
+        shapes = b.shapes if idx is None else [b.shapes[i] for i in idx]
+        if ops.is_compiling():
+            # No attrgetter maps, nor is_neg(), under Dynamo; the compiled operator's
+            # dispatcher resolves negated views (and its implementation checks again).
+            ok = all(isinstance(t, Tensor) and t.layout == torch.strided and t.dtype == b.dtype
+                     and t.device == b.device and t.shape == s for t, s in zip(tensors, shapes))
+        else:  # list-wise, at C speed
+            on_device = _ON_DEVICE_TYPE.get(b.device.type)
+            try:
+                ok = (set(map(_layout_of, tensors)) <= _STRIDED and set(map(_dtype_of, tensors)) <= {b.dtype}
+                      and set(map(Tensor.get_device, tensors)) <= {b.device_index}
+                      and (all(map(on_device, tensors)) if on_device is not None
+                           else set(map(_device_of, tensors)) <= {b.device})
+                      and list(map(_shape_of, tensors)) == shapes and not any(map(Tensor.is_neg, tensors)))
+            except (AttributeError, TypeError):  # not a tensor: named below
+                ok = False
+        if not ok:
+            for k, t in enumerate(tensors):
+                self.refuse(opt, b, k if idx is None else idx[k], t, what)
+
+    @staticmethod
+    def refuse(opt: ESGDM, b: Bucket, i: int, t: Any, what: str) -> None:
+        """Raises naming parameter ``i`` of bucket ``b`` (by group and index) if ``t``
+        cannot be read as its ``what``; returns if it can."""
+        p = b.tensors[i]
+        problem = None
+        if not isinstance(t, Tensor):
+            problem = f"is a {type(t).__name__}, not a tensor"
+        elif t.layout != torch.strided:
+            problem = (f"is sparse ({t.layout}): ESGDM does not support sparse gradients"
+                       if t.is_sparse else f"has layout {t.layout}, not torch.strided")
+        elif t.dtype != p.dtype:
+            problem = f"has dtype {t.dtype}, parameter has dtype {p.dtype}"
+        elif t.device != p.device:
+            problem = f"is on {t.device}, parameter is on {p.device}"
+        elif t.shape != p.shape:
+            problem = f"has shape {tuple(t.shape)}, parameter has shape {tuple(p.shape)}"
+        elif t.is_neg():
+            problem = "is a negated view (is_neg()): its memory holds the opposite values; pass t.resolve_neg()"
+        if problem is not None:
+            raise RuntimeError(f"{what} of {_describe(opt.param_groups, b.params[i])} {problem}")
+
+    @staticmethod
+    def match_layout(b: Bucket, idx: list[int] | None, tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors`` (checked: their parameters' shapes) with the strides of their
+        parameters' state (copied where not)."""
+        want = b.strides if idx is None else [b.strides[i] for i in idx]
+        if list(map(Tensor.stride, tensors)) == list(want):
+            return tensors  # the usual case, checked at C speed
+        out = []
+        for k, (t, st) in enumerate(zip(tensors, want)):
+            p = b.tensors[k if idx is None else idx[k]]
+            if not same_layout(t, p.shape, st):
+                with torch.set_grad_enabled(t.requires_grad):  # a D-step differentiates the copy
+                    t = torch.empty_strided(p.shape, st, dtype=t.dtype, device=t.device).copy_(t)
+            out.append(t)
+        return out
+
+    # --------------------------------------------------------------------- write
+
+    @staticmethod
+    def apply(b: Bucket, kernel: str, idx, grads, hvps, hparams, grad_scale, found_inf, flags: int,
+              seed: int) -> None:
+        """Runs the op on bucket ``b``'s active tensors, laid out as it expects."""
+        full = idx is None
+        params = b.tensors if full else [b.tensors[i] for i in idx]
+        writeback = []
+        if not b.all_dense:  # strided slices: step a dense copy, then write it back
+            for k, i in enumerate(range(len(b)) if full else idx):
+                if not b.dense[i]:
+                    params = list(params) if params is b.tensors else params
+                    t = params[k]  # (an empty tensor's .contiguous() keeps odd strides)
+                    params[k] = t.contiguous() if t.numel() else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+                    writeback.append((b.tensors[i], params[k]))
+        exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
+        exp_avg_ds = b.exp_avg_d_views if full else [b.exp_avg_d_views[i] for i in idx]
+        qscales = b.qscale_views
+        if qscales is not None and not full:
+            qscales = [qscales[i] for i in idx]
+        ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
+                  grad_scale, found_inf, flags, seed, kernel, _checked=True, qscales=qscales)
+        for p, work in writeback:
+            p.copy_(work)
+        if hvps is not None and b.any_dtensor and not flags & FLAG_EXACT:
+            _global_curvature_scale(b, idx, exp_avg_ds, found_inf)
+
+
+def _describe(param_groups: list[dict], p: Tensor) -> str:
+    """``"parameter 2 in group 0"``: where ``p`` is in the param groups (error paths)."""
+    for gi, group in enumerate(param_groups):
+        for k, q in enumerate(group["params"]):
+            if q is p:
+                return f"parameter {k} in group {gi}"
+    return f"a parameter of shape {tuple(p.shape)}"  # pragma: no cover - buckets follow the groups
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _is_view(exposed: Any, view: Tensor) -> bool:
+    """Whether ``exposed`` is how :meth:`BucketStore.expose_state` showed ``view`` (itself,
+    a DTensor around it, or, for a complex parameter, its complex view)."""
+    if exposed is view or (is_dtensor(exposed) and exposed._local_tensor is view):
+        return True
+    if isinstance(exposed, Tensor) and exposed.is_complex() and not is_dtensor(exposed):
+        real = torch.view_as_real(exposed)
+        return (real.data_ptr() == view.data_ptr() and real.shape == view.shape
+                and real.stride() == view.stride() and real.dtype == view.dtype)
+    return False
+
+
+def _shard_of(value: Any, p: Any) -> Tensor:
+    """What of a state value belongs in ``p``'s local state: a DTensor's local shard
+    (sharded like ``p`` when it came from this optimizer), a plain tensor's slice for
+    ``p``'s shard when ``p`` is a DTensor and ``value`` is whole, else the value."""
+    if is_dtensor(value):
+        if is_dtensor(p) and value.placements == p.placements and value.device_mesh == p.device_mesh:
+            return value._local_tensor
+        value = value.full_tensor()
+    if is_dtensor(p) and tuple(value.shape) == tuple(p.shape):
+        return local_block(value, p)
+    return value
+
+
+def local_block(full: Tensor, p: Any) -> Tensor:
+    """The block of the whole tensor ``full`` that DTensor ``p``'s local shard holds."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
+def _global_curvature_scale(b: Bucket, idx: list[int] | None, exp_avg_ds: list[Tensor],
+                            found_inf: Tensor | None) -> None:
+    """Rewrites the curvature scale (``dscale``, the mean of ``sqrt(D)`` over the
+    coordinates with ``D > 0``) of bucket ``b``'s sharded tensors as that of the whole
+    tensor: the operator saw only this rank's shard.  The default rule's floor depends
+    on it everywhere, so without this FSDP2 would not step as one process does.  Every
+    rank calls it alike (it all-reduces over the mesh dimensions a tensor is sharded on)."""
+    from esgdm.hvp import all_reduce, local_and_reduction  # (torch.distributed: imported when needed)
+
+    for i, d in zip(range(len(b)) if idx is None else idx, exp_avg_ds):
+        p = b.params[i]
+        if not is_dtensor(p):
+            continue
+        _, key = local_and_reduction(p)
+        if key is None:
+            continue  # replicated: the shard is the whole tensor
+        sums = torch.stack([d.double().sqrt().sum(), (d != 0).sum().double()])
+        all_reduce(sums, key)
+        new = torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), torch.zeros_like(sums[0]))
+        if found_inf is not None:
+            new = torch.where(found_inf.to(new.device) != 0, b.scalars[i, DSCALE], new)
+        b.scalars[i, DSCALE] = new
+
+
+class _Watch:
+    """Set when user code edits ``opt.state`` (a parameter's entry replaced, deleted or
+    changed), so that a step looks at the state only when something changed."""
+
+    def __init__(self):
+        self.dirty = False
+
+
+class _WatchedEntry(dict):
+    """One parameter's state dict: edits flag the optimizer's :class:`_Watch`."""
+
+    __slots__ = ("_watch",)
+
+    def __init__(self, watch: _Watch, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._watch = watch
+
+    def __reduce__(self):  # copies are plain dicts (the optimizer re-wraps them)
+        return (dict, (dict(self),))
+
+
+class _WatchedState(collections.defaultdict):
+    """``opt.state``: a ``defaultdict(dict)`` whose edits flag a :class:`_Watch`."""
+
+    def __init__(self, watch: _Watch, *args):
+        super().__init__(dict, *args)
+        self._watch = watch
+
+    def __reduce__(self):  # copies are plain defaultdicts (the optimizer re-wraps them)
+        return (collections.defaultdict, (dict, dict(self)))
+
+
+def _flagging(base: type, name: str) -> Callable:
+    """``base.name`` that first flags the owner's :class:`_Watch` (an edit happened)."""
+    def method(self, *args, **kwargs):
+        self._watch.dirty = True
+        return getattr(base, name)(self, *args, **kwargs)
+    method.__name__ = name
+    return method
+
+
+for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault"):
+    setattr(_WatchedEntry, _name, _flagging(dict, _name))
+    setattr(_WatchedState, _name, _flagging(collections.defaultdict, _name))
+del _name
+
+
+__all__ = ["BucketStore", "all_params", "hparam_key", "hparam_row", "local_block"]
