@@ -35,7 +35,7 @@ from esgdm import backends, checkpoint, ops
 from esgdm.buckets import Bucket, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
 from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_QSCALE, KEY_STEP, KEY_WARM
 from esgdm.hyperparams import check_group
-from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM, curvature_scale
+from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM
 
 if TYPE_CHECKING:
     from esgdm.optimizer import ESGDM
