@@ -2,7 +2,8 @@
 what the compiler made of it -- no GPU needed.
 
 For each parameter dtype (fp32, bf16, fp16), state dtype (fp32 by default; bf16 with
-``--states fp32,bf16``), rounding of 16-bit parameters (nearest by default; also
+``--states fp32,bf16``; ``u8`` the 8-bit state of esgdm.quant, uint8 codes and block
+scales), rounding of 16-bit parameters (nearest by default; also
 stochastic with ``--rounding nearest,stochastic``), each step kind (plain, D-step) and
 each target (sm_80, sm_90 by default) the kernel in ``kernels/esgdm_step.py`` is
 compiled with ``triton.compile`` for a ``GPUTarget``; ``--amp`` compiles the variants
@@ -20,6 +21,7 @@ Use it to tune the launch configuration without a GPU::
     python benchmarks/ptx_report.py                       # the configuration in use
     python benchmarks/ptx_report.py --block 2048 --warps 4
     python benchmarks/ptx_report.py --states fp32,bf16 --rounding nearest,stochastic --amp
+    python benchmarks/ptx_report.py --archs 90 --states u8    # 8-bit state
     python benchmarks/ptx_report.py --dump /tmp/ptx       # also write each PTX file
     python benchmarks/ptx_report.py --json out.json       # machine-readable
 
@@ -130,7 +132,7 @@ def compile_variant(k, dtype: str, d_step: bool, arch: int, block: int, warps: i
                     exact: bool = False):
     """Compiles one variant for ``sm_<arch>``; returns the CompiledKernel.
 
-    ``state``: the exp_avg/exp_avg_d dtype; ``rounding``: how 16-bit parameters are
+    ``state``: the exp_avg/exp_avg_d dtype ("u8": 8-bit codes); ``rounding``: how 16-bit parameters are
     stored ("nearest" or "stochastic"); ``amp``: with grad_scale and found_inf;
     ``exact``: FLAG_EXACT (no dscale rule)."""
     import triton
@@ -143,7 +145,7 @@ def compile_variant(k, dtype: str, d_step: bool, arch: int, block: int, warps: i
         mode = k.ROUND_STOCHASTIC_BF16 if dtype == "bf16" else k.ROUND_STOCHASTIC_FP16
     constexprs = dict(ROW_=k.ROW, NS=k.N_SCALAR_COLUMNS, NH=k.N_HPARAM_COLUMNS, BLOCK=block,
                       D_STEP=d_step, EXACT=exact, HAS_GS=amp, HAS_FI=amp, ROUNDING=mode,
-                      HINTS=True, EMULATE_BF16=False, PRECISE_MATH=k.PRECISE)
+                      HINTS=True, EMULATE_BF16=False, PRECISE_MATH=k.PRECISE, QUANT=state == "u8")
     pointers = {"blocks_ptr": "*i32", "table_ptr": "*i64", "index_ptr": "*i32",
                 "scalars_ptr": "*fp64", "hparams_ptr": "*fp64", "grad_scale_ptr": "*fp32",
                 "found_inf_ptr": "*fp32", "tickets_ptr": "*i32", "p_ref": f"*{dtype}",
@@ -233,7 +235,7 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="80,90", help="comma-separated compute capabilities")
     parser.add_argument("--block", type=int, default=None, help="elements per program (default: CONFIGS)")
     parser.add_argument("--warps", type=int, default=None, help="warps per program (default: CONFIGS)")
-    parser.add_argument("--states", default="fp32", help="comma-separated state dtypes: fp32,bf16")
+    parser.add_argument("--states", default="fp32", help="comma-separated state dtypes: fp32,bf16,u8")
     parser.add_argument("--rounding", default="nearest",
                         help="comma-separated: nearest,stochastic (16-bit parameters)")
     parser.add_argument("--amp", action="store_true", help="with grad_scale and found_inf")
@@ -247,8 +249,8 @@ def main(argv=None) -> int:
         parser.error(f"unknown dtype(s) {bad}; choose from {sorted(DTYPE_NAMES)}")
     archs = [int(a) for a in args.archs.split(",") if a.strip()]
     states = [d.strip() for d in args.states.split(",") if d.strip()]
-    if any(d not in ("fp32", "bf16") for d in states):
-        parser.error(f"state dtypes are fp32 and bf16, not {states}")
+    if any(d not in ("fp32", "bf16", "u8") for d in states):
+        parser.error(f"state dtypes are fp32, bf16 and u8, not {states}")
     roundings = [d.strip() for d in args.rounding.split(",") if d.strip()]
     if any(d not in ("nearest", "stochastic") for d in roundings):
         parser.error(f"rounding is nearest or stochastic, not {roundings}")

@@ -17,6 +17,10 @@ struct StepArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_ds;
   at::TensorList hvps;  // empty unless d_step
   bool d_step = false;
+  // uint8 state (exp_avgs/exp_avg_ds codes): each tensor's float32 [n_blocks, 2] block
+  // scales (esgdm/quant.py), read and written; empty for float state.
+  at::TensorList qscales;
+  bool quantized = false;
   at::Tensor scalars;     // float64 [n_slots, 4], advanced in place (bias, warm, steps)
   at::Tensor index;       // int32 [n, 2]: slot in scalars, row in hparams
   at::Tensor hparams;     // float64 [n_groups, 6]

@@ -13,7 +13,9 @@
 //
 // Parameters of any supported dtype are converted to float (double for float64) on
 // load and rounded back on store (to nearest, or stochastically); the state is
-// float32 or bfloat16 (float64 for float64 parameters), stored rounded to nearest.
+// float32 or bfloat16 (float64 for float64 parameters), stored rounded to nearest, or
+// 8-bit codes with a float32 scale per block of 256 elements (esgdm/quant.py; the
+// "8-bit state" section below: there the unit of work is a whole block).
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
@@ -196,6 +198,26 @@ void step_global(const std::vector<Segment<P, S, T>>& segs, const std::vector<in
   }
 }
 
+// Runs run(begin, end) over [0, total) cut into chunks of `chunk`, on ATen's threads:
+// each worker takes the next chunk from a shared counter until none are left (a dynamic
+// schedule, so a thread slowed down by a neighbour does not hold the others up).
+template <typename F>
+void for_each_chunk(int64_t total, int64_t chunk, const F& run) {
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
+  if (workers <= 1 || at::in_parallel_region()) {
+    run(0, total);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      run(c * chunk, std::min(total, (c + 1) * chunk));
+    }
+  });
+}
+
 template <typename P, typename S>
 void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
   using T = MathType<P>;
@@ -247,20 +269,177 @@ void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
       step_global<false, false>(segs, starts, begin, end, scale, avx2);
     }
   };
-  const int64_t chunks = (total + kChunk - 1) / kChunk;
-  const int64_t workers = std::min<int64_t>(chunks, at::get_num_threads());
-  if (workers <= 1 || at::in_parallel_region()) {
-    run(0, total);
-    return;
-  }
-  // Dynamic schedule: each worker takes the next chunk until none are left.
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
-         c = next.fetch_add(1, std::memory_order_relaxed)) {
-      run(c * kChunk, std::min(total, (c + 1) * kChunk));
+  for_each_chunk(total, kChunk, run);
+}
+
+// ------------------------------------------------------------------ 8-bit state
+//
+// uint8 m and D with a float32 scale per block of kQuantBlock elements (esgdm/quant.py;
+// the codes are esgdm_update.h's decode_*/encode_*).  The unit of work is a block: the
+// bucket's blocks are numbered one after the other across tensors and cut into chunks of
+// kChunk / kQuantBlock blocks, so every block is stepped by one thread, in one pass:
+// decode its m and D, run update() on each element (the rule, unchanged), keep the new m
+// (and sqrt(D) on a D-step) in a stack buffer while taking the block's max, then encode
+// against the new scale.  A plain step reads the D codes and scale and writes neither.
+
+constexpr int64_t kChunkBlocks = kChunk / kQuantBlock;
+
+template <typename P>
+struct Segment8 {
+  P* p;
+  const P* g;
+  uint8_t* m;
+  uint8_t* d;
+  const P* h;  // null on a plain step
+  float* qs;   // [nblocks, 2]: max |m|, max sqrt(D)
+  int64_t numel;
+  int64_t nblocks;
+  Coeffs<float> c;
+  uint32_t key;
+};
+
+// One block of n <= kQuantBlock elements; `first` is the index of its first element in
+// its tensor (low 32 bits, for the random numbers); mv and rv are scratch.
+template <bool kDStep, bool kSR, bool kFma, typename P>
+ESGDM_ALWAYS_INLINE void step_block8(P* __restrict__ p, const P* __restrict__ g,
+                                     uint8_t* __restrict__ mc, uint8_t* __restrict__ dc,
+                                     const P* __restrict__ h, float* __restrict__ qs, int n,
+                                     uint32_t first, const Coeffs<float> c, const float scale,
+                                     const uint32_t key, float* __restrict__ mv,
+                                     float* __restrict__ rv) {
+  const float m_scale = qs[kQuantMScale];
+  const float d_scale = qs[kQuantDScale];
+  for (int i = 0; i < n; ++i) {
+    float pi = static_cast<float>(p[i]);
+    float mi = decode_m(mc[i], m_scale);
+    float di = decode_d(dc[i], d_scale);
+    update<kDStep, kFma>(pi, static_cast<float>(g[i]), mi, di,
+                         kDStep ? static_cast<float>(h[i]) : 0.0f, scale, c);
+    if constexpr (kSR) {
+      const uint32_t r = mix32(key ^ (first + static_cast<uint32_t>(i)));
+      p[i] = static_cast<P>(stochastic_round<std::is_same<P, c10::BFloat16>::value>(pi, r));
+    } else {
+      p[i] = static_cast<P>(pi);
     }
-  });
+    mv[i] = mi;
+    if (kDStep) rv[i] = esgdm_sqrt(di);
+  }
+  uint32_t m_max = 0;
+  for (int i = 0; i < n; ++i) m_max = std::max(m_max, abs_bits(mv[i]));
+  const float m_new = bits_float(m_max);
+  for (int i = 0; i < n; ++i) mc[i] = encode_m(mv[i], m_new);
+  qs[kQuantMScale] = m_new;
+  if (kDStep) {
+    uint32_t r_max = 0;
+    for (int i = 0; i < n; ++i) r_max = std::max(r_max, abs_bits(rv[i]));
+    const float d_new = bits_float(r_max);
+    for (int i = 0; i < n; ++i) dc[i] = encode_root(rv[i], d_new);
+    qs[kQuantDScale] = d_new;
+  }
+}
+
+// Blocks [b_lo, b_hi) of one tensor.
+template <bool kDStep, bool kSR, bool kFma, typename P>
+ESGDM_ALWAYS_INLINE void step_blocks8(const Segment8<P>& t, int64_t b_lo, int64_t b_hi,
+                                      float scale) {
+  alignas(64) float mv[kQuantBlock];
+  alignas(64) float rv[kQuantBlock];
+  for (int64_t b = b_lo; b < b_hi; ++b) {
+    const int64_t start = b * kQuantBlock;
+    const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, t.numel - start));
+    step_block8<kDStep, kSR, kFma>(t.p + start, t.g + start, t.m + start, t.d + start,
+                                   kDStep ? t.h + start : nullptr, t.qs + 2 * b, n,
+                                   static_cast<uint32_t>(static_cast<uint64_t>(start)), t.c,
+                                   scale, t.key, mv, rv);
+  }
+}
+
+template <bool kDStep, bool kSR, typename P>
+void step_blocks8_baseline(const Segment8<P>& t, int64_t b_lo, int64_t b_hi, float scale) {
+  step_blocks8<kDStep, kSR, ESGDM_BASELINE_FMA>(t, b_lo, b_hi, scale);
+}
+
+#if ESGDM_X86_DISPATCH
+// Compiled for AVX2 + FMA, as step_loop_avx2.
+template <bool kDStep, bool kSR, typename P>
+__attribute__((target("avx2,fma"))) void step_blocks8_avx2(const Segment8<P>& t, int64_t b_lo,
+                                                           int64_t b_hi, float scale) {
+  step_blocks8<kDStep, kSR, true>(t, b_lo, b_hi, scale);
+}
+#endif
+
+// Steps the global block range [begin, end) of the concatenated tensors.
+template <bool kDStep, bool kSR, typename P>
+void step_global8(const std::vector<Segment8<P>>& segs, const std::vector<int64_t>& starts,
+                  int64_t begin, int64_t end, float scale, bool avx2) {
+  size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+  for (; k < segs.size() && starts[k] < end; ++k) {
+    const int64_t lo = std::max(begin, starts[k]) - starts[k];
+    const int64_t hi = std::min(end, starts[k] + segs[k].nblocks) - starts[k];
+    if (lo >= hi) continue;
+#if ESGDM_X86_DISPATCH
+    if (avx2) {
+      step_blocks8_avx2<kDStep, kSR>(segs[k], lo, hi, scale);
+      continue;
+    }
+#endif
+    (void)avx2;
+    step_blocks8_baseline<kDStep, kSR>(segs[k], lo, hi, scale);
+  }
+}
+
+template <typename P>
+void step_typed8(const StepArgs& a, const std::vector<Derived>& derived) {
+  const int32_t* index = a.index.data_ptr<int32_t>();
+  const uint32_t seed_mix = mix32(a.seed32());
+  const bool sr = kIs16Bit<P> && a.stochastic_rounding();
+
+  std::vector<Segment8<P>> segs;
+  std::vector<int64_t> starts;  // in blocks
+  segs.reserve(a.size());
+  starts.reserve(a.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < a.size(); ++i) {
+    const int64_t numel = a.params[i].numel();
+    if (numel == 0) continue;
+    const int64_t nblocks = (numel + kQuantBlock - 1) / kQuantBlock;
+    segs.push_back(Segment8<P>{
+        static_cast<P*>(a.params[i].data_ptr()),
+        static_cast<const P*>(a.grads[i].data_ptr()),
+        static_cast<uint8_t*>(a.exp_avgs[i].data_ptr()),
+        static_cast<uint8_t*>(a.exp_avg_ds[i].data_ptr()),
+        a.d_step ? static_cast<const P*>(a.hvps[i].data_ptr()) : nullptr,
+        static_cast<float*>(a.qscales[i].data_ptr()),
+        numel,
+        nblocks,
+        make_coeffs<float>(derived[i], a.exact()),
+        rounding_key(seed_mix, index[2 * i], derived[i].steps),
+    });
+    starts.push_back(total);
+    total += nblocks;
+  }
+  if (total == 0) return;
+
+  const float scale = a.grad_scale.defined() ? *a.grad_scale.data_ptr<float>() : 1.0f;
+  const bool avx2 = use_avx2();
+  auto run = [&](int64_t begin, int64_t end) {
+    if constexpr (kIs16Bit<P>) {
+      if (sr) {
+        if (a.d_step) {
+          step_global8<true, true>(segs, starts, begin, end, scale, avx2);
+        } else {
+          step_global8<false, true>(segs, starts, begin, end, scale, avx2);
+        }
+        return;
+      }
+    }
+    if (a.d_step) {
+      step_global8<true, false>(segs, starts, begin, end, scale, avx2);
+    } else {
+      step_global8<false, false>(segs, starts, begin, end, scale, avx2);
+    }
+  };
+  for_each_chunk(total, kChunkBlocks, run);
 }
 
 template <typename P>
@@ -272,8 +451,10 @@ void step_param(const StepArgs& a, const std::vector<Derived>& derived) {
   } else {
     if (state == at::kFloat) {
       step_typed<P, float>(a, derived);
+    } else if (state == at::kByte) {
+      step_typed8<P>(a, derived);
     } else {
-      TORCH_CHECK(state == at::kBFloat16, "esgdm._C.step: state must be float32 or bfloat16, got ", state);
+      TORCH_CHECK(state == at::kBFloat16, "esgdm._C.step: state must be float32, bfloat16 or uint8, got ", state);
       step_typed<P, c10::BFloat16>(a, derived);
     }
   }

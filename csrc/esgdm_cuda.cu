@@ -2,6 +2,9 @@
 // one launch of the element-wise kernel per call whatever the number of tensors, then
 // one tiny launch that advances the per-tensor scalars.
 //
+// With uint8 state (8-bit, esgdm/quant.py) step_kernel8 runs instead: the same walk, one
+// warp per block of 256 elements (see there).
+//
 // The host (esgdm_cuda_host.cpp) keeps one TensorMeta per non-empty tensor on the
 // device.  The tensors are cut into tiles of kThreads * VEC elements, VEC being 16
 // bytes of the parameter dtype, numbered one after the other across tensors.  Block b
@@ -195,6 +198,124 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The element-wise kernel for uint8 state (8-bit, esgdm/quant.py; codes in
+// esgdm_update.h).  The same walk over tiles as step_kernel, with tiles of kTile8
+// elements: warp w of the block steps quantization block 8 * tile + w of its tensor,
+// lane l its elements l, l + 32, ..., l + 224 (coalesced, element by element).  Each
+// lane decodes its 8 elements, runs update() on them, keeps the new m (and sqrt(D) on a
+// D-step) in registers; the block's max is a warp max over __shfl_xor_sync; then every
+// lane encodes its 8 elements against the new scale and lane 0 writes the scale.  A plain
+// step reads the D codes and scale and writes neither.  Simple rather than fast: no
+// vector accesses.
+template <bool kDStep, typename P>
+__global__ void __launch_bounds__(kThreads)
+    step_kernel8(const StepParams prm, int64_t tiles_per_block) {
+  constexpr int kPerLane = kQuantBlock / 32;
+  constexpr int kWarps = kThreads / 32;
+  static_assert(kTile8 == static_cast<int64_t>(kWarps) * kQuantBlock, "tile size mismatch");
+  if (prm.found_inf != nullptr && *prm.found_inf != 0.0f) return;  // nothing is written
+
+  int64_t tile = static_cast<int64_t>(blockIdx.x) * tiles_per_block;
+  const int64_t tile_end = tile + tiles_per_block < prm.ntiles ? tile + tiles_per_block : prm.ntiles;
+  if (tile >= tile_end) return;
+  const TensorMeta* __restrict__ metas = prm.metas;
+  const float scale = prm.grad_scale != nullptr ? *prm.grad_scale : 1.0f;
+  const bool sr = sizeof(P) == 2 && prm.stochastic != 0;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  int lo = 0, hi = prm.ntensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (metas[mid].tile_begin <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  int k = lo;
+  int current = -1;
+  bool valid = false;
+  Coeffs<float> c;
+  uint32_t key = 0;
+
+  for (; tile < tile_end; ++tile) {
+    while (k + 1 < prm.ntensors && metas[k + 1].tile_begin <= tile) ++k;
+    const TensorMeta& t = metas[k];
+    if (k != current) {
+      current = k;
+      int32_t slot;
+      const double* row;
+      const double* hp;
+      valid = tensor_rows(prm, t.pos, &slot, &row, &hp);
+      if (valid) {
+        const Derived r = derive(row, hp, kDStep);
+        c = make_coeffs<float>(r, prm.exact != 0);
+        key = rounding_key(prm.seed_mix, slot, r.steps);
+      }
+    }
+    if (!valid) continue;
+    // This warp's block; the whole warp takes the same branch (the shuffles need it).
+    const int64_t block = (tile - t.tile_begin) * kWarps + warp;
+    const int64_t start = block * kQuantBlock;
+    if (start >= t.numel) continue;
+    const int64_t left = t.numel - start;
+    const int n = left < kQuantBlock ? static_cast<int>(left) : kQuantBlock;
+    P* __restrict__ p = static_cast<P*>(t.p) + start;
+    const P* __restrict__ g = static_cast<const P*>(t.g) + start;
+    uint8_t* __restrict__ mc = static_cast<uint8_t*>(t.m) + start;
+    uint8_t* __restrict__ dc = static_cast<uint8_t*>(t.d) + start;
+    const P* __restrict__ h = kDStep ? static_cast<const P*>(t.h) + start : nullptr;
+    float* __restrict__ qs = t.qs + 2 * block;
+    const float m_scale = qs[kQuantMScale];
+    const float d_scale = qs[kQuantDScale];
+
+    float mv[kPerLane];
+    float rv[kPerLane];
+    uint32_t m_max = 0;
+    uint32_t r_max = 0;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int j = e * 32 + lane;
+      mv[e] = 0.0f;
+      rv[e] = 0.0f;
+      if (j < n) {
+        float pj = static_cast<float>(p[j]);
+        float mj = decode_m(mc[j], m_scale);
+        float dj = decode_d(dc[j], d_scale);
+        const float hj = kDStep ? static_cast<float>(h[j]) : 0.0f;
+        update<kDStep, true>(pj, static_cast<float>(g[j]), mj, dj, hj, scale, c);
+        p[j] = to_param<P>(pj, sr, key, start + j);
+        mv[e] = mj;
+        m_max = max(m_max, abs_bits(mj));
+        if (kDStep) {
+          rv[e] = esgdm_sqrt(dj);
+          r_max = max(r_max, abs_bits(rv[e]));
+        }
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) {
+      m_max = max(m_max, __shfl_xor_sync(0xFFFFFFFFu, m_max, off));
+      if (kDStep) r_max = max(r_max, __shfl_xor_sync(0xFFFFFFFFu, r_max, off));
+    }
+    const float m_new = bits_float(m_max);
+    const float d_new = bits_float(r_max);
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int j = e * 32 + lane;
+      if (j < n) {
+        mc[j] = encode_m(mv[e], m_new);
+        if (kDStep) dc[j] = encode_root(rv[e], d_new);
+      }
+    }
+    if (lane == 0) {
+      qs[kQuantMScale] = m_new;
+      if (kDStep) qs[kQuantDScale] = d_new;
+    }
+  }
+}
+
 // Advances bias, warm and steps of each stepped tensor's row (rule.derive), from the
 // rows as the element-wise kernel read them.
 __global__ void advance_kernel(const StepParams prm) {
@@ -233,9 +354,19 @@ int sm_count(int device) {
   return cache[slot];
 }
 
+// The element-wise kernel for parameters P and state S (uint8_t: step_kernel8).
+template <bool kDStep, typename P, typename S>
+auto step_kernel_for() {
+  if constexpr (std::is_same<S, uint8_t>::value) {
+    return step_kernel8<kDStep, P>;
+  } else {
+    return step_kernel<kDStep, P, S>;
+  }
+}
+
 template <bool kDStep, typename P, typename S>
 void launch_typed(const StepParams& prm, int device, cudaStream_t stream) {
-  auto kernel = step_kernel<kDStep, P, S>;
+  auto kernel = step_kernel_for<kDStep, P, S>();
   static int occupancy[kMaxDevices] = {};  // one per instantiation and device
   const int slot = device >= 0 && device < kMaxDevices ? device : 0;
   if (occupancy[slot] == 0) {
@@ -263,6 +394,8 @@ template <typename P>
 void launch_param(StateType state, const StepParams& prm, int device, cudaStream_t stream) {
   if (state == StateType::kBFloat16) {
     launch_for<P, c10::BFloat16>(prm, device, stream);
+  } else if (state == StateType::kUInt8) {
+    launch_for<P, uint8_t>(prm, device, stream);
   } else {
     launch_for<P, float>(prm, device, stream);
   }

@@ -22,6 +22,10 @@ constexpr int64_t tile_elements(int param_bytes) {
   return static_cast<int64_t>(kThreads) * (16 / param_bytes);
 }
 
+// Elements per tile with uint8 state (8-bit, esgdm/quant.py), whatever the parameter
+// dtype: one warp per block of kQuantBlock elements, kThreads / 32 blocks per tile.
+constexpr int64_t kTile8 = static_cast<int64_t>(kThreads / 32) * kQuantBlock;
+
 // One non-empty tensor of the bucket, in the device-side address table.  Only
 // addresses and sizes: the table stays valid for as long as the tensors keep their
 // addresses, so the host builds it once and keeps it (esgdm_cuda_host.cpp).  Numbers
@@ -32,16 +36,17 @@ struct TensorMeta {
   void* m;
   void* d;
   const void* h;       // null on a plain step
+  float* qs;           // uint8 state: the [n_blocks, 2] block scales; else null
   int64_t numel;
   int64_t tile_begin;  // global index of this tensor's first tile; strictly increasing
   int32_t pos;         // position of the tensor in the call's lists: its row of `index`
   int32_t aligned;     // all addresses 16-byte aligned: full tiles use vector accesses
 };
-static_assert(sizeof(TensorMeta) == 64, "TensorMeta is uploaded as 8 words");
+static_assert(sizeof(TensorMeta) == 72, "TensorMeta is uploaded as 9 words");
 
 // Parameter and state dtypes of the kernel instantiations.
 enum class ParamType : int { kFloat32, kFloat64, kFloat16, kBFloat16 };
-enum class StateType : int { kFloat32, kFloat64, kBFloat16 };
+enum class StateType : int { kFloat32, kFloat64, kBFloat16, kUInt8 };
 
 // The arguments of one step, passed by value to the kernels.  All pointers are device
 // addresses; grad_scale and found_inf are null when absent.

@@ -82,6 +82,8 @@ cuda::StateType state_type(at::ScalarType t) {
       return cuda::StateType::kFloat64;
     case at::kBFloat16:
       return cuda::StateType::kBFloat16;
+    case at::kByte:
+      return cuda::StateType::kUInt8;
     default:
       TORCH_CHECK(false, "esgdm._C.step: unsupported state dtype ", t);
   }
@@ -92,10 +94,10 @@ uintptr_t address(const at::Tensor& t) {
 }
 
 // Everything the table depends on: device, dtypes, kind of step, and each tensor's
-// five addresses and size.
+// five addresses (six with 8-bit state: its block scales) and size.
 std::vector<uintptr_t> table_key(const StepArgs& a) {
   std::vector<uintptr_t> key;
-  key.reserve(5 + 6 * a.params.size());
+  key.reserve(5 + 7 * a.params.size());
   key.push_back(static_cast<uintptr_t>(a.params[0].device().index()));
   key.push_back(static_cast<uintptr_t>(a.params[0].scalar_type()));
   key.push_back(static_cast<uintptr_t>(a.exp_avgs[0].scalar_type()));
@@ -107,6 +109,7 @@ std::vector<uintptr_t> table_key(const StepArgs& a) {
     key.push_back(address(a.exp_avgs[i]));
     key.push_back(address(a.exp_avg_ds[i]));
     key.push_back(a.d_step ? address(a.hvps[i]) : 0);
+    key.push_back(a.quantized ? address(a.qscales[i]) : 0);
     key.push_back(static_cast<uintptr_t>(a.params[i].numel()));
   }
   return key;
@@ -123,7 +126,8 @@ uint64_t hash_key(const std::vector<uintptr_t>& key) {
 // Builds the table of a bucket (host copy and device buffer); uploads nothing yet.
 Table build_table(const StepArgs& a, std::vector<uintptr_t> key, uint64_t hash) {
   const at::ScalarType dtype = a.params[0].scalar_type();
-  const int64_t tile = cuda::tile_elements(static_cast<int>(c10::elementSize(dtype)));
+  const int64_t tile = a.quantized ? cuda::kTile8
+                                   : cuda::tile_elements(static_cast<int>(c10::elementSize(dtype)));
   Table t;
   t.key = std::move(key);
   t.hash = hash;
@@ -137,6 +141,7 @@ Table build_table(const StepArgs& a, std::vector<uintptr_t> key, uint64_t hash) 
     meta.m = a.exp_avgs[i].data_ptr();
     meta.d = a.exp_avg_ds[i].data_ptr();
     meta.h = a.d_step ? a.hvps[i].data_ptr() : nullptr;
+    meta.qs = a.quantized ? static_cast<float*>(a.qscales[i].data_ptr()) : nullptr;
     meta.numel = numel;
     meta.tile_begin = t.ntiles;
     meta.pos = static_cast<int32_t>(i);

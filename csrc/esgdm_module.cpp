@@ -29,7 +29,8 @@ bool supported_param_dtype(at::ScalarType t) {
 }
 
 bool supported_state_dtype(at::ScalarType param, at::ScalarType state) {
-  return param == at::kDouble ? state == at::kDouble : (state == at::kFloat || state == at::kBFloat16);
+  return param == at::kDouble ? state == at::kDouble
+                              : (state == at::kFloat || state == at::kBFloat16 || state == at::kByte);
 }
 
 // Tensor `t` (the `what` of tensor `i`) must match its parameter `p` in dtype, device,
@@ -100,7 +101,14 @@ void check_step_args(const StepArgs& a) {
   const at::ScalarType state = a.exp_avgs[0].scalar_type();
   TORCH_CHECK(supported_state_dtype(dtype, state), "esgdm._C.step: exp_avgs[0] has dtype ", state,
               "; state for ", dtype, " parameters must be ",
-              dtype == at::kDouble ? "float64" : "float32 or bfloat16");
+              dtype == at::kDouble ? "float64" : "float32, bfloat16 or uint8 (with qscales)");
+  TORCH_CHECK(a.quantized == (state == at::kByte), "esgdm._C.step: ",
+              a.quantized ? "qscales are given but the state is not uint8"
+                          : "uint8 state needs its block scales (qscales)");
+  if (a.quantized) {
+    TORCH_CHECK(a.qscales.size() == n, "esgdm._C.step: got ", n, " params but ",
+                a.qscales.size(), " qscales");
+  }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = a.params[i];
     TORCH_CHECK(p.defined(), "esgdm._C.step: params[", i, "] is undefined");
@@ -114,17 +122,28 @@ void check_step_args(const StepArgs& a) {
     check_like(a.exp_avgs[i], "exp_avgs", i, p, state);
     check_like(a.exp_avg_ds[i], "exp_avg_ds", i, p, state);
     if (a.d_step) check_like(a.hvps[i], "hvps", i, p, dtype);
+    if (a.quantized) {
+      const at::Tensor& q = a.qscales[i];
+      const int64_t blocks = (p.numel() + kQuantBlock - 1) / kQuantBlock;
+      TORCH_CHECK(q.defined() && q.scalar_type() == at::kFloat && q.dim() == 2 &&
+                      q.size(0) == blocks && q.size(1) == 2 && q.is_contiguous() &&
+                      q.device() == device,
+                  "esgdm._C.step: qscales[", i, "] must be a contiguous float32 tensor of shape [",
+                  blocks, ", 2] on ", device, ", got ",
+                  q.defined() ? c10::toString(q.scalar_type()) : "undefined", " of shape ",
+                  q.defined() ? q.sizes() : at::IntArrayRef{});
+    }
   }
 }
 
 // esgdm._C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-//               grad_scale, found_inf, flags, seed)
+//               grad_scale, found_inf, flags, seed, qscales=None)
 void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
           const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_ds,
           const std::optional<std::vector<at::Tensor>>& hvps, const at::Tensor& scalars,
           const at::Tensor& index, const at::Tensor& hparams,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          int64_t flags, int64_t seed) {
+          int64_t flags, int64_t seed, const std::optional<std::vector<at::Tensor>>& qscales) {
   StepArgs a;
   a.params = params;
   a.grads = grads;
@@ -139,6 +158,8 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
   if (found_inf.has_value()) a.found_inf = *found_inf;
   a.flags = flags;
   a.seed = seed;
+  a.quantized = qscales.has_value();
+  if (a.quantized) a.qscales = *qscales;
   check_step_args(a);
   if (a.size() == 0) return;
   if (a.params[0].is_cuda()) {
@@ -199,13 +220,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &esgdm::step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_ds"), py::arg("hvps"), py::arg("scalars"), py::arg("index"),
         py::arg("hparams"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("flags"),
-        py::arg("seed"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("seed"), py::arg("qscales") = py::none(), py::call_guard<py::gil_scoped_release>(),
         "step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams, grad_scale, "
-        "found_inf, flags, seed) -> None\n\n"
+        "found_inf, flags, seed, qscales=None) -> None\n\n"
         "One ESGD-M step of one bucket in place, as esgdm.rule says, on the parameters' device "
         "(CPU or CUDA; on CUDA on the current stream, with no host synchronisation). Advances the "
         "bias, warm and steps columns of the stepped tensors' rows of scalars; writes nothing when "
-        "found_inf is nonzero. hvps is None on a plain step; grad_scale and found_inf may be None.");
+        "found_inf is nonzero. hvps is None on a plain step; grad_scale and found_inf may be None. "
+        "With uint8 exp_avgs/exp_avg_ds (8-bit state, esgdm.quant), qscales holds each tensor's "
+        "float32 [ceil(numel / 256), 2] block scales, updated in place (D's only on a D-step); "
+        "dscale is left to the caller.");
   esgdm::register_frontend(m);
   m.def("build_info", &esgdm::build_info,
         "build_info() -> dict: whether the CUDA kernel was built, for which architectures, "

@@ -1,9 +1,10 @@
 // The ESGD-M rule of esgdm/rule.py, written once for the C++ CPU kernel and the CUDA
 // kernel (esgdm_cpu.cpp, esgdm_cuda.cu): the per-tensor scalars (derive, make_coeffs),
-// the per-element update (update) and the stochastic rounding of 16-bit parameters
-// (mix32, stochastic_round).  Everything here is plain arithmetic on the math type T
-// (float, or double for float64 parameters); loading, converting and storing the
-// tensors' dtypes is the kernels' business.
+// the per-element update (update), the stochastic rounding of 16-bit parameters
+// (mix32, stochastic_round) and the codes of the 8-bit state of esgdm/quant.py
+// (decode_m, decode_root, decode_d, encode_m, encode_root).  Everything here is plain
+// arithmetic on the math type T (float, or double for float64 parameters); loading,
+// converting and storing the tensors' dtypes is the kernels' business.
 //
 // Every operation is one IEEE operation of the reference (esgdm.rule.reference_step,
 // torch ops), in the same order, so that results agree with it to the bit where torch
@@ -283,6 +284,83 @@ ESGDM_HOST_DEVICE float stochastic_round(float x, uint32_t r) {
     y = (f + (u < q - f ? 1.0f : 0.0f)) * ulp;
   }
   return finite ? y : x;
+}
+
+// ------------------------------------------------------------------ 8-bit state
+
+// esgdm/quant.py, the one reference quantizer: with uint8 state, m and D are one code
+// per element, in blocks of kQuantBlock consecutive elements of the tensor's memory,
+// with two float32 scales per block (a contiguous [n_blocks, 2] table per tensor):
+// column kQuantMScale = the block's max |m|, column kQuantDScale = its max sqrt(D).
+// Every operation below is one correctly rounded float32 operation of the reference, in
+// its order, so that every backend stores the same bytes.
+constexpr int kQuantBlock = 256;
+constexpr int kQuantMScale = 0;
+constexpr int kQuantDScale = 1;
+constexpr float kQuantMLevels = 127.0f;  // m: code 128 + q, q in -127..127
+constexpr float kQuantMZero = 128.0f;
+constexpr float kQuantDLevels = 255.0f;  // D: code 0..255, 0 iff D == 0
+
+ESGDM_HOST_DEVICE float esgdm_fabs(float x) {
+#if defined(__CUDA_ARCH__)
+  return fabsf(x);
+#else
+  return std::fabs(x);
+#endif
+}
+
+// rint (half to even) of 0 <= x < 2**22: adding 2**23 leaves no fraction bits.  Exact
+// as written only because no compiler here reassociates or contracts float arithmetic
+// (-ffp-contract=off, --fmad=false, no fast math).
+ESGDM_HOST_DEVICE float quant_rint(float x) {
+  return (x + 8388608.0f) - 8388608.0f;
+}
+
+// m from its code and its block's scale s: q = code - 128, a = |q| / 127,
+// m = sign(q) * (s * ((a * a) * (a * a))).
+ESGDM_HOST_DEVICE float decode_m(uint8_t code, float s) {
+  const float q = static_cast<float>(code) - kQuantMZero;
+  const float a = esgdm_fabs(q) / kQuantMLevels;
+  const float m = s * ((a * a) * (a * a));
+  return q < 0.0f ? -m : m;
+}
+
+// sqrt(D) as stored: t = code / 255, r = s * ((t * t) * (t * t)).
+ESGDM_HOST_DEVICE float decode_root(uint8_t code, float s) {
+  const float t = static_cast<float>(code) / kQuantDLevels;
+  return s * ((t * t) * (t * t));
+}
+
+// D = r * r.
+ESGDM_HOST_DEVICE float decode_d(uint8_t code, float s) {
+  const float r = decode_root(code, s);
+  return r * r;
+}
+
+// The code of m in a block whose max |m| is s:
+// 128 + sign(m) * rint(127 * sqrt(sqrt(|m| / s))), 128 where s is not > 0.
+ESGDM_HOST_DEVICE uint8_t encode_m(float m, float s) {
+  const bool live = s > 0.0f;
+  const float u = esgdm_fabs(m) / (live ? s : 1.0f);
+  const float q = live ? quant_rint(kQuantMLevels * esgdm_sqrt(esgdm_sqrt(u))) : 0.0f;
+  return static_cast<uint8_t>(static_cast<int32_t>(m < 0.0f ? kQuantMZero - q : kQuantMZero + q));
+}
+
+// The code of D from r = sqrt(D), in a block whose max sqrt(D) is s:
+// rint(255 * sqrt(sqrt(r / s))), at least 1 where D > 0, 0 where D == 0.
+ESGDM_HOST_DEVICE uint8_t encode_root(float r, float s) {
+  const float u = r / (s > 0.0f ? s : 1.0f);
+  float c = quant_rint(kQuantDLevels * esgdm_sqrt(esgdm_sqrt(u)));
+  c = c < 1.0f ? 1.0f : c;
+  c = r > 0.0f ? c : 0.0f;  // r > 0 exactly where D > 0
+  return static_cast<uint8_t>(static_cast<int32_t>(c));
+}
+
+// The bits of |x|: for values >= 0 their order is the order of the floats (NaN above
+// inf), so a block's max |m| or max sqrt(D) is an integer max (which vectorises, and
+// keeps a NaN as torch's amax does).
+ESGDM_HOST_DEVICE uint32_t abs_bits(float x) {
+  return float_bits(x) & 0x7FFFFFFFu;
 }
 
 }  // namespace esgdm

@@ -19,6 +19,7 @@ Where the tensors are comes from an *address table*, ``int64 [n_tensors, ROW]``:
 
     column 0..4   addresses of p, g, h, m, D   (h = g's address on a plain step: never read)
     column 5      numel
+    column 6      address of the tensor's qscale table (8-bit state; 0 otherwise)
 
 cached on the device per bucket and refreshed (one small host-to-device copy from pinned
 memory) only when one of the addresses or sizes changed -- gradients' addresses usually
@@ -39,6 +40,18 @@ float32 in registers, stored rounded to nearest.
 
 ``found_inf`` is read on the device: nonzero, and every program returns before writing
 anything (elements, scalars, tickets).
+
+8-bit state
+-----------
+With uint8 ``m``/``D`` (:mod:`esgdm.quant`: codes per element, a float32 ``[n_blocks, 2]``
+scale table per tensor, blocks of 256 consecutive elements) the kernel is instantiated
+with ``QUANT``: a program's ``BLOCK`` elements are ``BLOCK // 256`` whole quantization
+blocks (every ``BLOCK`` is a multiple of 256 and programs start at multiples of
+``BLOCK``), addressed as a ``[BLOCK // 256, 256]`` tile.  :func:`_step_block8` decodes
+the tile's m and D with their blocks' scales, runs :func:`_update` unchanged, takes each
+block's new max ``|m|`` (and max ``sqrt(D)`` on a D-step) with ``tl.max(axis=1)``, then
+encodes and stores the codes and the scales in the same pass.  A plain step only reads
+the D codes and scales.
 
 Advancing the scalars without a race
 ------------------------------------
@@ -80,14 +93,27 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 #: int64 columns of one row of the address table.
-ROW = 6
-P_COL, G_COL, H_COL, M_COL, D_COL, NUMEL_COL = range(ROW)
+ROW = 7
+P_COL, G_COL, H_COL, M_COL, D_COL, NUMEL_COL, QS_COL = range(ROW)
 
-#: Parameter dtypes the kernel steps, and the state dtypes it supports for them.
+#: Parameter dtypes the kernel steps, and the state dtypes it supports for them
+#: (uint8: 8-bit codes with per-block scales, esgdm.quant).
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
+
+#: 8-bit state (esgdm.quant, which the kernel module does not import; the copies are
+#: checked by tests/test_one_definition.py): blocks of QUANT_BLOCK elements, scale
+#: columns, code levels.
+QUANT_BLOCK = 256
+QUANT_M_SCALE, QUANT_D_SCALE = 0, 1
+QUANT_M_LEVELS, QUANT_M_ZERO, QUANT_D_LEVELS = 127, 128, 255
+_QB = tl.constexpr(QUANT_BLOCK)
+_QM_SCALE, _QD_SCALE = tl.constexpr(QUANT_M_SCALE), tl.constexpr(QUANT_D_SCALE)
+_QM_LEVELS, _QM_ZERO, _QD_LEVELS = (
+    tl.constexpr(float(c)) for c in (QUANT_M_LEVELS, QUANT_M_ZERO, QUANT_D_LEVELS))
 
 #: Bits of ``flags`` (the same values as esgdm.rule's FLAG_*; the kernel module does
 #: not import the package so that it stays usable on its own).
@@ -214,6 +240,84 @@ def _stochastic_round(x, r, ROUNDING: tl.constexpr):
 
 
 @triton.jit
+def _store_param(p_ptr, p_new, mask, idx, key, ROUNDING: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Stores the new parameters: rounded to nearest, or stochastically (16-bit)."""
+    if ROUNDING == 0:
+        _store_nearest(p_ptr, p_new, mask, EMULATE_BF16)
+    else:
+        r = _mix32(key ^ idx)
+        p_new = _stochastic_round(p_new, r, ROUNDING)
+        tl.store(p_ptr, p_new.to(p_ptr.dtype.element_ty), mask=mask)  # exact conversion
+
+
+@triton.jit
+def _sqrt(x, PRECISE_MATH: tl.constexpr):
+    if PRECISE_MATH:
+        return tl.sqrt_rn(x)
+    else:
+        return tl.sqrt(x)
+
+
+@triton.jit
+def _rint(x, INTERPRETED: tl.constexpr):
+    """rint (half to even) of float32 ``0 <= x < 2**22``.  Compiled: libdevice's rint
+    (``cvt.rni``); ``(x + 2**23) - 2**23`` would be exact too, but the compiler fuses
+    ``a * b + 2**23`` into one fma, which rounds once.  Interpreted (numpy float32,
+    nothing fused, no libdevice): that sum."""
+    if INTERPRETED:
+        return (x + 8388608.0) - 8388608.0
+    else:
+        return libdevice.rint(x)
+
+
+@triton.jit
+def _decode_m(code, s, PRECISE_MATH: tl.constexpr):
+    """esgdm.quant.decode_m: q = code - 128, a = |q| / 127, m = sign(q) * (s * (a*a)*(a*a))."""
+    q = code.to(tl.float32) - _QM_ZERO
+    a = _div(tl.abs(q), _QM_LEVELS, PRECISE_MATH)
+    m = s * ((a * a) * (a * a))
+    return tl.where(q < 0.0, -m, m)
+
+
+@triton.jit
+def _decode_root(code, s, PRECISE_MATH: tl.constexpr):
+    """esgdm.quant.decode_d's r = sqrt(D) as stored: t = code / 255, r = s * (t*t)*(t*t)."""
+    t = _div(code.to(tl.float32), _QD_LEVELS, PRECISE_MATH)
+    return s * ((t * t) * (t * t))
+
+
+@triton.jit
+def _encode_m(m, s, INTERPRETED: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """esgdm.quant.encode_m with the block's scale ``s`` (max |m|): uint8 codes."""
+    live = s > 0.0
+    u = _div(tl.abs(m), tl.where(live, s, 1.0), PRECISE_MATH)
+    q = tl.where(live, _rint(_QM_LEVELS * _sqrt(_sqrt(u, PRECISE_MATH), PRECISE_MATH), INTERPRETED),
+                 0.0)
+    return tl.where(m < 0.0, _QM_ZERO - q, _QM_ZERO + q).to(tl.uint8)
+
+
+@triton.jit
+def _encode_root(r, s, INTERPRETED: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """esgdm.quant.encode_d from ``r = sqrt(D)`` with the block's scale ``s`` (max
+    sqrt(D)): uint8 codes, at least 1 where D > 0 (r > 0), 0 where D == 0."""
+    u = _div(r, tl.where(s > 0.0, s, 1.0), PRECISE_MATH)
+    c = _rint(_QD_LEVELS * _sqrt(_sqrt(u, PRECISE_MATH), PRECISE_MATH), INTERPRETED)
+    c = tl.where(r > 0.0, tl.maximum(c, 1.0), 0.0)
+    return c.to(tl.uint8)
+
+
+@triton.jit
+def _block_max(x, mask):
+    """Per row of the ``[n, 256]`` tile ``x`` (values >= 0 or NaN, masked lanes left out):
+    the max, as an integer max of the bits (the order of non-negative floats; a NaN wins,
+    as in torch's amax)."""
+    bits = x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    if mask is not None:
+        bits = tl.where(mask, bits, 0)
+    return tl.max(bits, axis=1).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _update(p, g, m, d, h, S, w, beta2, eps, step_scale, decay, dscale, dscale_eps, dfloor,
             D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
             PRECISE_MATH: tl.constexpr):
@@ -284,12 +388,38 @@ def _step_block(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, mask, idx, key, S, w, beta2, 
     _store_nearest(m_ptr, m_new, mask, EMULATE_BF16)
     if D_STEP:
         _store_nearest(d_ptr, d_new, mask, EMULATE_BF16)
-    if ROUNDING == 0:
-        _store_nearest(p_ptr, p_new, mask, EMULATE_BF16)
-    else:
-        r = _mix32(key ^ idx)
-        p_new = _stochastic_round(p_new, r, ROUNDING)
-        tl.store(p_ptr, p_new.to(p_ptr.dtype.element_ty), mask=mask)  # exact conversion
+    _store_param(p_ptr, p_new, mask, idx, key, ROUNDING, EMULATE_BF16)
+
+
+@triton.jit
+def _step_block8(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, qs_ptr, mask, bmask, idx, key, S, w, beta2,
+                 eps, step_scale, decay, dscale, dscale_eps, dfloor,
+                 D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
+                 ROUNDING: tl.constexpr, EMULATE_BF16: tl.constexpr, PRECISE_MATH: tl.constexpr):
+    """:func:`_step_block` for 8-bit state, on a ``[n, 256]`` tile of whole quantization
+    blocks: ``m_ptr``/``d_ptr`` point at codes, ``qs_ptr`` (``[n]``) at each block's row of
+    the qscale table; ``mask`` (elements) and ``bmask`` (blocks) are None on a full tile.
+    ``EMULATE_BF16`` is set exactly when the kernel is interpreted."""
+    p = tl.load(p_ptr, mask=mask)
+    g = tl.load(g_ptr, mask=mask)
+    m = _decode_m(tl.load(m_ptr, mask=mask), tl.load(qs_ptr + _QM_SCALE, mask=bmask)[:, None],
+                  PRECISE_MATH)
+    r = _decode_root(tl.load(d_ptr, mask=mask), tl.load(qs_ptr + _QD_SCALE, mask=bmask)[:, None],
+                     PRECISE_MATH)
+    h = g  # unused on plain steps
+    if D_STEP:
+        h = tl.load(h_ptr, mask=mask)
+    p_new, m_new, d_new = _update(p, g, m, r * r, h, S, w, beta2, eps, step_scale, decay, dscale,
+                                  dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, PRECISE_MATH)
+    _store_param(p_ptr, p_new, mask, idx, key, ROUNDING, EMULATE_BF16)
+    m_scale = _block_max(m_new, mask)
+    tl.store(m_ptr, _encode_m(m_new, m_scale[:, None], EMULATE_BF16, PRECISE_MATH), mask=mask)
+    tl.store(qs_ptr + _QM_SCALE, m_scale, mask=bmask)
+    if D_STEP:
+        r_new = _sqrt(d_new, PRECISE_MATH)
+        d_scale = _block_max(r_new, mask)
+        tl.store(d_ptr, _encode_root(r_new, d_scale[:, None], EMULATE_BF16, PRECISE_MATH), mask=mask)
+        tl.store(qs_ptr + _QD_SCALE, d_scale, mask=bmask)
 
 
 @triton.jit
@@ -298,7 +428,7 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
              ROW_: tl.constexpr, NS: tl.constexpr, NH: tl.constexpr, BLOCK: tl.constexpr,
              D_STEP: tl.constexpr, EXACT: tl.constexpr, HAS_GS: tl.constexpr,
              ROUNDING: tl.constexpr, HINTS: tl.constexpr, EMULATE_BF16: tl.constexpr,
-             PRECISE_MATH: tl.constexpr):
+             PRECISE_MATH: tl.constexpr, QUANT: tl.constexpr):
     """One program's work once ``found_inf`` said go (see the module docstring)."""
     t = tl.load(blocks_ptr + 2 * pid)
     chunk = tl.load(blocks_ptr + 2 * pid + 1)
@@ -309,6 +439,7 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
     m_addr = tl.load(row + 3)
     d_addr = tl.load(row + 4)
     numel = tl.load(row + 5)
+    qs_addr = tl.load(row + 6)  # 0 unless QUANT
 
     # ---- per tensor, float64: the coefficients of esgdm.rule.derive, rounded to float32
     slot = tl.load(index_ptr + 2 * t)
@@ -360,10 +491,19 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
         h_ptr = tl.multiple_of(h_addr.to(p_type), 16) + start
         m_ptr = tl.multiple_of(m_addr.to(s_type), 16) + start
         d_ptr = tl.multiple_of(d_addr.to(s_type), 16) + start
-        _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, None,
-                    idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
-                    dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16,
-                    PRECISE_MATH)
+        if QUANT:
+            rows = tl.arange(0, BLOCK // _QB)
+            offs2 = rows[:, None] * _QB + tl.arange(0, _QB)[None, :]
+            qs_ptr = qs_addr.to(tl.pointer_type(tl.float32)) + (start // _QB + rows) * 2
+            _step_block8(p_ptr + offs2, g_ptr + offs2, h_ptr + offs2, m_ptr + offs2, d_ptr + offs2,
+                         qs_ptr, None, None, idx0 + offs2.to(tl.uint32), key, S, w, beta2, eps,
+                         step_scale, decay, dscale, dscale_eps, dfloor, D_STEP, EXACT, HAS_GS,
+                         ROUNDING, EMULATE_BF16, PRECISE_MATH)
+        else:
+            _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, None,
+                        idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
+                        dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16,
+                        PRECISE_MATH)
     elif remaining > 0:
         offs = tl.arange(0, BLOCK)
         mask = offs < tl.minimum(remaining, BLOCK).to(tl.int32)
@@ -372,10 +512,20 @@ def _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, gr
         h_ptr = h_addr.to(p_type) + start
         m_ptr = m_addr.to(s_type) + start
         d_ptr = d_addr.to(s_type) + start
-        _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, mask,
-                    idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
-                    dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16,
-                    PRECISE_MATH)
+        if QUANT:
+            rows = tl.arange(0, BLOCK // _QB)
+            offs2 = rows[:, None] * _QB + tl.arange(0, _QB)[None, :]
+            n_left = tl.minimum(remaining, BLOCK).to(tl.int32)
+            qs_ptr = qs_addr.to(tl.pointer_type(tl.float32)) + (start // _QB + rows) * 2
+            _step_block8(p_ptr + offs2, g_ptr + offs2, h_ptr + offs2, m_ptr + offs2, d_ptr + offs2,
+                         qs_ptr, offs2 < n_left, rows * _QB < n_left, idx0 + offs2.to(tl.uint32),
+                         key, S, w, beta2, eps, step_scale, decay, dscale, dscale_eps, dfloor,
+                         D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16, PRECISE_MATH)
+        else:
+            _step_block(p_ptr + offs, g_ptr + offs, h_ptr + offs, m_ptr + offs, d_ptr + offs, mask,
+                        idx0 + offs.to(tl.uint32), key, S, w, beta2, eps, step_scale, decay, dscale,
+                        dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, ROUNDING, EMULATE_BF16,
+                        PRECISE_MATH)
 
     # ---- the last program of the tensor advances its scalars
     tl.debug_barrier()  # every warp of this program has read the old scalars
@@ -419,6 +569,7 @@ def esgdm_step_kernel(
     HINTS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
     PRECISE_MATH: tl.constexpr,
+    QUANT: tl.constexpr = False,  # uint8 state (8-bit, esgdm.quant); BLOCK a multiple of 256
 ):
     pid = tl.program_id(0)
     go = True
@@ -427,7 +578,7 @@ def esgdm_step_kernel(
     if go:
         _program(pid, blocks_ptr, table_ptr, index_ptr, scalars_ptr, hparams_ptr, grad_scale_ptr,
                  tickets_ptr, p_ref, s_ref, seed, ROW_, NS, NH, BLOCK, D_STEP, EXACT, HAS_GS,
-                 ROUNDING, HINTS, EMULATE_BF16, PRECISE_MATH)
+                 ROUNDING, HINTS, EMULATE_BF16, PRECISE_MATH, QUANT)
 
 
 #: Whether the kernel was built for the Triton interpreter (which runs on CPU tensors).
@@ -511,38 +662,45 @@ class _Addresses:
         self.num_warps = num_warps  # warps per program
 
 
-def address_table_host(ptrs: Sequence[int], numels: Sequence[int], d_step: bool) -> np.ndarray:
-    """``int64 [n, ROW]`` from the addresses ``ptrs`` (``p..., g..., [h...,] m..., D...``)."""
+def address_table_host(ptrs: Sequence[int], numels: Sequence[int], d_step: bool,
+                       quant: bool = False) -> np.ndarray:
+    """``int64 [n, ROW]`` from the addresses ``ptrs`` (``p..., g..., [h...,] m..., D...``,
+    then ``qscale...`` with ``quant``)."""
     n = len(numels)
-    k = 5 if d_step else 4
+    k = (5 if d_step else 4) + int(quant)
     cols = np.asarray(ptrs, dtype=np.uint64).view(np.int64).reshape(k, n)
+    last = k - 1 if quant else k  # one past D's column
     out = np.empty((n, ROW), dtype=np.int64)
     out[:, P_COL] = cols[0]
     out[:, G_COL] = cols[1]
     out[:, H_COL] = cols[2] if d_step else cols[1]  # a plain step never reads h
-    out[:, M_COL] = cols[k - 2]
-    out[:, D_COL] = cols[k - 1]
+    out[:, M_COL] = cols[last - 2]
+    out[:, D_COL] = cols[last - 1]
     out[:, NUMEL_COL] = numels
+    out[:, QS_COL] = cols[k - 1] if quant else 0
     return out
 
 
 def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: int | None,
-               num_warps: int | None, device) -> _Addresses:
+               num_warps: int | None, device, qscales=None) -> _Addresses:
     """The bucket's cached tables, refreshed if an address or a size changed.
 
     ``block``/``num_warps`` None: chosen by :func:`choose_config` when the entry is made
     (a layout change makes a new entry)."""
     d_step = hvps is not None
+    quant = qscales is not None
     lists = (params, grads, hvps, exp_avgs, exp_avg_ds) if d_step else (params, grads, exp_avgs, exp_avg_ds)
+    if quant:
+        lists = (*lists, qscales)
     ptrs = tuple(map(_data_ptr, chain.from_iterable(lists)))
     numels = tuple(map(_numel, params))
-    # one entry per bucket (told apart by its first parameter) and step kind
-    key = (device, block, num_warps, d_step, len(params), ptrs[0])
+    # one entry per bucket (told apart by its first parameter), step kind and state kind
+    key = (device, block, num_warps, d_step, quant, len(params), ptrs[0])
     entry = _ADDRESSES.get(key)
     if entry is not None and entry.ptrs == ptrs and entry.numels == numels:
         return entry
     on_gpu = device.type == "cuda"
-    host = torch.from_numpy(address_table_host(ptrs, numels, d_step))
+    host = torch.from_numpy(address_table_host(ptrs, numels, d_step, quant))
     if on_gpu:
         pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
         pinned.copy_(host)
@@ -570,7 +728,8 @@ def launch(blocks: torch.Tensor, table: torch.Tensor, tickets: torch.Tensor, p_r
            grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, d_step: bool,
            flags: int = 0, seed: int = 0, block: int | None = None,
            num_warps: int | None = None, hints: bool = True) -> None:
-    """Launches the kernel over prepared tables (one launch; nothing if no programs)."""
+    """Launches the kernel over prepared tables (one launch; nothing if no programs).
+    uint8 ``s_ref``: 8-bit state, the table's qscale column filled in."""
     n_programs = blocks.shape[0]
     if n_programs == 0:
         return
@@ -586,6 +745,10 @@ def launch(blocks: torch.Tensor, table: torch.Tensor, tickets: torch.Tensor, p_r
     seed32 = int(seed) & 0xFFFFFFFF
     if seed32 >= 2**31:
         seed32 -= 2**32  # passed as int32; the kernel reads the bits as uint32
+    quant = s_ref.dtype == torch.uint8
+    if quant and block % QUANT_BLOCK:
+        raise ValueError(f"8-bit state needs programs of a multiple of {QUANT_BLOCK} elements, "
+                         f"not {block}")
     esgdm_step_kernel[(n_programs,)](
         blocks, table, index, scalars, hparams,
         scalars if grad_scale is None else grad_scale,
@@ -594,7 +757,7 @@ def launch(blocks: torch.Tensor, table: torch.Tensor, tickets: torch.Tensor, p_r
         ROW_=ROW, NS=N_SCALAR_COLUMNS, NH=N_HPARAM_COLUMNS, BLOCK=block, D_STEP=bool(d_step),
         EXACT=bool(flags & FLAG_EXACT), HAS_GS=grad_scale is not None, HAS_FI=found_inf is not None,
         ROUNDING=rounding, HINTS=bool(hints), EMULATE_BF16=INTERPRET, PRECISE_MATH=PRECISE,
-        num_warps=num_warps,
+        QUANT=quant, num_warps=num_warps,
     )
 
 
@@ -611,7 +774,8 @@ def _check_device(device: torch.device) -> None:
 def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor, index: torch.Tensor,
                hparams: torch.Tensor, grad_scale: torch.Tensor | None = None,
                found_inf: torch.Tensor | None = None, flags: int = 0, seed: int = 0,
-               block: int | None = None, num_warps: int | None = None, hints: bool = True) -> None:
+               block: int | None = None, num_warps: int | None = None, hints: bool = True,
+               qscales=None) -> None:
     """One ESGD-M step of a bucket (the contract of :mod:`esgdm.backends`), one launch.
 
     Updates ``params``, ``exp_avgs`` (and ``exp_avg_ds`` on a D-step, ``hvps`` given) in
@@ -619,6 +783,10 @@ def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor,
     ``scalars``; ``dscale`` is only read.  Reads nothing back to the host.  ``block``,
     ``num_warps`` and ``hints`` override the launch configuration, which is otherwise
     :func:`choose_config`'s (tests use small blocks to reach the fast path).
+
+    8-bit state (:mod:`esgdm.quant`): ``exp_avgs``/``exp_avg_ds`` uint8 codes and
+    ``qscales`` each tensor's float32 ``[ceil(numel / 256), 2]`` block scales (contiguous),
+    updated in place (D's on D-steps only); ``block`` then a multiple of 256.
     """
     if not params:
         return
@@ -627,9 +795,11 @@ def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor,
         raise TypeError(f"the esgdm Triton kernel steps {', '.join(map(str, DTYPES))} parameters with "
                         f"{' or '.join(map(str, STATE_DTYPES))} state, not {p_ref.dtype} with "
                         f"{exp_avgs[0].dtype} state")
+    if (exp_avgs[0].dtype == torch.uint8) != (qscales is not None):
+        raise TypeError("uint8 state (8-bit) comes with its block scales (qscales), and only it")
     device = p_ref.device
     _check_device(device)
-    entry = _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block, num_warps, device)
+    entry = _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block, num_warps, device, qscales)
     args = (entry.blocks, entry.table, entry.tickets, p_ref, exp_avgs[0], index, scalars, hparams,
             grad_scale, found_inf, hvps is not None, flags, seed, entry.block, entry.num_warps, hints)
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
@@ -645,6 +815,7 @@ def clear_caches() -> None:
     _ADDRESSES.clear()
 
 
-__all__ = ["CONFIGS", "DSCALE_FLOOR", "DTYPES", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING", "INTERPRET", "ROW",
-           "SMALL_CONFIG", "STATE_DTYPES", "address_table_host", "block_table", "block_table_host",
-           "choose_config", "clear_caches", "esgdm_step_kernel", "fused_step", "lanes", "launch"]
+__all__ = ["CONFIGS", "DSCALE_FLOOR", "DTYPES", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING", "INTERPRET",
+           "QUANT_BLOCK", "ROW", "SMALL_CONFIG", "STATE_DTYPES", "address_table_host", "block_table",
+           "block_table_host", "choose_config", "clear_caches", "esgdm_step_kernel", "fused_step", "lanes",
+           "launch"]

@@ -210,3 +210,22 @@ def test_bench_train_finite_difference_smoke(tmp_path):
     (run,) = json.load(open(tmp_path / "t.json"))["runs"]
     assert run["nonfinite_step"] is None and run["steps_done"] == 30
     assert run["d_steps"] == [True] * 20 + [False] * 9 + [True]
+
+
+def test_bench_state8_smoke(tmp_path):
+    """8-bit against float32 state in the cpu kernel: every row timed, bytes per element
+    and state per parameter as the script's docstring says."""
+    from esgdm.backends import cpp_impl
+
+    if cpp_impl._C is None:
+        pytest.skip(str(cpp_impl.LOAD_ERROR))
+    out = _run(["benchmarks/bench_state8.py", "--smoke", "--threads", "1", "--json",
+                str(tmp_path / "s8.json")], 240)
+    rows = json.load(open(tmp_path / "s8.json"))["rows"]
+    assert {(r["state"], r["kind"]) for r in rows} == {
+        (s, k) for s in ("fp32", "u8") for k in ("plain", "dstep", "dstep+dscale")}
+    assert all(r["ms"] > 0 for r in rows)
+    per = {(r["state"], r["kind"]): r["bytes_per_element"] for r in rows}
+    assert per[("fp32", "plain")] == 24 and per[("fp32", "dstep")] == 32
+    assert abs(per[("u8", "plain")] - 15.047) < 1e-3 and abs(per[("u8", "dstep")] - 20.0625) < 1e-3
+    assert "2.031 B/param (8-bit, scales included)" in out

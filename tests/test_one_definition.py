@@ -33,7 +33,7 @@ def _camel(column: str) -> str:
 
 
 def _cpp_constant(name: str) -> float:
-    found = re.search(r"constexpr\s+\w+\s+" + name + r"\s*=\s*([0-9.eE+-]+)\s*;", HEADER)
+    found = re.search(r"constexpr\s+\w+\s+" + name + r"\s*=\s*([0-9.eE+-]+)f?\s*;", HEADER)
     assert found, f"{name} not found in esgdm_update.h"
     return float(found.group(1))
 
@@ -76,3 +76,23 @@ def test_triton_dtypes_follow_the_capability_table():
     row = CAPABILITIES["triton"]
     assert tuple(kernels.DTYPES) == row.params
     assert all(row.state_dtypes(p) == tuple(kernels.STATE_DTYPES) for p in row.params)
+
+
+def test_8bit_state_copies_follow_the_quantizer():
+    """The block size, scale columns and code levels of esgdm.quant, as the C++ header
+    and the Triton kernel module hold them."""
+    from esgdm import quant
+
+    assert _cpp_constant("kQuantBlock") == quant.BLOCK
+    assert _cpp_constant("kQuantMScale") == quant.M_SCALE
+    assert _cpp_constant("kQuantDScale") == quant.D_SCALE
+    assert _cpp_constant("kQuantMLevels") == quant.M_LEVELS
+    assert _cpp_constant("kQuantMZero") == quant.M_ZERO
+    assert _cpp_constant("kQuantDLevels") == quant.D_LEVELS
+    kernels = pytest.importorskip("esgdm.kernels.esgdm_step", reason="needs triton")
+    assert kernels.QUANT_BLOCK == quant.BLOCK
+    assert (kernels.QUANT_M_SCALE, kernels.QUANT_D_SCALE) == (quant.M_SCALE, quant.D_SCALE)
+    assert (kernels.QUANT_M_LEVELS, kernels.QUANT_M_ZERO, kernels.QUANT_D_LEVELS) == (
+        quant.M_LEVELS, quant.M_ZERO, quant.D_LEVELS)
+    for config in (*kernels.CONFIGS.values(), kernels.SMALL_CONFIG):
+        assert config["BLOCK"] % quant.BLOCK == 0, "a program must hold whole quantization blocks"

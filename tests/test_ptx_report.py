@@ -19,6 +19,8 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "ptx_report.py")
 
 def _run(tmp, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the kernel of this tree, not of whatever esgdm is installed
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, env.get("PYTHONPATH")]))
     res = subprocess.run([sys.executable, SCRIPT, "--json", str(tmp / "rows.json"), "--dump", str(tmp / "ptx"),
                           *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
@@ -38,6 +40,13 @@ def report_variants(tmp_path_factory):
     """bfloat16 state, stochastic rounding, grad_scale/found_inf, on sm_90."""
     return _run(tmp_path_factory.mktemp("ptx_variants"), "--archs", "90", "--states", "bf16",
                 "--rounding", "stochastic", "--amp")
+
+
+@pytest.fixture(scope="module")
+def report_u8(tmp_path_factory):
+    """8-bit state (uint8 codes and block scales), nearest and stochastic rounding, on sm_90."""
+    return _run(tmp_path_factory.mktemp("ptx_u8"), "--archs", "90", "--states", "u8",
+                "--rounding", "nearest,stochastic")
 
 
 def _fast_path_accesses(r, elem_bytes, arrays, want):
@@ -123,3 +132,23 @@ def test_dump_writes_ptx(report):
             text = f.read()
         assert ".entry esgdm_step_kernel" in text
         assert f".target sm_{r['arch']}" in text
+
+
+def test_8bit_state_compiles_for_sm90(report_u8):
+    """Every parameter dtype with 8-bit state compiles for sm_90 without spilling; the
+    parameters and gradients of the fast path still move in 128-bit accesses; the codes
+    are rounded by cvt.rni and every division and sqrt is IEEE (no approximations)."""
+    rows, _, ptx_dir = report_u8
+    seen = {(r["dtype"], r["rounding"], r["d_step"]) for r in rows}
+    assert seen == {("fp32", "nearest", s) for s in (False, True)} | {
+        (d, rnd, s) for d in ("bf16", "fp16") for rnd in ("nearest", "stochastic") for s in (False, True)}
+    for r in rows:
+        assert r["state"] == "u8" and r["arch"] == 90
+        assert r["ld"].get("128b", 0) >= (3 if r["d_step"] else 2), r  # p, g (, h)
+        assert r["st"].get("128b", 0) >= 1, r                            # p
+        if "regs" in r:
+            assert r["spill_stores"] == 0 and r["spill_loads"] == 0, r
+        with open(ptx_dir / (r["variant"] + ".ptx")) as f:
+            text = f.read()
+        assert "cvt.rni.f32.f32" in text
+        assert "div.full" not in text and "sqrt.approx" not in text and "div.approx" not in text

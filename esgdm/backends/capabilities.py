@@ -74,7 +74,7 @@ CAPABILITIES: dict[str, Capability] = {
         auto=("cuda",),
         device_reason="the Triton kernel runs on CUDA devices, not {device}",
         params=_FLOATS,
-        states=(torch.float32, torch.bfloat16),
+        states=(torch.float32, torch.bfloat16, torch.uint8),
         needs="Triton, and a CUDA GPU of compute capability 7.0 or newer (CPU tensors only in "
               "Triton's interpreter, TRITON_INTERPRET=1)",
     ),
@@ -85,7 +85,7 @@ CAPABILITIES: dict[str, Capability] = {
         auto=("cuda",),
         device_reason="it runs on cuda tensors only, not on {device}",
         params=_ALL_PARAMS,
-        states=_ALL_STATES,
+        states=(*_ALL_STATES, torch.uint8),
         needs="the C++ extension esgdm._C built with its CUDA kernel for this GPU's architecture",
     ),
     "cpu": Capability(
@@ -95,7 +95,7 @@ CAPABILITIES: dict[str, Capability] = {
         auto=("cpu",),
         device_reason="it runs on cpu tensors only, not on {device}",
         params=_ALL_PARAMS,
-        states=_ALL_STATES,
+        states=(*_ALL_STATES, torch.uint8),
         needs="the C++ extension esgdm._C",
     ),
     "torch": Capability(

@@ -93,11 +93,13 @@ def runs_on(archs: list[str], capability: tuple[int, int]) -> bool:
 
 
 def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-          grad_scale, found_inf, flags, seed) -> None:
+          grad_scale, found_inf, flags, seed, qscales=None) -> None:
     # Only the low 32 bits of the seed key the rounding: masked here so that any
     # Python int fits the extension's int64 argument.
+    # With uint8 state (8-bit, esgdm.quant) qscales holds the block scales.
     _C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-            grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK)
+            grad_scale, found_inf, int(flags), int(seed) & _SEED_MASK,
+            None if qscales is None else list(qscales))
 
 
 class _CompiledBackend(BuiltinBackend):
@@ -105,9 +107,13 @@ class _CompiledBackend(BuiltinBackend):
         return LOAD_ERROR if _C is None else None
 
     def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-             grad_scale, found_inf, flags, seed):
+             grad_scale, found_inf, flags, seed, qscales=None):
+        """The bucket's step (:class:`esgdm.backends.Backend`).  With uint8
+        ``exp_avgs``/``exp_avg_ds`` (8-bit state, :mod:`esgdm.quant`) ``qscales`` holds
+        each tensor's float32 ``[n_blocks, 2]`` block scales, updated in place (D's on
+        D-steps only); the op refreshes ``dscale`` from the codes afterwards."""
         _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-              grad_scale, found_inf, flags, seed)
+              grad_scale, found_inf, flags, seed, qscales)
 
 
 class CpuBackend(_CompiledBackend):

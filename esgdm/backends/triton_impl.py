@@ -9,7 +9,8 @@ Where it runs (its row of :mod:`esgdm.backends.capabilities`): CUDA tensors when
 Triton imports (``"auto"`` picks it first there); CPU tensors only in the Triton
 interpreter, i.e. when ``TRITON_INTERPRET=1`` was set before the kernel module was
 imported (that is how CI tests it).  Parameter dtypes: float32, bfloat16, float16, with
-float32 or bfloat16 state (arithmetic in float32).
+float32, bfloat16 or 8-bit state (uint8 codes and block scales, :mod:`esgdm.quant`;
+arithmetic in float32).
 """
 
 from __future__ import annotations
@@ -63,13 +64,17 @@ class TritonBackend(BuiltinBackend):
         return None
 
     def step(self, params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-             grad_scale, found_inf, flags, seed):
+             grad_scale, found_inf, flags, seed, qscales=None):
+        """The bucket's step (:class:`esgdm.backends.Backend`).  With uint8
+        ``exp_avgs``/``exp_avg_ds`` (8-bit state, :mod:`esgdm.quant`) ``qscales`` holds
+        each tensor's float32 ``[n_blocks, 2]`` block scales, updated in place (D's on
+        D-steps only); the op refreshes ``dscale`` from the codes afterwards."""
         if not params:
             return
         from esgdm.kernels import esgdm_step
 
         esgdm_step.fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                              grad_scale, found_inf, flags, seed)
+                              grad_scale, found_inf, flags, seed, qscales=qscales)
 
     def describe(self) -> str:
         error = _triton_error()
