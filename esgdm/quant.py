@@ -153,18 +153,29 @@ def new_qscale(numel: int, device=None) -> Tensor:
     return torch.zeros(n_blocks(numel), 2, dtype=_F32, device=device)
 
 
+#: Elements per piece in :func:`curvature_scale` (a multiple of :data:`BLOCK`): its
+#: float32 temporaries stay a few MiB whatever the tensor's size.
+_PIECE = 1 << 20
+
+
 def curvature_scale(d_codes: Sequence[Tensor], qscales: Sequence[Tensor]) -> Tensor:
     """float64 ``[n]``: mean of ``sqrt(D)`` over each tensor's coordinates with ``D > 0``
-    (0 where there are none), read from 8-bit state (the decoded ``r``, not
-    ``sqrt(r * r)``).  One tensor's worth of float32 at a time."""
+    (0 where there are none), read from 8-bit state: the decoded ``r`` (not
+    ``sqrt(r * r)``), summed per block as ``s * sum(t**4)`` in float32, then over blocks
+    in float64.  Pieces of :data:`_PIECE` elements; no host read."""
     out = []
     for codes, qs in zip(d_codes, qscales):
-        c, n = _blocks(_memory(codes).to(_F32))
-        t = c / D_LEVELS
-        r = qs[:, D_SCALE].to(_F32).reshape(-1, 1) * ((t * t) * (t * t))
-        count = (c != 0).sum().double()
-        out.append(torch.where(count > 0, r.double().sum() / count.clamp(min=1),
-                               torch.zeros((), dtype=torch.float64, device=r.device)))
+        flat = _memory(codes)
+        n = flat.numel()
+        total = torch.zeros((), dtype=torch.float64, device=flat.device)
+        for start in range(0, n, _PIECE):
+            t = flat[start:start + _PIECE].to(_F32) / D_LEVELS
+            t4, _ = _blocks((t * t) * (t * t))
+            first = start // BLOCK
+            scale = qs[first:first + t4.shape[0], D_SCALE]
+            total = total + (scale * t4.sum(dim=1)).double().sum()
+        count = torch.count_nonzero(flat).double()
+        out.append(torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total)))
     return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
