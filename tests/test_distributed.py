@@ -250,3 +250,35 @@ def _autograd_worker(rank, port):
             raise AssertionError("expected an error naming hvp='finite_difference'")
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp2_shards_keep_float32_state_when_8bit_is_asked(tmp_path):
+    """A shard's block scales are not a tensor DCP could reshard: FSDP2 parameters get
+    float32 state under state_dtype=torch.uint8, and the step works."""
+    mp.start_processes(_state8_worker, args=(free_port(),), nprocs=1, join=True, start_method="spawn")
+
+
+def _state8_worker(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    from torch.distributed.fsdp import fully_shard
+
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
+        fully_shard(model)
+        opt = esgdm.ESGDM(model.parameters(), backend="torch", state_dtype=torch.uint8, hvp="finite_difference")
+        x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        kinds = {local_state.dtype for st in opt.state.values()
+                 for local_state in (st["exp_avg"].to_local(), st["exp_avg_d"].to_local())}
+        assert kinds == {torch.float32}, kinds
+        assert all("qscale" not in st for st in opt.state.values())
+    finally:
+        dist.destroy_process_group()
