@@ -165,6 +165,8 @@ class Bucket:
         self.exp_avg_d = torch.zeros(total, dtype=self.state_dtype, device=self.device)
         self.quantized = self.state_dtype == torch.uint8
         self.qscale_views: list[Tensor] | None = None
+        #: 8-bit state: each tensor's first row of ``qscale`` (else None).
+        self.qscale_starts: list[int] | None = None
         if self.quantized:
             self.exp_avg.fill_(quant.M_ZERO)  # the code of m = 0
             blocks = [quant.n_blocks(n) for n in self.numels]
@@ -172,6 +174,7 @@ class Bucket:
             starts = [0]
             for nb in blocks[:-1]:
                 starts.append(starts[-1] + nb)
+            self.qscale_starts = starts
             self.qscale_views = [self.qscale[s:s + nb] for s, nb in zip(starts, blocks)]
         self.scalars = torch.zeros((len(self.params), len(SCALAR_COLUMNS)), dtype=torch.float64,
                                    device=self.device)

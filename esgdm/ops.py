@@ -30,6 +30,11 @@ and the per-tensor scalars, all on the device, no host read), and on D-steps ref
 the tensors' curvature scale.  Eager calls from the optimizer go to :func:`step_impl`
 directly (no boxing of five tensor lists through the dispatcher); ``torch.compile``
 traces the operator through its fake implementation.  Either way the same checks run.
+
+Under ``torch.compile`` the optimizer calls ``torch.ops.esgdm.step_flat_``
+(:data:`FLAT_STEP_SCHEMA`) instead: the same step with the state handed over as the
+bucket's flat buffers plus each tensor's offset, the views cut inside the operator, so
+that functionalization sees one mutated tensor per buffer rather than one per tensor.
 """
 
 from __future__ import annotations
@@ -53,6 +58,23 @@ STEP_SCHEMA = (
     "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_ds, "
     "Tensor[]? hvps, Tensor(d!) scalars, Tensor index, Tensor hparams, Tensor? grad_scale, "
     "Tensor? found_inf, int flags, int seed, str kernel, Tensor(e!)[]? qscales=None) -> ()"
+)
+
+#: The flat operator ``torch.ops.esgdm.step_flat_``: what the optimizer hands
+#: ``torch.compile``.  The same step, with each state list given as the one flat buffer
+#: its tensors are views of (``exp_avg``, ``exp_avg_d``, 8-bit state's ``qscale``) and
+#: each tensor's element offset into it (``offsets``; ``block_offsets``: its first row of
+#: ``qscale``).  Tensor ``i``'s state is ``flat.as_strided(params[i].shape,
+#: params[i].stride(), flat.storage_offset() + offsets[i])`` (the parameters are dense and
+#: their state is laid out like them: :class:`esgdm.buckets.Bucket`).  One mutated tensor
+#: per buffer, not one per tensor: functionalizing the list form regenerates the buffer
+#: and every later view for each view it writes (quadratic in the number of tensors).
+FLAT_OP_NAME = "step_flat_"
+FLAT_STEP_SCHEMA = (
+    "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_d, SymInt[] offsets, "
+    "Tensor[]? hvps, Tensor(d!) scalars, Tensor index, Tensor hparams, Tensor? grad_scale, "
+    "Tensor? found_inf, int flags, int seed, str kernel, Tensor(e!)? qscale=None, "
+    "SymInt[]? block_offsets=None) -> ()"
 )
 
 #: (kernel, its registration generation, device type, dtype) combinations a backend
@@ -287,6 +309,43 @@ def step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams
             quant.update_dscale(scalars, index[:, 0].long(), exp_avg_ds, qscales, found_inf)
 
 
+def state_views(params: Sequence[Tensor], flat: Tensor, offsets: Sequence[int]) -> list[Tensor]:
+    """Each parameter's state in ``flat``: a view with its shape and strides at its offset."""
+    if len(offsets) != len(params):
+        _fail(f"offsets has {len(offsets)} entries, params has {len(params)}")
+    base = flat.storage_offset()
+    return [flat.as_strided(p.shape, p.stride(), base + int(o)) for p, o in zip(params, offsets)]
+
+
+def qscale_views(params: Sequence[Tensor], qscale: Tensor, block_offsets: Sequence[int]) -> list[Tensor]:
+    """Each parameter's ``[n_blocks, 2]`` rows of the block scales ``qscale``."""
+    if len(block_offsets) != len(params):
+        _fail(f"block_offsets has {len(block_offsets)} entries, params has {len(params)}")
+    return [qscale[int(s):int(s) + quant.n_blocks(p.numel())] for p, s in zip(params, block_offsets)]
+
+
+def step_flat_impl(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, index, hparams,
+                   grad_scale, found_inf, flags, seed, kernel, qscale=None, block_offsets=None) -> None:
+    """``esgdm::step_flat_``: cuts the state views out of the flat buffers and runs
+    :func:`step_impl` on them, with every check."""
+    for name, t in (("exp_avg", exp_avg), ("exp_avg_d", exp_avg_d)):
+        if not isinstance(t, Tensor) or t.dim() != 1:
+            _fail(f"{name} must be a flat (1-d) tensor, got "
+                  + (f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__))
+    if (qscale is None) != (block_offsets is None):
+        _fail("qscale and block_offsets come together (8-bit state) or not at all")
+    exp_avgs = state_views(params, exp_avg, offsets)
+    exp_avg_ds = state_views(params, exp_avg_d, offsets)
+    qscales = None if qscale is None else qscale_views(params, qscale, block_offsets)
+    step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
+              grad_scale, found_inf, flags, seed, kernel, qscales)
+
+
+def _step_flat_fake(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, index, hparams,
+                    grad_scale, found_inf, flags, seed, kernel, qscale=None, block_offsets=None) -> None:
+    return None
+
+
 def _step_fake(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                grad_scale, found_inf, flags, seed, kernel, qscales=None) -> None:
     # In place on its inputs and returns nothing: nothing to compute for a fake tensor.
@@ -302,21 +361,22 @@ _lib = torch.library.Library(NAMESPACE, "FRAGMENT")  # FRAGMENT: the namespace m
 DISPATCH_KEYS = ("CPU", "CUDA", "MPS", "XPU", "HPU", "PrivateUse1")
 
 
-def _register() -> None:
-    if hasattr(getattr(torch.ops, NAMESPACE), OP_NAME):
+def _register(name: str, schema: str, impl, fake) -> None:
+    if hasattr(getattr(torch.ops, NAMESPACE), name):
         return  # defined already (this module was reloaded)
-    _lib.define(OP_NAME + STEP_SCHEMA)
+    _lib.define(name + schema)
     for key in DISPATCH_KEYS:  # the capability table says what each device can run
-        _lib.impl(OP_NAME, step_impl, key)
-    qualname = f"{NAMESPACE}::{OP_NAME}"
+        _lib.impl(name, impl, key)
+    qualname = f"{NAMESPACE}::{name}"
     register_fake = getattr(torch.library, "register_fake", None)
     if register_fake is not None:  # torch >= 2.4
-        register_fake(qualname, _step_fake, lib=_lib)
+        register_fake(qualname, fake, lib=_lib)
     else:
-        torch.library.impl_abstract(qualname, _step_fake, lib=_lib)
+        torch.library.impl_abstract(qualname, fake, lib=_lib)
 
 
-_register()
+_register(OP_NAME, STEP_SCHEMA, step_impl, _step_fake)
+_register(FLAT_OP_NAME, FLAT_STEP_SCHEMA, step_flat_impl, _step_flat_fake)
 
 
 def is_compiling() -> bool:
@@ -344,5 +404,15 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                   grad_scale, found_inf, flags, seed, kernel, qscales, _checked)
 
 
-__all__ = ["DISPATCH_KEYS", "NAMESPACE", "OP_NAME", "STEP_SCHEMA", "check_step_args", "is_compiling", "step_",
-           "step_impl"]
+def step_flat_(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, index, hparams,
+               grad_scale=None, found_inf=None, flags=0, seed=0, kernel="torch", qscale=None,
+               block_offsets=None) -> None:
+    """``torch.ops.esgdm.step_flat_``: :func:`step_` with the state as flat buffers and
+    offsets (see :data:`FLAT_STEP_SCHEMA`); what the optimizer calls under ``torch.compile``."""
+    torch.ops.esgdm.step_flat_(params, grads, exp_avg, exp_avg_d, list(offsets), hvps, scalars, index, hparams,
+                               grad_scale, found_inf, flags, seed, kernel, qscale,
+                               None if block_offsets is None else list(block_offsets))
+
+
+__all__ = ["DISPATCH_KEYS", "FLAT_OP_NAME", "FLAT_STEP_SCHEMA", "NAMESPACE", "OP_NAME", "STEP_SCHEMA",
+           "check_step_args", "is_compiling", "state_views", "step_", "step_flat_", "step_flat_impl", "step_impl"]

@@ -437,11 +437,23 @@ class BucketStore:
                     writeback.append((b.tensors[i], params[k]))
         exp_avgs = b.exp_avg_views if full else [b.exp_avg_views[i] for i in idx]
         exp_avg_ds = b.exp_avg_d_views if full else [b.exp_avg_d_views[i] for i in idx]
-        qscales = b.qscale_views
-        if qscales is not None and not full:
-            qscales = [qscales[i] for i in idx]
-        ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
-                  grad_scale, found_inf, flags, seed, kernel, _checked=True, qscales=qscales)
+        if ops.is_compiling():
+            # The flat buffers and offsets, not the views: functionalization copies the
+            # whole buffer (and every later view) once per mutated view of it.
+            # (params are dense, their state laid out like them: Bucket.strides.)
+            offsets = b.offsets if full else [b.offsets[i] for i in idx]
+            starts = b.qscale_starts
+            if starts is not None and not full:
+                starts = [starts[i] for i in idx]
+            ops.step_flat_(params, grads, b.exp_avg, b.exp_avg_d, offsets, hvps, b.scalars, b.index(idx),
+                           hparams, grad_scale, found_inf, flags, seed, kernel,
+                           b.qscale if b.quantized else None, starts)
+        else:
+            qscales = b.qscale_views
+            if qscales is not None and not full:
+                qscales = [qscales[i] for i in idx]
+            ops.step_(params, grads, exp_avgs, exp_avg_ds, hvps, b.scalars, b.index(idx), hparams,
+                      grad_scale, found_inf, flags, seed, kernel, _checked=True, qscales=qscales)
         for p, work in writeback:
             p.copy_(work)
         if hvps is not None and b.any_dtensor and not flags & FLAG_EXACT:

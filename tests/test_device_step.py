@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import requires_cuda
@@ -202,6 +204,68 @@ def test_plain_steps_compile_with_fullgraph(backend):
     eager, compiled = _compiled_vs_eager(backend, fullgraph=True, steps=12, d_warmup=2, update_d_every=100)
     for a, b in zip(eager, compiled):
         assert rel_err(b, a) < 1e-6
+
+
+def _many_tensors(n, numel, state_dtype):
+    """An optimizer over ``n`` tensors of ``numel`` elements, past its one D-step."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(numel)) for _ in range(n)]
+    opt = esgdm.ESGDM(ps, lr=0.1, backend="torch", seed=3, d_warmup=1, update_d_every=10**9,
+                      state_dtype=state_dtype)
+    gs = torch.autograd.grad(sum((p * p).sum() for p in ps), ps, create_graph=True)
+    for p, g in zip(ps, gs):
+        p.grad = g  # (create_graph: the D-step's Hessian-vector products)
+    opt.step()  # the D-step, eager
+    return ps, opt
+
+
+def _allocated_elements(code: str) -> int:
+    """Elements of the buffers Inductor's generated code allocates."""
+    total = 0
+    for sizes in re.findall(r"empty_strided(?:_\w+)?\(\(([^)]*)\)", code):
+        n = 1
+        for size in filter(None, (s.strip() for s in sizes.split(","))):
+            n *= int(size)
+        total += n
+    return total
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_dtype", [None, torch.uint8])
+def test_compiled_step_on_many_tensors_copies_no_state(state_dtype):
+    """Each tensor's state is a view into one flat buffer per bucket.  Handed to the
+    operator as views, every view it writes made functionalization regenerate the
+    buffer and the views after it: allocations and copies quadratic in the number of
+    tensors (issue 19).  The compiled step allocates at most linearly in it, and steps
+    as the eager one does."""
+    from torch._inductor.utils import run_and_get_code
+
+    numel = 5000 if state_dtype == torch.uint8 else 100  # 8-bit state needs >= 4096
+    allocated = {}
+    for n in (8, 32):
+        torch._dynamo.reset()
+        results = []
+        for compiled in (False, True):
+            ps, opt = _many_tensors(n, numel, state_dtype)
+            step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+            for t in range(3):
+                g = torch.Generator().manual_seed(t)
+                for p in ps:
+                    p.grad = torch.randn(p.shape, generator=g)
+                if compiled and t == 0:
+                    _, codes = run_and_get_code(step)
+                    allocated[n] = _allocated_elements("\n".join(codes))
+                else:
+                    step()
+            state = [opt.state[p] for p in ps]
+            results.append([p.detach().clone() for p in ps]
+                           + [s[k].detach().clone() for s in state for k in ("exp_avg", "exp_avg_d")])
+        for a, b in zip(*results):
+            if a.dtype == torch.uint8:
+                assert torch.equal(a, b)
+            else:
+                assert rel_err(b, a) < 1e-6
+    assert allocated[32] <= 4 * allocated[8] + 32 * numel, allocated
 
 
 # ------------------------------------------------------------------ GPU twins
