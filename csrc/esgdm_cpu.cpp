@@ -327,13 +327,19 @@ ESGDM_ALWAYS_INLINE void step_block8(P* __restrict__ p, const P* __restrict__ g,
   uint32_t m_max = 0;
   for (int i = 0; i < n; ++i) m_max = std::max(m_max, abs_bits(mv[i]));
   const float m_new = bits_float(m_max);
-  for (int i = 0; i < n; ++i) mc[i] = encode_m(mv[i], m_new);
+  const QuantBlock bm = quant_block_m(m_new);  // the block's one division
+  if (bm.k == 1.0f) {  // a scale in [2**-126, 2**126]: |m| * k is |m|, not worth a multiplication
+    for (int i = 0; i < n; ++i) mc[i] = encode_m<false>(mv[i], bm);
+  } else {
+    for (int i = 0; i < n; ++i) mc[i] = encode_m(mv[i], bm);
+  }
   qs[kQuantMScale] = m_new;
   if (kDStep) {
     uint32_t r_max = 0;
     for (int i = 0; i < n; ++i) r_max = std::max(r_max, abs_bits(rv[i]));
     const float d_new = bits_float(r_max);
-    for (int i = 0; i < n; ++i) dc[i] = encode_root(rv[i], d_new);
+    const QuantBlock bd = quant_block_d(d_new);
+    for (int i = 0; i < n; ++i) dc[i] = encode_root(rv[i], bd);
     qs[kQuantDScale] = d_new;
   }
 }

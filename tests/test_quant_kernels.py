@@ -385,6 +385,35 @@ def test_cpu_kernel_is_bit_for_bit(dtype, flags, variant):
     assert_bits_equal(out, ref)
 
 
+# steps of m near 2**127 overflow p to inf where D == 0, in the reference too
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
+@pytest.mark.parametrize("d_step", [False, True], ids=["plain", "dstep"])
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_extreme_m_scales(name, device, d_step):
+    """Blocks whose max |m| is subnormal (m decaying where the gradient is 0) or above
+    2**126: encoded with the pre-scale (quant.PRESCALE), as the reference does; the C++
+    kernel bit for bit."""
+    case = Case([4096, 4096], torch.float32, d_step, device=device, seed=9, nonfinite=False)
+    qs, g = case.qscales[0], _flat(case.grads[0])
+    qs[3, quant.M_SCALE] = 1.3 * 2.0 ** -135  # subnormal, and no gradient: it stays so
+    g[3 * quant.BLOCK: 4 * quant.BLOCK] = 0.0
+    if d_step:
+        _flat(case.hvps[0])[3 * quant.BLOCK: 4 * quant.BLOCK] = 0.0
+    qs[5, quant.M_SCALE] = 2.0 ** 127  # 1 / s would be subnormal
+    qs[6, quant.M_SCALE] = 2.0 ** -149  # the least subnormal
+    g[6 * quant.BLOCK: 7 * quant.BLOCK] = 0.0
+    out = run_backend(name, case)
+    if name == "cpu":
+        with correctly_rounded_sqrt():
+            assert_bits_equal(out, run_reference(case))
+    else:
+        assert_matches(case, out, run_reference(case))
+    got = out.qscales[0][:, quant.M_SCALE].cpu()
+    assert 0 < got[3] < quant.TINY and got[5] > quant.HUGE
+    m = quant.decode_m(_flat(out.exp_avgs[0]).cpu(), got)
+    assert (m[3 * quant.BLOCK: 4 * quant.BLOCK].abs().amax() == got[3])  # the max round-trips
+
+
 def _big(name, device, dtype, d_step):
     case = Case(BIG, dtype, d_step, device=device, seed=2)
     assert_matches(case, run_backend(name, case), run_reference(case))
