@@ -41,8 +41,10 @@
 
 #if defined(__GNUC__) || defined(__clang__)
 #define ESGDM_ALWAYS_INLINE inline __attribute__((always_inline))
+#define ESGDM_LAMBDA_ALWAYS_INLINE __attribute__((always_inline))
 #else
 #define ESGDM_ALWAYS_INLINE inline
+#define ESGDM_LAMBDA_ALWAYS_INLINE
 #endif
 
 // Whether the baseline loop computes torch's lerp with one rounding, as torch's own
@@ -77,10 +79,37 @@ bool use_avx2() {
 #endif
 }
 
+// Whether the 8-bit state's block loops run compiled for AVX-512 (F, BW, VL, DQ, 16
+// floats per instruction): on top of use_avx2(), the CPU has it and ATen uses AVX-512
+// too (ATEN_CPU_CAPABILITY=avx2 turns it off).  That step is compute-bound (decoding,
+// encoding, the rule's divisions and square roots), the float32 one memory-bound, so
+// only the 8-bit loops have it.  Same IEEE operations in the same order as the AVX2
+// loops (with FMA for torch's lerp), so the same bits.
+bool use_avx512() {
+#if ESGDM_X86_DISPATCH
+  static const bool yes = [] {
+    if (!use_avx2()) return false;
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+        !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
+      return false;
+    }
+    return at::get_cpu_capability() == "AVX512";
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 const char* cpu_isa() {
 #if ESGDM_X86_DISPATCH
+  if (use_avx512()) {
+    return "AVX2+FMA (chosen at run time; compiler auto-vectorised, 8 floats per instruction; "
+           "8-bit state: AVX-512, 16 floats per instruction)";
+  }
   return use_avx2() ? "AVX2+FMA (chosen at run time; compiler auto-vectorised, 8 floats per instruction)"
                     : "x86-64 baseline SSE2 (this CPU or ATEN_CPU_CAPABILITY rules out AVX2; "
                       "compiler auto-vectorised, 4 floats per instruction)";
@@ -278,9 +307,13 @@ void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
 // the codes are esgdm_update.h's decode_*/encode_*).  The unit of work is a block: the
 // bucket's blocks are numbered one after the other across tensors and cut into chunks of
 // kChunk / kQuantBlock blocks, so every block is stepped by one thread, in one pass:
-// decode its m and D, run update() on each element (the rule, unchanged), keep the new m
-// (and sqrt(D) on a D-step) in a stack buffer while taking the block's max, then encode
-// against the new scale.  A plain step reads the D codes and scale and writes neither.
+// decode its m and D into stack buffers, run update() on each element (the rule,
+// unchanged), keep the new m (and sqrt(D) on a D-step) there while taking the block's
+// max, then encode against the new scale (one division per block, quant_block_m/_d).  A
+// plain step reads the D codes and scale and writes neither.  The step is compute-bound
+// (it moves 15-20 bytes per element, against 24-32 with float32 state), so its loops
+// also come compiled for AVX-512 (use_avx512()), and in a copy without grad_scale, where
+// the rule's divisions by the scale are divisions by the constant 1.
 
 constexpr int64_t kChunkBlocks = kChunk / kQuantBlock;
 
@@ -299,20 +332,27 @@ struct Segment8 {
 };
 
 // One block of n <= kQuantBlock elements; `first` is the index of its first element in
-// its tensor (low 32 bits, for the random numbers); mv and rv are scratch.
+// its tensor (low 32 bits, for the random numbers); mv and dv are scratch.  Decoding,
+// the update and encoding are separate loops through mv and dv (1 KiB each, in L1): a
+// loop that reads or writes the codes is vectorised 32 elements at a time (the byte
+// type decides), which in one fused loop kept four vectors of every quantity of the
+// update live and spilled most of them to the stack (6-9% slower on a plain step, AVX2
+// and AVX-512, on a Zen 5 EPYC); the update's loop runs on floats.
 template <bool kDStep, bool kSR, bool kFma, typename P>
 ESGDM_ALWAYS_INLINE void step_block8(P* __restrict__ p, const P* __restrict__ g,
                                      uint8_t* __restrict__ mc, uint8_t* __restrict__ dc,
                                      const P* __restrict__ h, float* __restrict__ qs, int n,
                                      uint32_t first, const Coeffs<float> c, const float scale,
                                      const uint32_t key, float* __restrict__ mv,
-                                     float* __restrict__ rv) {
+                                     float* __restrict__ dv) {
   const float m_scale = qs[kQuantMScale];
   const float d_scale = qs[kQuantDScale];
+  for (int i = 0; i < n; ++i) mv[i] = decode_m(mc[i], m_scale);
+  for (int i = 0; i < n; ++i) dv[i] = decode_d(dc[i], d_scale);
   for (int i = 0; i < n; ++i) {
     float pi = static_cast<float>(p[i]);
-    float mi = decode_m(mc[i], m_scale);
-    float di = decode_d(dc[i], d_scale);
+    float mi = mv[i];
+    float di = dv[i];
     update<kDStep, kFma>(pi, static_cast<float>(g[i]), mi, di,
                          kDStep ? static_cast<float>(h[i]) : 0.0f, scale, c);
     if constexpr (kSR) {
@@ -322,18 +362,24 @@ ESGDM_ALWAYS_INLINE void step_block8(P* __restrict__ p, const P* __restrict__ g,
       p[i] = static_cast<P>(pi);
     }
     mv[i] = mi;
-    if (kDStep) rv[i] = esgdm_sqrt(di);
+    if (kDStep) dv[i] = esgdm_sqrt(di);  // r = sqrt(D), what D's code is of
   }
   uint32_t m_max = 0;
   for (int i = 0; i < n; ++i) m_max = std::max(m_max, abs_bits(mv[i]));
   const float m_new = bits_float(m_max);
-  for (int i = 0; i < n; ++i) mc[i] = encode_m(mv[i], m_new);
+  const QuantBlock bm = quant_block_m(m_new);  // the block's one division
+  if (bm.k == 1.0f) {  // a scale in [2**-126, 2**126]: |m| * k is |m|, not worth a multiplication
+    for (int i = 0; i < n; ++i) mc[i] = encode_m<false>(mv[i], bm);
+  } else {
+    for (int i = 0; i < n; ++i) mc[i] = encode_m(mv[i], bm);
+  }
   qs[kQuantMScale] = m_new;
   if (kDStep) {
     uint32_t r_max = 0;
-    for (int i = 0; i < n; ++i) r_max = std::max(r_max, abs_bits(rv[i]));
+    for (int i = 0; i < n; ++i) r_max = std::max(r_max, abs_bits(dv[i]));
     const float d_new = bits_float(r_max);
-    for (int i = 0; i < n; ++i) dc[i] = encode_root(rv[i], d_new);
+    const QuantBlock bd = quant_block_d(d_new);
+    for (int i = 0; i < n; ++i) dc[i] = encode_root(dv[i], bd);
     qs[kQuantDScale] = d_new;
   }
 }
@@ -343,14 +389,23 @@ template <bool kDStep, bool kSR, bool kFma, typename P>
 ESGDM_ALWAYS_INLINE void step_blocks8(const Segment8<P>& t, int64_t b_lo, int64_t b_hi,
                                       float scale) {
   alignas(64) float mv[kQuantBlock];
-  alignas(64) float rv[kQuantBlock];
-  for (int64_t b = b_lo; b < b_hi; ++b) {
-    const int64_t start = b * kQuantBlock;
-    const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, t.numel - start));
-    step_block8<kDStep, kSR, kFma>(t.p + start, t.g + start, t.m + start, t.d + start,
-                                   kDStep ? t.h + start : nullptr, t.qs + 2 * b, n,
-                                   static_cast<uint32_t>(static_cast<uint64_t>(start)), t.c,
-                                   scale, t.key, mv, rv);
+  alignas(64) float dv[kQuantBlock];
+  auto blocks = [&](const float s) ESGDM_LAMBDA_ALWAYS_INLINE {
+    for (int64_t b = b_lo; b < b_hi; ++b) {
+      const int64_t start = b * kQuantBlock;
+      const int n = static_cast<int>(std::min<int64_t>(kQuantBlock, t.numel - start));
+      step_block8<kDStep, kSR, kFma>(t.p + start, t.g + start, t.m + start, t.d + start,
+                                     kDStep ? t.h + start : nullptr, t.qs + 2 * b, n,
+                                     static_cast<uint32_t>(static_cast<uint64_t>(start)), t.c,
+                                     s, t.key, mv, dv);
+    }
+  };
+  // Without grad_scale (scale 1) the rule's g / scale (and h / scale) is g exactly: a
+  // copy of the loops with the constant 1 lets the compiler drop those divisions.
+  if (scale == 1.0f) {
+    blocks(1.0f);
+  } else {
+    blocks(scale);
   }
 }
 
@@ -366,24 +421,43 @@ __attribute__((target("avx2,fma"))) void step_blocks8_avx2(const Segment8<P>& t,
                                                            int64_t b_hi, float scale) {
   step_blocks8<kDStep, kSR, true>(t, b_lo, b_hi, scale);
 }
+
+// Compiled for AVX-512 (use_avx512()), with 512-bit vectors preferred (GCC's default
+// tuning keeps auto-vectorised loops at 256 bits).
+template <bool kDStep, bool kSR, typename P>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
+void step_blocks8_avx512(const Segment8<P>& t, int64_t b_lo, int64_t b_hi, float scale) {
+  step_blocks8<kDStep, kSR, true>(t, b_lo, b_hi, scale);
+}
 #endif
+
+// Instruction sets of the 8-bit loops.
+enum class Isa8 { kBaseline, kAvx2, kAvx512 };
+
+Isa8 isa8() {
+  return use_avx512() ? Isa8::kAvx512 : use_avx2() ? Isa8::kAvx2 : Isa8::kBaseline;
+}
 
 // Steps the global block range [begin, end) of the concatenated tensors.
 template <bool kDStep, bool kSR, typename P>
 void step_global8(const std::vector<Segment8<P>>& segs, const std::vector<int64_t>& starts,
-                  int64_t begin, int64_t end, float scale, bool avx2) {
+                  int64_t begin, int64_t end, float scale, Isa8 isa) {
   size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
   for (; k < segs.size() && starts[k] < end; ++k) {
     const int64_t lo = std::max(begin, starts[k]) - starts[k];
     const int64_t hi = std::min(end, starts[k] + segs[k].nblocks) - starts[k];
     if (lo >= hi) continue;
 #if ESGDM_X86_DISPATCH
-    if (avx2) {
+    if (isa == Isa8::kAvx512) {
+      step_blocks8_avx512<kDStep, kSR>(segs[k], lo, hi, scale);
+      continue;
+    }
+    if (isa == Isa8::kAvx2) {
       step_blocks8_avx2<kDStep, kSR>(segs[k], lo, hi, scale);
       continue;
     }
 #endif
-    (void)avx2;
+    (void)isa;
     step_blocks8_baseline<kDStep, kSR>(segs[k], lo, hi, scale);
   }
 }
@@ -421,22 +495,22 @@ void step_typed8(const StepArgs& a, const std::vector<Derived>& derived) {
   if (total == 0) return;
 
   const float scale = a.grad_scale.defined() ? *a.grad_scale.data_ptr<float>() : 1.0f;
-  const bool avx2 = use_avx2();
+  const Isa8 isa = isa8();
   auto run = [&](int64_t begin, int64_t end) {
     if constexpr (kIs16Bit<P>) {
       if (sr) {
         if (a.d_step) {
-          step_global8<true, true>(segs, starts, begin, end, scale, avx2);
+          step_global8<true, true>(segs, starts, begin, end, scale, isa);
         } else {
-          step_global8<false, true>(segs, starts, begin, end, scale, avx2);
+          step_global8<false, true>(segs, starts, begin, end, scale, isa);
         }
         return;
       }
     }
     if (a.d_step) {
-      step_global8<true, false>(segs, starts, begin, end, scale, avx2);
+      step_global8<true, false>(segs, starts, begin, end, scale, isa);
     } else {
-      step_global8<false, false>(segs, starts, begin, end, scale, avx2);
+      step_global8<false, false>(segs, starts, begin, end, scale, isa);
     }
   };
   for_each_chunk(total, kChunkBlocks, run);

@@ -204,7 +204,8 @@ __global__ void __launch_bounds__(kThreads)
 // lane l its elements l, l + 32, ..., l + 224 (coalesced, element by element).  Each
 // lane decodes its 8 elements, runs update() on them, keeps the new m (and sqrt(D) on a
 // D-step) in registers; the block's max is a warp max over __shfl_xor_sync; then every
-// lane encodes its 8 elements against the new scale and lane 0 writes the scale.  A plain
+// lane encodes its 8 elements against the new scale (quant_block_m/_d: one division per
+// lane and block) and lane 0 writes the scale.  A plain
 // step reads the D codes and scale and writes neither.  Simple rather than fast: no
 // vector accesses.
 template <bool kDStep, typename P>
@@ -301,12 +302,14 @@ __global__ void __launch_bounds__(kThreads)
     }
     const float m_new = bits_float(m_max);
     const float d_new = bits_float(r_max);
+    const QuantBlock bm = quant_block_m(m_new);  // one division per lane and block
+    const QuantBlock bd = quant_block_d(d_new);
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) {
       const int j = e * 32 + lane;
       if (j < n) {
-        mc[j] = encode_m(mv[e], m_new);
-        if (kDStep) dc[j] = encode_root(rv[e], d_new);
+        mc[j] = encode_m(mv[e], bm);
+        if (kDStep) dc[j] = encode_root(rv[e], bd);
       }
     }
     if (lane == 0) {

@@ -2,7 +2,7 @@
 // kernel (esgdm_cpu.cpp, esgdm_cuda.cu): the per-tensor scalars (derive, make_coeffs),
 // the per-element update (update), the stochastic rounding of 16-bit parameters
 // (mix32, stochastic_round) and the codes of the 8-bit state of esgdm/quant.py
-// (decode_m, decode_root, decode_d, encode_m, encode_root).  Everything here is plain
+// (decode_m, decode_root, decode_d, quant_block_m, quant_block_d, encode_m, encode_root).  Everything here is plain
 // arithmetic on the math type T (float, or double for float64 parameters); loading,
 // converting and storing the tensors' dtypes is the kernels' business.
 //
@@ -300,6 +300,17 @@ constexpr int kQuantDScale = 1;
 constexpr float kQuantMLevels = 127.0f;  // m: code 128 + q, q in -127..127
 constexpr float kQuantMZero = 128.0f;
 constexpr float kQuantDLevels = 255.0f;  // D: code 0..255, 0 iff D == 0
+// quant.INV_M_LEVELS, quant.INV_D_LEVELS: 1 / 127 and 1 / 255 rounded to float32, what
+// decoding multiplies by (127 and 255 times them are exactly 1).
+constexpr float kQuantInvMLevels = 0x1.020408p-7f;
+constexpr float kQuantInvDLevels = 0x1.010102p-8f;
+// quant.TINY, quant.HUGE, quant.PRESCALE: a block whose max |m| is below kQuantTiny
+// (subnormal) or above kQuantHuge has |m| and its scale multiplied by kQuantPrescale or
+// 1 / kQuantPrescale (exact: powers of two) before 1 / s, which would overflow or be
+// subnormal.
+constexpr float kQuantTiny = 0x1p-126f;
+constexpr float kQuantHuge = 0x1p126f;
+constexpr float kQuantPrescale = 0x1p24f;
 
 ESGDM_HOST_DEVICE float esgdm_fabs(float x) {
 #if defined(__CUDA_ARCH__)
@@ -316,18 +327,18 @@ ESGDM_HOST_DEVICE float quant_rint(float x) {
   return (x + 8388608.0f) - 8388608.0f;
 }
 
-// m from its code and its block's scale s: q = code - 128, a = |q| / 127,
+// m from its code and its block's scale s: q = code - 128, a = |q| * (1 / 127),
 // m = sign(q) * (s * ((a * a) * (a * a))).
 ESGDM_HOST_DEVICE float decode_m(uint8_t code, float s) {
   const float q = static_cast<float>(code) - kQuantMZero;
-  const float a = esgdm_fabs(q) / kQuantMLevels;
+  const float a = esgdm_fabs(q) * kQuantInvMLevels;
   const float m = s * ((a * a) * (a * a));
   return q < 0.0f ? -m : m;
 }
 
-// sqrt(D) as stored: t = code / 255, r = s * ((t * t) * (t * t)).
+// sqrt(D) as stored: t = code * (1 / 255), r = s * ((t * t) * (t * t)).
 ESGDM_HOST_DEVICE float decode_root(uint8_t code, float s) {
-  const float t = static_cast<float>(code) / kQuantDLevels;
+  const float t = static_cast<float>(code) * kQuantInvDLevels;
   return s * ((t * t) * (t * t));
 }
 
@@ -337,19 +348,46 @@ ESGDM_HOST_DEVICE float decode_d(uint8_t code, float s) {
   return r * r;
 }
 
-// The code of m in a block whose max |m| is s:
-// 128 + sign(m) * rint(127 * sqrt(sqrt(|m| / s))), 128 where s is not > 0.
-ESGDM_HOST_DEVICE uint8_t encode_m(float m, float s) {
-  const bool live = s > 0.0f;
-  const float u = esgdm_fabs(m) / (live ? s : 1.0f);
-  const float q = live ? quant_rint(kQuantMLevels * esgdm_sqrt(esgdm_sqrt(u))) : 0.0f;
-  return static_cast<uint8_t>(static_cast<int32_t>(m < 0.0f ? kQuantMZero - q : kQuantMZero + q));
+// What encoding a block needs of its scale s, computed once per block: the one division.
+struct QuantBlock {
+  bool live;  // s > 0: otherwise every code is the zero code
+  float k;    // encode_m's pre-scale: 2**24 where s < 2**-126, 2**-24 where s > 2**126, else 1
+  float inv;  // 1 / (s * k), 1 where s is not > 0
+};
+
+// For m (max |m| = s).
+ESGDM_HOST_DEVICE QuantBlock quant_block_m(float s) {
+  QuantBlock b;
+  b.live = s > 0.0f;
+  b.k = s < kQuantTiny ? kQuantPrescale : (s > kQuantHuge ? 1.0f / kQuantPrescale : 1.0f);
+  b.inv = 1.0f / (b.live ? s * b.k : 1.0f);
+  return b;
 }
 
-// The code of D from r = sqrt(D), in a block whose max sqrt(D) is s:
-// rint(255 * sqrt(sqrt(r / s))), at least 1 where D > 0, 0 where D == 0.
-ESGDM_HOST_DEVICE uint8_t encode_root(float r, float s) {
-  const float u = r / (s > 0.0f ? s : 1.0f);
+// For D (max sqrt(D) = s, in [2**-74.5, 2**64] where positive and finite: no pre-scale).
+ESGDM_HOST_DEVICE QuantBlock quant_block_d(float s) {
+  QuantBlock b;
+  b.live = s > 0.0f;
+  b.k = 1.0f;
+  b.inv = 1.0f / (b.live ? s : 1.0f);
+  return b;
+}
+
+// The code of m in its block (quant_block_m of its max |m|):
+// 128 + sign(m) * rint(127 * sqrt(sqrt((|m| * k) * inv))), 128 where the block is not live.
+// kScaled: multiply by b.k (false only where the caller knows b.k == 1, which is exact).
+template <bool kScaled = true>
+ESGDM_HOST_DEVICE uint8_t encode_m(float m, const QuantBlock& b) {
+  const float u = (kScaled ? esgdm_fabs(m) * b.k : esgdm_fabs(m)) * b.inv;
+  const float q = b.live ? quant_rint(kQuantMLevels * esgdm_sqrt(esgdm_sqrt(u))) : 0.0f;
+  // 128 + (-q) is 128 - q (IEEE defines x - y as x + (-y)): one addition, one conversion
+  return static_cast<uint8_t>(static_cast<int32_t>(kQuantMZero + (m < 0.0f ? -q : q)));
+}
+
+// The code of D from r = sqrt(D), in its block (quant_block_d of its max sqrt(D)):
+// rint(255 * sqrt(sqrt(r * inv))), at least 1 where D > 0, 0 where D == 0.
+ESGDM_HOST_DEVICE uint8_t encode_root(float r, const QuantBlock& b) {
+  const float u = r * b.inv;
   float c = quant_rint(kQuantDLevels * esgdm_sqrt(esgdm_sqrt(u)));
   c = c < 1.0f ? 1.0f : c;
   c = r > 0.0f ? c : 0.0f;  // r > 0 exactly where D > 0

@@ -17,24 +17,46 @@ operation correctly rounded, so that every backend computes the same bytes; ``ri
 rounds half to even; chosen against linear, square-root, cube-root and logarithmic
 codes and block sizes 64 to 2048 by ``benchmarks/bench_quant_codes.py``: it keeps the
 small coordinates of a block, whose step ``m / sqrt(D)`` can still be large, within a
-few percent)::
+few percent).  Decoding multiplies by the float32 reciprocals of the levels,
+:data:`INV_M_LEVELS` = ``float32(1/127)`` and :data:`INV_D_LEVELS` = ``float32(1/255)``;
+encoding divides once per block, ``inv = 1 / s``, and multiplies every element by it::
 
     m (signed: code 128 + q, q in -127..127)
-        encode  u = |m| / s;  q = rint(127 * sqrt(sqrt(u)));  code = 128 + sign(m) * q
-        decode  a = |code - 128| / 127;  m = sign(code - 128) * (s * ((a * a) * (a * a)))
+        per block  k = 2**24 if s < 2**-126, 2**-24 if s > 2**126, else 1;  inv = 1 / (s * k)
+        encode     u = (|m| * k) * inv;  q = rint(127 * sqrt(sqrt(u)));  code = 128 + sign(m) * q
+        decode     a = |code - 128| * INV_M_LEVELS;  m = sign(code - 128) * (s * ((a * a) * (a * a)))
     D (>= 0, a running max of h*h with a wide range: the code is for r = sqrt(D), and
        code 0 is kept for D == 0, "never observed")
-        encode  r = sqrt(D);  u = r / s;  c = rint(255 * sqrt(sqrt(u)));  c = max(c, 1) if D > 0
-        decode  t = c / 255;  r = s * ((t * t) * (t * t));  D = r * r
+        per block  inv = 1 / s
+        encode     r = sqrt(D);  u = r * inv;  c = rint(255 * sqrt(sqrt(u)));  c = max(c, 1) if D > 0
+        decode     t = c * INV_D_LEVELS;  r = s * ((t * t) * (t * t));  D = r * r
 
 with ``s`` the block's scale (``max |m|``, ``max sqrt(D)``); a block whose scale is 0
-stores code 128 (m) or 0 (D) everywhere.  The largest element of a block round-trips
-exactly (code 128 +- 127 / 255 decodes to ``s``).  Relative resolution: about 3% of
-``s`` at the top of either code, 10% at 1e-3 of ``s``; only values below about
-``4e-9 s`` (m, rounded to 0) or ``2.4e-10 s`` (``sqrt(D)``, rounded up to the
-smallest code, never to 0, so an observed coordinate stays observed) leave the code's
-range.  The uniform decay ``D <- beta2 * D`` (and ``m <- beta1 * m``) moves the block
-scale, not the codes, so it is not lost to rounding.
+(or NaN) stores code 128 (m) or 0 (D) everywhere (its ``inv`` is taken as 1, unused).
+``k`` keeps ``1 / s`` a normal float32 where ``max |m|`` is not in ``[2**-126, 2**126]``:
+below, ``1 / s`` overflows (from ``2**-128``; ``m`` decaying with ``beta1`` on coordinates
+that get no gradient passes through the subnormal range), above, it is subnormal and
+loses bits (``s * (1 / s)`` could round the block max to code 128 +- 128).  Both factors
+are powers of two, exact where it matters (``|m| * 2**-24`` rounds only below
+``2**-102``, ``2**-228`` of the block max: code 0 either way), and ``k == 1`` between,
+so ``u = |m| * inv`` on every block of ordinary values.  ``D``'s scale needs none: a
+positive float32 ``D`` is at least ``2**-149`` and at most ``2**128``, so ``s`` is in
+``[2**-74.5, 2**64]``.
+
+The largest element of a block round-trips exactly: ``s * inv`` is ``1`` or ``1 -
+2**-24`` (one rounding each way), whose fourth root times 127 or 255 rounds to the top
+code, and ``127 * INV_M_LEVELS == 255 * INV_D_LEVELS == 1`` exactly, so the top code
+decodes to ``s``.  Relative resolution: about 3% of ``s`` at the top of either code,
+10% at 1e-3 of ``s``; only values below about ``4e-9 s`` (m, rounded to 0) or
+``2.4e-10 s`` (``sqrt(D)``, rounded up to the smallest code, never to 0, so an observed
+coordinate stays observed) leave the code's range.  The uniform decay ``D <- beta2 *
+D`` (and ``m <- beta1 * m``) moves the block scale, not the codes, so it is not lost to
+rounding.
+
+Why multiplications: a step with 8-bit state is compute-bound on a CPU (it moves 15-20
+bytes per element against 24-32 with float32 state), and an IEEE division costs several
+multiplications there; with one division per element for each code it had five per
+element on a plain step, now the rule's two.
 
 A step with 8-bit state is: decode a block, run the element-wise rule of
 :mod:`esgdm.rule` in float32 unchanged, encode ``m`` (every step) and ``D`` (D-steps
@@ -58,6 +80,16 @@ MIN_NUMEL = 4096
 M_SCALE, D_SCALE = 0, 1
 #: Code levels: m uses 128 +- 127, D uses 0..255.
 M_LEVELS, M_ZERO, D_LEVELS = 127, 128, 255
+#: What decoding multiplies by: ``1 / M_LEVELS`` and ``1 / D_LEVELS`` rounded to float32
+#: (``0x1.020408p-7``, ``0x1.010102p-8``); ``M_LEVELS * INV_M_LEVELS`` and ``D_LEVELS *
+#: INV_D_LEVELS`` are exactly 1 in float32, so the top codes decode to the block scale.
+INV_M_LEVELS = float(torch.tensor(1.0, dtype=torch.float32) / M_LEVELS)
+INV_D_LEVELS = float(torch.tensor(1.0, dtype=torch.float32) / D_LEVELS)
+#: encode_m's pre-scale ``k``: a block whose ``max |m|`` is below TINY (2**-126, the
+#: least normal float32: subnormal) or above HUGE (2**126) has ``|m|`` and its scale
+#: multiplied by PRESCALE (2**24) or 1 / PRESCALE before ``1 / s``, which would overflow
+#: or be subnormal; 1 elsewhere.
+TINY, HUGE, PRESCALE = 2.0 ** -126, 2.0 ** 126, 2.0 ** 24
 
 _F32 = torch.float32
 
@@ -83,8 +115,10 @@ def encode_m(m: Tensor) -> tuple[Tensor, Tensor]:
     """Flat float32 ``m`` -> (uint8 codes ``[numel]``, float32 scales ``[n_blocks]``)."""
     x, n = _blocks(m.to(_F32).reshape(-1))
     s = x.abs().amax(dim=1, keepdim=True)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    q = _rint(M_LEVELS * torch.sqrt(torch.sqrt(x.abs() / safe)))
+    k = torch.where(s < TINY, torch.full_like(s, PRESCALE),
+                    torch.where(s > HUGE, torch.full_like(s, 1.0 / PRESCALE), torch.ones_like(s)))
+    inv = 1.0 / torch.where(s > 0, s * k, torch.ones_like(s))  # one division per block
+    q = _rint(M_LEVELS * torch.sqrt(torch.sqrt((x.abs() * k) * inv)))
     q = torch.where(s > 0, q, torch.zeros_like(q))
     code = torch.where(x < 0, M_ZERO - q, M_ZERO + q)
     return code.to(torch.uint8).reshape(-1)[:n], s.reshape(-1)
@@ -94,7 +128,7 @@ def decode_m(codes: Tensor, scales: Tensor) -> Tensor:
     """Flat uint8 codes and their block scales -> flat float32 ``m``."""
     c, n = _blocks(codes.reshape(-1).to(_F32))
     q = c - M_ZERO
-    a = q.abs() / M_LEVELS
+    a = q.abs() * INV_M_LEVELS
     m = scales.to(_F32).reshape(-1, 1) * ((a * a) * (a * a))
     return torch.where(q < 0, -m, m).reshape(-1)[:n]
 
@@ -105,8 +139,8 @@ def encode_d(d: Tensor) -> tuple[Tensor, Tensor]:
     x, n = _blocks(d.to(_F32).reshape(-1))
     r = torch.sqrt(x)
     s = r.amax(dim=1, keepdim=True)
-    safe = torch.where(s > 0, s, torch.ones_like(s))
-    c = _rint(D_LEVELS * torch.sqrt(torch.sqrt(r / safe)))
+    inv = 1.0 / torch.where(s > 0, s, torch.ones_like(s))  # one division per block
+    c = _rint(D_LEVELS * torch.sqrt(torch.sqrt(r * inv)))
     c = torch.where(x > 0, torch.clamp(c, min=1.0), torch.zeros_like(c))
     return c.to(torch.uint8).reshape(-1)[:n], s.reshape(-1)
 
@@ -114,7 +148,7 @@ def encode_d(d: Tensor) -> tuple[Tensor, Tensor]:
 def decode_d(codes: Tensor, scales: Tensor) -> Tensor:
     """Flat uint8 codes and their block scales -> flat float32 ``D``."""
     c, n = _blocks(codes.reshape(-1).to(_F32))
-    t = c / D_LEVELS
+    t = c * INV_D_LEVELS
     r = scales.to(_F32).reshape(-1, 1) * ((t * t) * (t * t))
     return (r * r).reshape(-1)[:n]
 
@@ -169,7 +203,7 @@ def curvature_scale(d_codes: Sequence[Tensor], qscales: Sequence[Tensor]) -> Ten
         n = flat.numel()
         total = torch.zeros((), dtype=torch.float64, device=flat.device)
         for start in range(0, n, _PIECE):
-            t = flat[start:start + _PIECE].to(_F32) / D_LEVELS
+            t = flat[start:start + _PIECE].to(_F32) * INV_D_LEVELS  # decode_d's t
             t4, _ = _blocks((t * t) * (t * t))
             first = start // BLOCK
             scale = qs[first:first + t4.shape[0], D_SCALE]
@@ -241,7 +275,8 @@ def reference_step(params: Sequence[Tensor], grads: Sequence[Tensor], m_codes: S
 
 
 __all__ = [
-    "BLOCK", "D_LEVELS", "D_SCALE", "MIN_NUMEL", "M_LEVELS", "M_SCALE", "M_ZERO", "curvature_scale",
+    "BLOCK", "D_LEVELS", "D_SCALE", "INV_D_LEVELS", "INV_M_LEVELS", "MIN_NUMEL", "M_LEVELS", "M_SCALE",
+    "M_ZERO", "HUGE", "PRESCALE", "TINY", "curvature_scale",
     "decode_d", "decode_m", "dequantize", "encode_d", "encode_m", "n_blocks", "new_qscale",
     "quantize_into", "reference_step", "step_through_float32", "update_dscale",
 ]

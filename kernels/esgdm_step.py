@@ -110,10 +110,18 @@ STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 QUANT_BLOCK = 256
 QUANT_M_SCALE, QUANT_D_SCALE = 0, 1
 QUANT_M_LEVELS, QUANT_M_ZERO, QUANT_D_LEVELS = 127, 128, 255
+#: What decoding multiplies by: 1 / 127 and 1 / 255 rounded to float32 (quant.INV_*).
+QUANT_INV_M_LEVELS, QUANT_INV_D_LEVELS = float.fromhex("0x1.020408p-7"), float.fromhex("0x1.010102p-8")
+#: encode_m's pre-scale of a block whose max |m| is below TINY or above HUGE
+#: (quant.TINY, HUGE, PRESCALE).
+QUANT_TINY, QUANT_HUGE, QUANT_PRESCALE = 2.0 ** -126, 2.0 ** 126, 2.0 ** 24
 _QB = tl.constexpr(QUANT_BLOCK)
 _QM_SCALE, _QD_SCALE = tl.constexpr(QUANT_M_SCALE), tl.constexpr(QUANT_D_SCALE)
 _QM_LEVELS, _QM_ZERO, _QD_LEVELS = (
     tl.constexpr(float(c)) for c in (QUANT_M_LEVELS, QUANT_M_ZERO, QUANT_D_LEVELS))
+_QM_INV, _QD_INV, _Q_TINY, _Q_HUGE, _Q_PRESCALE, _Q_UNSCALE = (
+    tl.constexpr(c) for c in (QUANT_INV_M_LEVELS, QUANT_INV_D_LEVELS, QUANT_TINY, QUANT_HUGE,
+                              QUANT_PRESCALE, 1.0 / QUANT_PRESCALE))
 
 #: Bits of ``flags`` (the same values as esgdm.rule's FLAG_*; the kernel module does
 #: not import the package so that it stays usable on its own).
@@ -271,37 +279,45 @@ def _rint(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _decode_m(code, s, PRECISE_MATH: tl.constexpr):
-    """esgdm.quant.decode_m: q = code - 128, a = |q| / 127, m = sign(q) * (s * (a*a)*(a*a))."""
+def _decode_m(code, s):
+    """esgdm.quant.decode_m: q = code - 128, a = |q| * INV_M_LEVELS,
+    m = sign(q) * (s * (a*a)*(a*a))."""
     q = code.to(tl.float32) - _QM_ZERO
-    a = _div(tl.abs(q), _QM_LEVELS, PRECISE_MATH)
+    a = tl.abs(q) * _QM_INV
     m = s * ((a * a) * (a * a))
-    return tl.where(q < 0.0, -m, m)
+    return tl.where(code < 128, -m, m)  # q < 0
 
 
 @triton.jit
-def _decode_root(code, s, PRECISE_MATH: tl.constexpr):
-    """esgdm.quant.decode_d's r = sqrt(D) as stored: t = code / 255, r = s * (t*t)*(t*t)."""
-    t = _div(code.to(tl.float32), _QD_LEVELS, PRECISE_MATH)
+def _decode_root(code, s):
+    """esgdm.quant.decode_d's r = sqrt(D) as stored: t = code * INV_D_LEVELS,
+    r = s * (t*t)*(t*t)."""
+    t = code.to(tl.float32) * _QD_INV
     return s * ((t * t) * (t * t))
 
 
 @triton.jit
 def _encode_m(m, s, INTERPRETED: tl.constexpr, PRECISE_MATH: tl.constexpr):
-    """esgdm.quant.encode_m with the block's scale ``s`` (max |m|): uint8 codes."""
+    """esgdm.quant.encode_m of the ``[n, 256]`` tile ``m`` with its blocks' scales ``s``
+    (max |m|, ``[n]``): uint8 codes.  One division per block: ``inv = 1 / (s * k)``,
+    ``k`` the pre-scale of a scale outside [2**-126, 2**126] (2**24 below, 2**-24 above,
+    else 1)."""
     live = s > 0.0
-    u = _div(tl.abs(m), tl.where(live, s, 1.0), PRECISE_MATH)
-    q = tl.where(live, _rint(_QM_LEVELS * _sqrt(_sqrt(u, PRECISE_MATH), PRECISE_MATH), INTERPRETED),
-                 0.0)
-    return tl.where(m < 0.0, _QM_ZERO - q, _QM_ZERO + q).to(tl.uint8)
+    k = tl.where(s < _Q_TINY, _Q_PRESCALE, tl.where(s > _Q_HUGE, _Q_UNSCALE, 1.0))
+    inv = _div(1.0, tl.where(live, s * k, 1.0), PRECISE_MATH)
+    u = (tl.abs(m) * k[:, None]) * inv[:, None]
+    q = tl.where(live[:, None],
+                 _rint(_QM_LEVELS * _sqrt(_sqrt(u, PRECISE_MATH), PRECISE_MATH), INTERPRETED), 0.0)
+    return (tl.where(m < 0.0, -q, q) + _QM_ZERO).to(tl.uint8)  # -q + 128 is 128 - q
 
 
 @triton.jit
 def _encode_root(r, s, INTERPRETED: tl.constexpr, PRECISE_MATH: tl.constexpr):
-    """esgdm.quant.encode_d from ``r = sqrt(D)`` with the block's scale ``s`` (max
-    sqrt(D)): uint8 codes, at least 1 where D > 0 (r > 0), 0 where D == 0."""
-    u = _div(r, tl.where(s > 0.0, s, 1.0), PRECISE_MATH)
-    c = _rint(_QD_LEVELS * _sqrt(_sqrt(u, PRECISE_MATH), PRECISE_MATH), INTERPRETED)
+    """esgdm.quant.encode_d of the ``[n, 256]`` tile ``r = sqrt(D)`` with its blocks'
+    scales ``s`` (max sqrt(D), ``[n]``): uint8 codes, at least 1 where D > 0 (r > 0), 0
+    where D == 0.  One division per block: ``inv = 1 / s``."""
+    inv = _div(1.0, tl.where(s > 0.0, s, 1.0), PRECISE_MATH)
+    c = _rint(_QD_LEVELS * _sqrt(_sqrt(r * inv[:, None], PRECISE_MATH), PRECISE_MATH), INTERPRETED)
     c = tl.where(r > 0.0, tl.maximum(c, 1.0), 0.0)
     return c.to(tl.uint8)
 
@@ -402,10 +418,8 @@ def _step_block8(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, qs_ptr, mask, bmask, idx, ke
     ``EMULATE_BF16`` is set exactly when the kernel is interpreted."""
     p = tl.load(p_ptr, mask=mask)
     g = tl.load(g_ptr, mask=mask)
-    m = _decode_m(tl.load(m_ptr, mask=mask), tl.load(qs_ptr + _QM_SCALE, mask=bmask)[:, None],
-                  PRECISE_MATH)
-    r = _decode_root(tl.load(d_ptr, mask=mask), tl.load(qs_ptr + _QD_SCALE, mask=bmask)[:, None],
-                     PRECISE_MATH)
+    m = _decode_m(tl.load(m_ptr, mask=mask), tl.load(qs_ptr + _QM_SCALE, mask=bmask)[:, None])
+    r = _decode_root(tl.load(d_ptr, mask=mask), tl.load(qs_ptr + _QD_SCALE, mask=bmask)[:, None])
     h = g  # unused on plain steps
     if D_STEP:
         h = tl.load(h_ptr, mask=mask)
@@ -413,12 +427,12 @@ def _step_block8(p_ptr, g_ptr, h_ptr, m_ptr, d_ptr, qs_ptr, mask, bmask, idx, ke
                                   dscale_eps, dfloor, D_STEP, EXACT, HAS_GS, PRECISE_MATH)
     _store_param(p_ptr, p_new, mask, idx, key, ROUNDING, EMULATE_BF16)
     m_scale = _block_max(m_new, mask)
-    tl.store(m_ptr, _encode_m(m_new, m_scale[:, None], EMULATE_BF16, PRECISE_MATH), mask=mask)
+    tl.store(m_ptr, _encode_m(m_new, m_scale, EMULATE_BF16, PRECISE_MATH), mask=mask)
     tl.store(qs_ptr + _QM_SCALE, m_scale, mask=bmask)
     if D_STEP:
         r_new = _sqrt(d_new, PRECISE_MATH)
         d_scale = _block_max(r_new, mask)
-        tl.store(d_ptr, _encode_root(r_new, d_scale[:, None], EMULATE_BF16, PRECISE_MATH), mask=mask)
+        tl.store(d_ptr, _encode_root(r_new, d_scale, EMULATE_BF16, PRECISE_MATH), mask=mask)
         tl.store(qs_ptr + _QD_SCALE, d_scale, mask=bmask)
 
 

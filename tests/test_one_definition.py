@@ -33,9 +33,13 @@ def _camel(column: str) -> str:
 
 
 def _cpp_constant(name: str) -> float:
-    found = re.search(r"constexpr\s+\w+\s+" + name + r"\s*=\s*([0-9.eE+-]+)f?\s*;", HEADER)
+    """A ``constexpr`` number of the header: decimal, or a hexadecimal float literal
+    (``0x1.020408p-7f``), read exactly."""
+    found = re.search(r"constexpr\s+\w+\s+" + name
+                      + r"\s*=\s*(0[xX][0-9a-fA-F.]+[pP][+-]?\d+|[0-9.eE+-]+)[fF]?\s*;", HEADER)
     assert found, f"{name} not found in esgdm_update.h"
-    return float(found.group(1))
+    text = found.group(1)
+    return float.fromhex(text) if text.lower().startswith("0x") else float(text)
 
 
 def test_cpp_columns_follow_the_rule():
@@ -79,8 +83,9 @@ def test_triton_dtypes_follow_the_capability_table():
 
 
 def test_8bit_state_copies_follow_the_quantizer():
-    """The block size, scale columns and code levels of esgdm.quant, as the C++ header
-    and the Triton kernel module hold them."""
+    """The block size, scale columns, code levels, the levels' float32 reciprocals that
+    decoding multiplies by and encode_m's pre-scale of extreme scales, of esgdm.quant,
+    as the C++ header and the Triton kernel module hold them."""
     from esgdm import quant
 
     assert _cpp_constant("kQuantBlock") == quant.BLOCK
@@ -89,10 +94,33 @@ def test_8bit_state_copies_follow_the_quantizer():
     assert _cpp_constant("kQuantMLevels") == quant.M_LEVELS
     assert _cpp_constant("kQuantMZero") == quant.M_ZERO
     assert _cpp_constant("kQuantDLevels") == quant.D_LEVELS
+    assert _cpp_constant("kQuantInvMLevels") == quant.INV_M_LEVELS
+    assert _cpp_constant("kQuantInvDLevels") == quant.INV_D_LEVELS
+    assert _cpp_constant("kQuantTiny") == quant.TINY
+    assert _cpp_constant("kQuantHuge") == quant.HUGE
+    assert _cpp_constant("kQuantPrescale") == quant.PRESCALE
     kernels = pytest.importorskip("esgdm.kernels.esgdm_step", reason="needs triton")
     assert kernels.QUANT_BLOCK == quant.BLOCK
     assert (kernels.QUANT_M_SCALE, kernels.QUANT_D_SCALE) == (quant.M_SCALE, quant.D_SCALE)
     assert (kernels.QUANT_M_LEVELS, kernels.QUANT_M_ZERO, kernels.QUANT_D_LEVELS) == (
         quant.M_LEVELS, quant.M_ZERO, quant.D_LEVELS)
+    assert (kernels.QUANT_INV_M_LEVELS, kernels.QUANT_INV_D_LEVELS) == (
+        quant.INV_M_LEVELS, quant.INV_D_LEVELS)
+    assert (kernels.QUANT_TINY, kernels.QUANT_HUGE, kernels.QUANT_PRESCALE) == (
+        quant.TINY, quant.HUGE, quant.PRESCALE)
     for config in (*kernels.CONFIGS.values(), kernels.SMALL_CONFIG):
         assert config["BLOCK"] % quant.BLOCK == 0, "a program must hold whole quantization blocks"
+
+
+def test_8bit_codes_decode_by_the_reciprocal_constants():
+    """Decoding multiplies by quant.INV_M_LEVELS / INV_D_LEVELS (through the copies
+    above) and encoding divides once per block: no backend divides by the levels."""
+    source = (ROOT / "kernels" / "esgdm_step.py").read_text()
+    for text, levels, inverses in ((HEADER, ("kQuantMLevels", "kQuantDLevels"),
+                                    ("kQuantInvMLevels", "kQuantInvDLevels")),
+                                   (source, ("_QM_LEVELS", "_QD_LEVELS"), ("_QM_INV", "_QD_INV"))):
+        for name in levels:
+            assert not re.search(r"/\s*" + name + r"\b", text), name
+            assert not re.search(r"_div\([^()]*,\s*" + name + r"\b", text), name
+        for name in inverses:
+            assert re.search(r"\*\s*" + name + r"\b", text), name

@@ -2,7 +2,9 @@
 
 Codes (esgdm/quant.py's docstring): m = 128 + sign(m) * rint(127 * (|m| / s) ** (1/4)),
 D by r = sqrt(D): c = rint(255 * (r / s) ** (1/4)), at least 1 where D > 0, 0 iff D == 0;
-s the block's max |m| or max sqrt(D), blocks of 256 elements in memory order.
+s the block's max |m| or max sqrt(D), blocks of 256 elements in memory order.  In float32
+``|m| / s`` is ``|m| * inv`` with ``inv = 1 / s`` once per block (``s`` pre-scaled by
+2**24 where it is subnormal), and decoding multiplies by float32(1/127) and float32(1/255).
 """
 
 from __future__ import annotations
@@ -29,6 +31,104 @@ def _block_scales(x: torch.Tensor) -> torch.Tensor:
     pad = quant.n_blocks(n) * B - n
     blocks = torch.cat([x.abs().double(), torch.zeros(pad, dtype=torch.float64)]).view(-1, B)
     return blocks.amax(dim=1).repeat_interleave(B)[:n]
+
+
+# ------------------------------------------------------------------ constants
+
+F32 = torch.float32
+
+
+def _f32(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=F32)
+
+
+def test_inverse_levels_are_the_float32_reciprocals():
+    """Decoding multiplies by 1/127 and 1/255 correctly rounded to float32, and the top
+    codes decode to the scale itself: 127 * INV_M_LEVELS == 255 * INV_D_LEVELS == 1."""
+    from fractions import Fraction
+
+    for levels, inv in ((quant.M_LEVELS, quant.INV_M_LEVELS), (quant.D_LEVELS, quant.INV_D_LEVELS)):
+        assert float(_f32(inv)) == inv  # a float32 value
+        # the nearest float32 to 1 / levels: within half a unit in its last place
+        ulp = Fraction(2) ** (int(torch.tensor(inv).frexp().exponent) - 1 - 23)
+        assert abs(Fraction(inv) - Fraction(1, levels)) <= ulp / 2
+        assert float(_f32(levels) * _f32(inv)) == 1.0
+    assert quant.TINY == float(torch.finfo(F32).tiny)
+    assert (quant.HUGE, quant.PRESCALE) == (2.0 ** 126, 2.0 ** 24)
+
+
+def _scales(n=200_000, seed=0) -> torch.Tensor:
+    """Positive finite float32 scales: every exponent, subnormal ones too, random
+    mantissas, and the edges (least subnormal, least normal, 1, around HUGE, the
+    largest float)."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(1, 0x7F800000, (n,), generator=g, dtype=torch.int64)
+    edges = torch.tensor([1, 2, 0x007FFFFF, 0x00800000, 0x00800001, 0x3F7FFFFF, 0x3F800000,
+                          0x7E800000, 0x7E800001, 0x7F7FFFFF], dtype=torch.int64)
+    return torch.cat([bits, edges]).to(torch.int32).view(F32)
+
+
+def _prescale(s: torch.Tensor) -> torch.Tensor:
+    return torch.where(s < quant.TINY, _f32(quant.PRESCALE),
+                       torch.where(s > quant.HUGE, _f32(1.0 / quant.PRESCALE), _f32(1.0)))
+
+
+def test_block_max_encodes_to_the_top_code_whatever_the_scale():
+    """``s * (1 / s)`` may be 1 - 2**-24 rather than 1; the fourth root times the levels
+    still rounds to 127 / 255, so the block's largest element keeps the top code and
+    round-trips exactly.  For m with every positive finite float32 scale, pre-scaled
+    where 1 / s alone would overflow (below 2**-128) or be subnormal (above 2**126, where
+    s * (1 / s) strays from 1 by far more); for D with every scale sqrt(D) can have."""
+    s = _scales()
+    plain = s * (1.0 / s)
+    assert ((plain - 1.0).abs() > 2.0 ** -23).any()  # what the pre-scale is for
+    k = _prescale(s)
+    inv = 1.0 / (s * k)
+    assert (inv >= quant.TINY).all() and torch.isfinite(inv).all()
+    u = (s * k) * inv
+    assert (u <= 1.0).all() and (u >= 1.0 - 2.0 ** -24).all()
+    assert (u < 1.0).any()  # the case this test is about does occur
+    for levels in (quant.M_LEVELS, quant.D_LEVELS):
+        assert torch.round(levels * torch.sqrt(torch.sqrt(u))).eq(levels).all()
+    # through the quantizer, one block per scale: the max first, every other block negative
+    pick = torch.cat([s[:4086], s[-10:]])
+    blocks = pick.repeat_interleave(B).view(-1, B) * torch.linspace(1.0, 0.0, B)
+    blocks[::2] = -blocks[::2]
+    codes, got = quant.encode_m(blocks.reshape(-1))
+    assert torch.equal(got, pick)
+    top = codes.view(-1, B)[:, 0]
+    assert top[::2].eq(1).all() and top[1::2].eq(255).all()
+    assert codes.view(-1, B)[:, -1].eq(quant.M_ZERO).all()  # the block's zero
+    back = quant.decode_m(codes, got).view(-1, B)
+    assert torch.equal(back[:, 0], blocks[:, 0])
+    d = (s.double() ** 2).float()  # positive finite D, one per block: sqrt(D) is the scale
+    d = d[(d > 0) & torch.isfinite(d)][:4096]
+    dcodes, dgot = quant.encode_d(d.repeat_interleave(B))
+    assert (dgot >= 2.0 ** -75).all() and (dgot <= 2.0 ** 64).all()  # 1 / s normal: no pre-scale
+    assert dcodes.eq(255).all()
+    assert torch.equal(quant.decode_d(dcodes, dgot), (dgot * dgot).repeat_interleave(B))
+
+
+@pytest.mark.parametrize("shift", [2.0 ** -140, 2.0 ** -133, 2.0 ** -128, 2.0 ** 125])
+def test_extreme_m_blocks_keep_their_codes(shift):
+    """A block whose max |m| is subnormal (m decaying on coordinates without gradient),
+    or above 2**126, is coded as the same block scaled by 2**24 or 2**-24 would be: the
+    same codes as ordinary values, its own scale."""
+    m = _values(4 * B, seed=11)
+    codes, _ = quant.encode_m(m)
+    x = m * shift  # exact while normal; subnormal values round
+    xc, xs = quant.encode_m(x)
+    assert torch.equal(xs, x.abs().view(-1, B).amax(dim=1))
+    assert ((xs < quant.TINY) | (xs > quant.HUGE)).all()
+    lead = x.abs() >= 2.0 ** -143  # rounded by at most 1/128 of themselves
+    assert (xc.int() - codes.int())[lead].abs().le(1).all()
+    if shift > 1:
+        assert torch.equal(xc, codes)  # nothing rounded
+    k = quant.PRESCALE if shift < 1 else 1.0 / quant.PRESCALE
+    assert torch.equal(quant.encode_m(x * k)[0], xc)  # what the pre-scale does
+    back = quant.decode_m(xc, xs).view(-1, B)
+    top = x.abs().view(-1, B).argmax(dim=1)
+    assert torch.equal(back.gather(1, top[:, None]), x.view(-1, B).gather(1, top[:, None]))
 
 
 # ------------------------------------------------------------------ m

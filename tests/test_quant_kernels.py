@@ -28,6 +28,10 @@ Nesterov look-ahead differently there): compared within the tolerance above.
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -383,6 +387,77 @@ def test_cpu_kernel_is_bit_for_bit(dtype, flags, variant):
     with correctly_rounded_sqrt():
         ref = run_reference(case, flags, seed=3)
     assert_bits_equal(out, ref)
+
+
+# steps of m near 2**127 overflow p to inf where D == 0, in the reference too
+@pytest.mark.filterwarnings("ignore:overflow encountered in divide:RuntimeWarning")
+@pytest.mark.parametrize("d_step", [False, True], ids=["plain", "dstep"])
+@pytest.mark.parametrize("name,device", BACKENDS)
+def test_extreme_m_scales(name, device, d_step):
+    """Blocks whose max |m| is subnormal (m decaying where the gradient is 0) or above
+    2**126: encoded with the pre-scale (quant.PRESCALE), as the reference does; the C++
+    kernel bit for bit."""
+    case = Case([4096, 4096], torch.float32, d_step, device=device, seed=9, nonfinite=False)
+    qs, g = case.qscales[0], _flat(case.grads[0])
+    qs[3, quant.M_SCALE] = 1.3 * 2.0 ** -135  # subnormal, and no gradient: it stays so
+    g[3 * quant.BLOCK: 4 * quant.BLOCK] = 0.0
+    if d_step:
+        _flat(case.hvps[0])[3 * quant.BLOCK: 4 * quant.BLOCK] = 0.0
+    qs[5, quant.M_SCALE] = 2.0 ** 127  # 1 / s would be subnormal
+    qs[6, quant.M_SCALE] = 2.0 ** -149  # the least subnormal
+    g[6 * quant.BLOCK: 7 * quant.BLOCK] = 0.0
+    out = run_backend(name, case)
+    if name == "cpu":
+        with correctly_rounded_sqrt():
+            assert_bits_equal(out, run_reference(case))
+    else:
+        assert_matches(case, out, run_reference(case))
+    got = out.qscales[0][:, quant.M_SCALE].cpu()
+    assert 0 < got[3] < quant.TINY and got[5] > quant.HUGE
+    m = quant.decode_m(_flat(out.exp_avgs[0]).cpu(), got)
+    assert (m[3 * quant.BLOCK: 4 * quant.BLOCK].abs().amax() == got[3])  # the max round-trips
+
+
+#: Cases of the cross-instruction-set check: (dtype, d_step, flags, grad_scale).
+ISA_CASES = [(dtype, d_step, flags, gs) for dtype in P_DTYPES for d_step in (False, True)
+             for flags in (0, EXACT, SR) for gs in (None, 64.0)
+             if not (flags == SR and dtype == torch.float32)]
+
+
+def _cpu_kernel_outputs():
+    """The C++ kernel's results on ISA_CASES (params, codes, scales, scalars)."""
+    out = []
+    for i, (dtype, d_step, flags, gs) in enumerate(ISA_CASES):
+        case = Case(SIZES + [70000], dtype, d_step, seed=30 + i, grad_scale=gs)
+        c = run_backend("cpu", case, flags, seed=5)
+        out.append([c.params, c.exp_avgs, c.exp_avg_ds, c.qscales, c.scalars])
+    return out
+
+
+def test_cpu_kernel_instruction_sets_agree(tmp_path):
+    """The 8-bit loops compiled for AVX-512 (where the CPU and ATen have it) and for AVX2
+    (ATEN_CPU_CAPABILITY=avx2, in a subprocess) store the same bytes."""
+    if cpp_impl._C is None:
+        pytest.skip(str(cpp_impl.LOAD_ERROR))
+    if "AVX-512" not in cpp_impl.build_info()["cpu_isa"]:
+        pytest.skip("the 8-bit loops run AVX-512 only on CPUs (and ATen builds) that have it")
+    root = Path(__file__).resolve().parent.parent
+    script = (f"import sys, torch; sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
+              "from esgdm.backends import cpp_impl\n"
+              "assert 'AVX-512' not in cpp_impl.build_info()['cpu_isa']\n"
+              "import test_quant_kernels as t\n"
+              f"torch.save(t._cpu_kernel_outputs(), {str(tmp_path / 'avx2.pt')!r})\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    avx2 = torch.load(tmp_path / "avx2.pt")
+    for case, (a, b) in zip(ISA_CASES, zip(_cpu_kernel_outputs(), avx2)):
+        for what, xs, ys in zip(("params", "m codes", "D codes", "qscales", "scalars"), a, b):
+            for i, (x, y) in enumerate(zip(xs if isinstance(xs, list) else [xs],
+                                           ys if isinstance(ys, list) else [ys])):
+                assert torch.equal(_flat(x).view(torch.uint8), _flat(y).view(torch.uint8)), \
+                    f"{case}: {what}[{i}] differ between AVX-512 and AVX2"
 
 
 def _big(name, device, dtype, d_step):
