@@ -18,7 +18,8 @@ This module is the contract of the ``esgdm::step_`` operator (:mod:`esgdm.ops`) 
 holds the reference implementation (:func:`reference_step`) that the "torch" backend
 runs and every fused kernel is tested against:
 
-* ``kernels/esgdm_step.py``  -- the fused Triton kernel (``"triton"``)
+* ``kernels/esgdm_elements.py`` -- the rule in Triton, called per tile by the fused
+  multi-tensor kernel of ``kernels/esgdm_step.py`` (``"triton"``)
 * ``csrc/esgdm_update.h``    -- shared by the C++ CPU and CUDA kernels (``"cpu"``, ``"cuda"``)
 
 Everything below lives on the parameters' device; the host decides only *which* work

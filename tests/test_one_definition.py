@@ -68,7 +68,7 @@ def test_triton_copies_follow_the_rule():
 
 def test_the_triton_kernel_reads_no_column_by_number():
     """Every read or write of a ``scalars``/``hparams`` row goes through a named column."""
-    source = (ROOT / "kernels" / "esgdm_step.py").read_text()
+    source = "".join((ROOT / "kernels" / name).read_text() for name in ("esgdm_step.py", "esgdm_elements.py"))
     assert not re.findall(r"\b[sh]row\s*\+\s*\d", source)
 
 
@@ -115,7 +115,7 @@ def test_8bit_state_copies_follow_the_quantizer():
 def test_8bit_codes_decode_by_the_reciprocal_constants():
     """Decoding multiplies by quant.INV_M_LEVELS / INV_D_LEVELS (through the copies
     above) and encoding divides once per block: no backend divides by the levels."""
-    source = (ROOT / "kernels" / "esgdm_step.py").read_text()
+    source = "".join((ROOT / "kernels" / name).read_text() for name in ("esgdm_step.py", "esgdm_elements.py"))
     for text, levels, inverses in ((HEADER, ("kQuantMLevels", "kQuantDLevels"),
                                     ("kQuantInvMLevels", "kQuantInvDLevels")),
                                    (source, ("_QM_LEVELS", "_QD_LEVELS"), ("_QM_INV", "_QD_INV"))):

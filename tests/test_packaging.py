@@ -137,7 +137,7 @@ def test_sdist_holds_what_the_build_needs(sdist):
     needed = {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "LICENSE", "csrc/setup_ext.py",
               "esgdm/__init__.py", "esgdm/_version.py", "esgdm/py.typed", "esgdm/integrations/__init__.py",
               "esgdm/integrations/transformers.py", "esgdm/integrations/lightning.py",
-              "kernels/esgdm_step.py", "tests/conftest.py"}
+              "kernels/esgdm_step.py", "kernels/esgdm_elements.py", "tests/conftest.py"}
     assert needed <= names, needed - names
     tracked = subprocess.run(["git", "ls-files", "csrc", "kernels", "esgdm"], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
