@@ -202,7 +202,8 @@ def step_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, 
                   terms: tuple[Tensor, Tensor, Tensor] | None = None,
                   math: torch.dtype | None = None, out_p: Tensor | None = None,
                   out_m: Tensor | None = None, out_d: Tensor | None = None,
-                  scratch: Callable[[str, torch.dtype], Tensor] | None = None) -> Tensor:
+                  scratch: Callable[[str, torch.dtype], Tensor] | None = None,
+                  finish: Callable[..., Tensor] | None = None) -> Tensor:
     """The element-wise rule, written once: :func:`update_elements` (the reference) and
     the "torch" backend both run it.
 
@@ -222,17 +223,13 @@ def step_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, 
     asking twice for a name may give the same memory): a caller stepping many pieces
     hands out the same few buffers every time; by default each is new.
 
-    The choices between values (an element whose ``g`` is not finite keeps its old
-    ``p``, ``m``, ``D``; where ``D == 0`` the denominator is ``dscale + eps``, or the
-    step 0) are made on the values' bits, with 0/1 integer masks: ``old ^ ((new ^ old)
-    * mask)`` is ``new`` where the mask is 1 and ``old`` where it is 0, NaNs and signed
-    zeros included, in a few cheap integer operations (a CPU compares into bytes and
-    selects on them several times slower).  Every value computed from a non-finite
-    ``g`` is discarded by those selects, so nothing needs to zero it first.
+    Two stages: this function computes the new ``m``, ``D``, ``mhat`` and ``sqrt(D)``
+    (torch's ``lerp`` and ``sqrt``, whose roundings only those kernels reproduce) and
+    hands them to ``finish`` (default :func:`finish_elements`: everything else, which
+    the backend may run as one compiled kernel).
     """
     if math is None:
         math = torch.float64 if p.dtype == torch.float64 else torch.float32
-    bits = _bits(math)
     if scratch is None:
         def scratch(name: str, dtype: torch.dtype) -> Tensor:
             return torch.empty_like(p, dtype=dtype)
@@ -247,7 +244,6 @@ def step_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, 
     G = as_math(g, "g")
     if divisor is not None:
         G = torch.div(G, divisor, out=scratch("g", math))
-    ok = torch.lt(torch.abs(G, out=scratch("a", math)), float("inf"), out=scratch("ok", bits))  # 1: finite
     M = as_math(m, "m")
     m_new = torch.lerp(M, G, w, out=scratch("m_new", math))
     D = as_math(d, "d")
@@ -263,47 +259,78 @@ def step_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, 
         torch.maximum(d_new, h2, out=d_new)
     mhat = torch.lerp(m_new, G, w, out=scratch("a", math))
     root = torch.sqrt(d_new, out=scratch("b", math))
+    if not exact and terms is None:
+        terms = floor_terms(torch.as_tensor(dscale, dtype=math, device=root.device), floor)
+    return (finish or finish_elements)(
+        as_math(p, "p"), G, M, D, m_new, d_new if h is not None else None, mhat, root,
+        eps=eps, step_scale=step_scale, decay=decay, terms=None if exact else terms,
+        out_p=out_p, out_m=out_m, out_d=out_d, scratch=scratch)
+
+
+def finish_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, m_new: Tensor, d_new: Tensor | None,
+                    mhat: Tensor, root: Tensor, *, eps, step_scale, decay,
+                    terms: tuple[Tensor, Tensor, Tensor] | None, out_p: Tensor | None,
+                    out_m: Tensor | None, out_d: Tensor | None,
+                    scratch: Callable[[str, torch.dtype], Tensor]) -> Tensor:
+    """The second stage of :func:`step_elements`: from the math-dtype ``p``, ``g``
+    (divided), ``m``, ``d`` and the new ``m``, ``D`` (None on a plain step), ``mhat``
+    and ``sqrt(D)``, the denominator (floored and, where ``D == 0``, ``dscale``:
+    ``terms`` from :func:`floor_terms`, None in the exact rule), the new ``p``, and
+    the stores.  It writes only into ``scratch`` buffers and the outputs, never into
+    its inputs (the buffers of the first stage are reused through ``scratch`` under
+    their own names), so that it can also run compiled, as one kernel.
+
+    The choices between values (an element whose ``g`` is not finite keeps its old
+    ``p``, ``m``, ``D``; where ``D == 0`` the floor is ``dscale``, or the step 0) are
+    made on the values' bits, with 0/1 integer masks: ``old ^ ((new ^ old) * mask)``
+    is ``new`` where the mask is 1 and ``old`` where it is 0, NaNs and signed zeros
+    included, in a few cheap integer operations (a CPU compares into bytes and selects
+    on them several times slower).  Every value computed from a non-finite ``g`` is
+    discarded by those selects, so nothing needs to zero it first.
+    """
+    math = p.dtype
+    bits = _bits(math)
+    d_now = d if d_new is None else d_new
+    ok = torch.lt(torch.abs(g, out=scratch("c", math)), float("inf"), out=scratch("ok", bits))  # 1: finite
     keep = None
-    if not exact:  # observed curvature far below the tensor's scale: floored
-        if terms is None:
-            terms = floor_terms(torch.as_tensor(dscale, dtype=math, device=root.device), floor)
+    if terms is not None:  # observed curvature far below the tensor's scale: floored
         dfloor, flip, unobserved = terms
         # the floor: dfloor, or dscale where D == 0 (curvature never observed here),
         # which then divides by dscale + eps (sqrt(0) = 0 is below it)
-        lower = torch.eq(d_new, 0, out=scratch("lower", bits))
+        lower = torch.eq(d_now, 0, out=scratch("lower", bits))
         torch.mul(lower, flip, out=lower)
         torch.bitwise_xor(lower, dfloor, out=lower)
-        torch.maximum(root, lower.view(math), out=root)  # dfloor: a power of two times dscale
-        keep = torch.ne(d_new, unobserved, out=lower)  # 0: D == 0 and dscale not positive
-    denom = torch.add(root, eps, out=root)
-    q = torch.div(mhat, denom, out=mhat)
+        root = torch.maximum(root, lower.view(math), out=scratch("b", math))  # exact: a power of two
+        keep = torch.ne(d_now, unobserved, out=lower)  # 0: D == 0 and dscale not positive
+    denom = torch.add(root, eps, out=scratch("b", math))
+    q = torch.div(mhat, denom, out=scratch("a", math))
     if keep is not None:  # ... no step at all there
         q_bits = q.view(bits)
         torch.mul(q_bits, keep, out=q_bits)
     step = torch.mul(step_scale, q, out=q)
-    P = as_math(p, "p")
-    p_new = torch.mul(P, decay, out=denom)
+    p_new = torch.mul(p, decay, out=denom)
     torch.sub(p_new, step, out=p_new)
     if out_m is not None:
-        _store(ok, m_new, M, out_m)
-    if h is not None and out_d is not None:
-        _store(ok, d_new, D, out_d)
-    return _store(ok, p_new, P, out_p)
+        _store(ok, m_new, m, out_m, scratch("m_new", math))
+    if d_new is not None and out_d is not None:
+        _store(ok, d_new, d, out_d, scratch("d_new", math))
+    return _store(ok, p_new, p, out_p, p_new)
 
 
-def _store(ok: Tensor, new: Tensor, old: Tensor, out: Tensor | None) -> Tensor:
-    """``out = new where ok == 1, else old`` on the bits, rounded to ``out``'s dtype;
-    ``out`` None: into ``new``, which is returned (``new`` may be overwritten)."""
-    nb, ob = new.view(ok.dtype), old.view(ok.dtype)
-    torch.bitwise_xor(nb, ob, out=nb)
-    torch.mul(nb, ok, out=nb)
+def _store(ok: Tensor, new: Tensor, old: Tensor, out: Tensor | None, work: Tensor) -> Tensor:
+    """``out = new where ok == 1, else old``, selected on the bits and rounded to
+    ``out``'s dtype; ``work``: a buffer to compute in (it may be ``new``'s own); ``out``
+    None: the result stays in ``work``, which is returned."""
+    nb, ob, wb = new.view(ok.dtype), old.view(ok.dtype), work.view(ok.dtype)
+    torch.bitwise_xor(nb, ob, out=wb)
+    torch.mul(wb, ok, out=wb)
     if out is None or out.dtype != new.dtype:
-        torch.bitwise_xor(ob, nb, out=nb)
+        torch.bitwise_xor(ob, wb, out=wb)
         if out is None:
-            return new
-        out.copy_(new)
+            return work
+        out.copy_(work)
         return out
-    torch.bitwise_xor(ob, nb, out=out.view(ok.dtype))
+    torch.bitwise_xor(ob, wb, out=out.view(ok.dtype))
     return out
 
 
@@ -482,6 +509,7 @@ def update_dscale(scalars: Tensor, slot: Tensor, exp_avg_ds: Sequence[Tensor],
 __all__ = [
     "BETA1", "BETA2", "BIAS", "DSCALE", "DSCALE_FLOOR", "EPS", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING",
     "HPARAM_COLUMNS", "LR", "LR_WARMUP", "SCALAR_COLUMNS", "STEPS", "WARM", "WEIGHT_DECAY",
-    "curvature_scale", "derive", "floor_terms", "grad_divisor", "mix32", "mix32_int", "random_bits",
-    "reference_step", "seed32", "step_elements", "stochastic_round", "update_dscale", "update_elements",
+    "curvature_scale", "derive", "finish_elements", "floor_terms", "grad_divisor", "mix32", "mix32_int",
+    "random_bits", "reference_step", "seed32", "step_elements", "stochastic_round", "update_dscale",
+    "update_elements",
 ]
