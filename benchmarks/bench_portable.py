@@ -10,8 +10,8 @@ the median reported, so a noisy neighbour slows all of them alike:
   alone (``backends.get("torch").step`` with the HVPs given);
 * ``esgdm/torch eager plain``: the same step with the compiled second stage switched
   off (``torch_impl.COMPILE_DEVICES = ()``), what a device without a compiler runs;
-* ``esgdm/<name> plain`` for the other backends of ``--backends`` (default ``cpu``, the
-  fused C++ kernel, for scale; any registered backend name works);
+* ``esgdm/<name> plain`` and ``dstep`` for the other backends of ``--backends`` (default
+  ``cpu``, the fused C++ kernel, for scale; any registered backend name works);
 * ``AdamW/foreach`` and ``AdamW/fused``: ``torch.optim.AdamW`` (the target of the
   issue: the torch backend's plain step no slower than ``foreach``);
 * ``copy``: ``dst.copy_(src)`` over as many bytes as an fp32 plain ESGD-M step moves
@@ -95,24 +95,30 @@ def competitors(args):
             p.grad = g
         return opt
 
+    hvps = [torch.randn(numel).to(dtype) for _ in range(n)]
+
+    def dstep_of(name, opt):
+        """The backend's D-step alone, HVPs given, on ``opt``'s bucket."""
+        b = opt.buckets()[0]
+        hp = opt._device_hparams(opt.buckets())[b.device]
+        backend, grads = backends.get(name), [p.grad for p in b.tensors]
+
+        @torch.no_grad()
+        def dstep():
+            backend.step(b.tensors, grads, b.exp_avg_views, b.exp_avg_d_views, hvps, b.scalars,
+                         b.index(None), hp, None, None, 0, 0)
+        return dstep
+
     opt_torch = esgdm_opt("torch")
     out["esgdm/torch plain"] = (opt_torch.step, 24)
     out["esgdm/torch eager plain"] = (_Eager(esgdm_opt("torch").step), 24)
-    b = opt_torch.buckets()[0]
-    hp = opt_torch._device_hparams(opt_torch.buckets())[b.device]
-    hvps = [torch.randn(numel).to(dtype) for _ in range(n)]
-    torch_backend = backends.get("torch")
-    grads_t = [p.grad for p in b.tensors]
-
-    @torch.no_grad()
-    def dstep():
-        torch_backend.step(b.tensors, grads_t, b.exp_avg_views, b.exp_avg_d_views, hvps, b.scalars,
-                           b.index(None), hp, None, None, 0, 0)
-    out["esgdm/torch dstep"] = (dstep, 32)
+    out["esgdm/torch dstep"] = (dstep_of("torch", opt_torch), 32)
     for name in filter(None, (s.strip() for s in args.backends.split(","))):
         reason = backends.get(name).why_not(torch.device("cpu"), dtype)
         if reason is None:
-            out[f"esgdm/{name} plain"] = (esgdm_opt(name).step, 24)
+            opt = esgdm_opt(name)
+            out[f"esgdm/{name} plain"] = (opt.step, 24)
+            out[f"esgdm/{name} dstep"] = (dstep_of(name, opt), 32)
         else:
             print(f"(no esgdm/{name}: {reason})")
     for impl in ("foreach", "fused"):

@@ -56,6 +56,10 @@ CHUNK = 1 << 20
 #: Elements per piece elsewhere: large enough that each operation is one big launch.
 DEVICE_CHUNK = 1 << 22
 
+#: Tensors smaller than this are stepped in groups of up to a piece's size: one set of
+#: operations for all of them (a per-tensor set costs about 50 us of host time).
+GROUP_BELOW = 1 << 16
+
 #: Device types on which :func:`compiled_finish` may be used (an empty tuple: never).
 COMPILE_DEVICES: tuple[str, ...] = ("cpu",)
 #: Pieces smaller than this run eagerly (a compiled call costs more host time, and
@@ -66,6 +70,23 @@ COMPILE_MIN = 1 << 14
 def _flat(t):
     """``t``'s memory as a 1-D view (``t`` is dense): element k = memory offset k."""
     return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _joined(ts, sizes, total):
+    """``(flat, is_view)``: the elements of dense tensors ``ts`` (of ``sizes``), in order,
+    as one flat tensor: a view when they lie back to back in one storage (the
+    optimizer's state does), else a copy."""
+    first = ts[0]
+    itemsize, start = first.element_size(), first.storage_offset()
+    if (start + total) * itemsize <= first.untyped_storage().nbytes():
+        ptr = first.data_ptr()
+        for t, size in zip(ts, sizes):
+            if t.data_ptr() != ptr:
+                break
+            ptr += size * itemsize
+        else:
+            return first.as_strided((total,), (1,), start), True
+    return torch.cat([_flat(t) for t in ts]), False
 
 
 def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
@@ -79,20 +100,17 @@ def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
     p_dtype = params[0].dtype
     math = torch.float64 if p_dtype == torch.float64 else torch.float32
     exact = bool(flags & FLAG_EXACT)
-    # Per-tensor scalars as 0-d tensors in the math dtype (rounded from float64 once).
-    dscale = co["dscale"].to(math)
-    per = {k: co[k].to(math).unbind() for k in ("w", "beta2", "eps", "step_scale", "decay")}
-    per["dscale"] = dscale.unbind()
+    # Per-tensor scalars in the math dtype (rounded from float64 once), one entry per tensor.
+    vec = {k: co[k].to(math) for k in ("w", "beta2", "eps", "step_scale", "decay", "dscale")}
     if not exact:  # DSCALE_FLOOR looked up per call: benchmarks/bench_train.py studies others
-        terms = list(zip(*(t.unbind() for t in floor_terms(dscale, DSCALE_FLOOR))))
+        vec["dfloor"], vec["flip"], vec["unobserved"] = floor_terms(vec["dscale"], DSCALE_FLOOR)
     sr = bool(flags & FLAG_STOCHASTIC_ROUNDING) and p_dtype in _SR_DTYPES
     skip = None if found_inf is None else found_inf.reshape(()) != 0
     divisor = grad_divisor(grad_scale, found_inf, math)
-    slots = co["slot"].unbind() if sr else None
-    steps = co["steps"].unbind() if sr else None
 
     device = params[0].device
-    chunk = min(CHUNK if device.type == "cpu" else DEVICE_CHUNK, max(p.numel() for p in params))
+    numels = [p.numel() for p in params]
+    chunk = min(CHUNK if device.type == "cpu" else DEVICE_CHUNK, sum(numels))
     compiled = None
     if p_dtype == math and exp_avgs[0].dtype == math and chunk >= COMPILE_MIN:
         compiled = compiled_finish(device, math, exact, d_step)
@@ -104,29 +122,71 @@ def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
             buf = buffers[name, dtype] = torch.empty(chunk, dtype=dtype, device=device)
         return buf[:size]
 
-    for i in range(n):
+    def step_tensor(i: int) -> None:
+        """Tensor ``i``, in equal pieces of at most ``chunk`` elements."""
         flats = [_flat(params[i]), _flat(grads[i]), _flat(exp_avgs[i]), _flat(exp_avg_ds[i])]
         if d_step:
             flats.append(_flat(hvps[i]))
-        total = flats[0].numel()
-        piece = max(1, -(-total // -(-total // chunk))) if total else 1  # equal, at most chunk
+        total = numels[i]
+        piece = max(1, -(-total // -(-total // chunk))) if total else 1
+        one = {k: v[i] for k, v in vec.items()}
         for start in range(0, total, piece):
             p, g, m, d, *hs = (t[start:start + piece] for t in flats)
             size = p.numel()
             p_new = step_elements(
-                p, g, m, d, hs[0] if d_step else None,
-                w=per["w"][i], beta2=per["beta2"][i], eps=per["eps"][i],
-                step_scale=per["step_scale"][i], decay=per["decay"][i], dscale=per["dscale"][i],
-                exact=exact, divisor=divisor, terms=None if exact else terms[i], math=math,
-                out_p=None if sr else p, out_m=m, out_d=d if d_step else None,
+                p, g, m, d, hs[0] if d_step else None, w=one["w"], beta2=one["beta2"], eps=one["eps"],
+                step_scale=one["step_scale"], decay=one["decay"], dscale=one["dscale"], exact=exact,
+                divisor=divisor, terms=None if exact else (one["dfloor"], one["flip"], one["unobserved"]),
+                math=math, out_p=None if sr else p, out_m=m, out_d=d if d_step else None,
                 scratch=functools.partial(scratch, size=size),
                 finish=compiled if compiled is not None and size >= COMPILE_MIN else None)
-            if slots is not None and steps is not None:  # stochastic rounding
-                r = random_bits(seed, slots[i], steps[i], size, device, start=start)
+            if sr:
+                r = random_bits(seed, co["slot"][i], co["steps"][i], size, device, start=start)
                 rounded = stochastic_round(p_new, p_dtype, r)
                 if skip is not None:  # rounding may change an old value's zero sign: keep p
                     rounded = torch.where(skip, p, rounded)
                 p.copy_(rounded)
+
+    def step_group(lo: int, hi: int) -> None:
+        """Small tensors ``lo`` to ``hi - 1`` as one: their elements joined (state that
+        lies back to back is stepped where it is), every scalar repeated per element."""
+        sizes = numels[lo:hi]
+        total = sum(sizes)
+        repeats = torch.tensor(sizes, device=device)
+
+        def each(v):
+            return torch.repeat_interleave(v[lo:hi], repeats, output_size=total)
+        lists = [params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_ds[lo:hi]]
+        joined = [_joined(ts, sizes, total) for ts in lists + ([hvps[lo:hi]] if d_step else [])]
+        (p, _), (g, _), (m, _), (d, _) = joined[:4]
+        step_elements(
+            p, g, m, d, joined[4][0] if d_step else None, w=each(vec["w"]),
+            beta2=each(vec["beta2"]) if d_step else None, eps=each(vec["eps"]),
+            step_scale=each(vec["step_scale"]), decay=each(vec["decay"]), dscale=None, exact=exact,
+            divisor=divisor, terms=None if exact else tuple(each(vec[k]) for k in ("dfloor", "flip", "unobserved")),
+            math=math, out_p=p, out_m=m, out_d=d if d_step else None,
+            scratch=functools.partial(scratch, size=total))
+        for k in (0, 2, 3) if d_step else (0, 2):  # copies go back: p, m (and D)
+            flat, is_view = joined[k]
+            if not is_view:
+                torch._foreach_copy_([_flat(t) for t in lists[k]], list(flat.split(sizes)))
+
+    # Tensors below GROUP_BELOW elements go in groups (not under stochastic rounding,
+    # whose random bits are per tensor, nor while a CUDA graph is captured: the group
+    # sizes are copied to the device); the others alone.
+    group = not sr and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    small = min(GROUP_BELOW, chunk + 1) if group else 0
+    i = 0
+    while i < n:
+        if 0 < numels[i] < small:
+            lo, total = i, 0
+            while i < n and 0 < numels[i] < small and total + numels[i] <= chunk:
+                total += numels[i]
+                i += 1
+            step_group(lo, i)
+        else:
+            step_tensor(i)
+            i += 1
     slot = co["slot"]
     rows = new_rows[:, [BIAS, WARM, STEPS]]
     if skip is not None:
