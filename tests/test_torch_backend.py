@@ -151,3 +151,30 @@ def test_training_with_the_compiled_stage_is_training_without_it(monkeypatch, ex
             mp.setattr(torch_impl, "_finishes", {})
             yield
     _same(with_compiled, _train(eager, exact))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("d_step", [False, True])
+def test_groups_give_the_per_tensor_numbers(monkeypatch, dtype, d_step):
+    """Small tensors stepped as one group (joined, scalars repeated per element) give
+    the bits of stepping them one by one, with grad_scale and found_inf, exact or not."""
+    inputs = _op_inputs([100, 7, 30000, 1, 5, 70000, 12, 0, 3], dtype, dtype, seed=5)
+    for flags in (0, rule.FLAG_EXACT):
+        for gs_, fi in ((None, None), (torch.tensor([2.0]), torch.tensor([0.0])),
+                        (torch.tensor([2.0]), torch.tensor([1.0]))):
+            grouped = _step(inputs, d_step, flags, gs_, fi)
+            monkeypatch.setattr(torch_impl, "GROUP_BELOW", 0)
+            alone = _step(inputs, d_step, flags, gs_, fi)
+            monkeypatch.undo()
+            _same(grouped, alone)
+
+
+def test_state_that_lies_back_to_back_is_stepped_in_place():
+    """The optimizer's state of a bucket is one buffer: a group steps it through one view
+    (no copy); tensors that do not lie back to back are joined in a copy."""
+    m = torch.zeros(30)
+    views = [m[0:10], m[10:12], m[12:30]]
+    flat, is_view = torch_impl._joined(views, [10, 2, 18], 30)
+    assert is_view and flat.data_ptr() == m.data_ptr() and flat.numel() == 30
+    flat, is_view = torch_impl._joined([m[0:10], m[12:30]], [10, 18], 28)
+    assert not is_view
