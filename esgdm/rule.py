@@ -49,7 +49,7 @@ Per element, in float32 (float64 for float64 parameters); ``S`` is ``grad_scale`
 
     g = g_raw / S                      # the division, not a multiply by 1/S
     if g is not finite: the element is left alone (p, m, D unchanged)
-    m = lerp(m, g, w)                  # torch.lerp's formula (see _lerp)
+    m = lerp(m, g, w)                  # torch.lerp's formula (see step_elements)
     if D-step:
         h  = h_raw / S
         h2 = h * h if h * h is finite else 0   # a non-finite observation is dropped
@@ -155,12 +155,6 @@ def derive(scalars: Tensor, index: Tensor, hparams: Tensor, d_step: bool):
 
 # ------------------------------------------------------------------ per element
 
-def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
-    """``torch.lerp(a, b, w)``: ``a + w*(b - a)`` for ``|w| < 0.5``, else
-    ``b - (1 - w)*(b - a)`` (the backends agree with torch to the bit)."""
-    return torch.lerp(a, b, w)
-
-
 def _bits(dtype: torch.dtype) -> torch.dtype:
     """The integer dtype of a float dtype's width (float32 -> int32, float64 -> int64)."""
     return torch.int64 if dtype == torch.float64 else torch.int32
@@ -224,9 +218,12 @@ def step_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, 
     hands out the same few buffers every time; by default each is new.
 
     Two stages: this function computes the new ``m``, ``D``, ``mhat`` and ``sqrt(D)``
-    (torch's ``lerp`` and ``sqrt``, whose roundings only those kernels reproduce) and
-    hands them to ``finish`` (default :func:`finish_elements`: everything else, which
-    the backend may run as one compiled kernel).
+    with torch's own ``lerp`` and ``sqrt`` kernels and hands them to ``finish`` (default
+    :func:`finish_elements`: everything else, which the backend may run as one compiled
+    kernel).  ``torch.lerp(a, b, w)`` is ``a + w*(b - a)`` for ``|w| < 0.5``, else
+    ``b - (1 - w)*(b - a)``, with a fused multiply-add on a CPU, and torch's CPU
+    ``sqrt`` need not round correctly: a compiled kernel computes neither to the bit,
+    the fused backends reproduce them.
     """
     if math is None:
         math = torch.float64 if p.dtype == torch.float64 else torch.float32

@@ -26,6 +26,7 @@ piece.  Without a working compiler everything stays eager.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 
 import torch
@@ -53,15 +54,17 @@ _SR_DTYPES = (torch.bfloat16, torch.float16)
 #: pieces.  Each eager operation on a piece costs about 2 us of host time, so pieces
 #: must not be small, and the intermediates of a piece this size still stay in the caches.
 CHUNK = 1 << 20
-#: Elements per piece elsewhere: large enough that each operation is one big launch.
-DEVICE_CHUNK = 1 << 22
+#: Elements per piece elsewhere: large enough that each operation is one big launch
+#: (the buffers, about six of them, 8 MiB each in fp32, exist during a call).
+DEVICE_CHUNK = 1 << 21
 
 #: Tensors smaller than this are stepped in groups of up to a piece's size: one set of
 #: operations for all of them (a per-tensor set costs about 50 us of host time).
 GROUP_BELOW = 1 << 16
 
-#: Device types on which :func:`compiled_finish` may be used (an empty tuple: never).
-COMPILE_DEVICES: tuple[str, ...] = ("cpu",)
+#: Device types on which :func:`compiled_finish` may be used (an empty tuple: never;
+#: ``ESGDM_TORCH_COMPILE=0`` in the environment empties it).
+COMPILE_DEVICES: tuple[str, ...] = () if os.environ.get("ESGDM_TORCH_COMPILE", "1").strip() == "0" else ("cpu",)
 #: Pieces smaller than this run eagerly (a compiled call costs more host time, and
 #: sizes 0 and 1 would each compile once more).
 COMPILE_MIN = 1 << 14
@@ -234,6 +237,7 @@ def compiled_finish(device: torch.device, dtype: torch.dtype, exact: bool, d_ste
 
 def _make_finish(device, dtype, exact, d_step):
     global _compiled_fn
+    key = (device.type, dtype, exact, d_step)
     if device.type not in COMPILE_DEVICES:
         return None
     try:
@@ -244,8 +248,16 @@ def _make_finish(device, dtype, exact, d_step):
 
         def finish(p, g, m, d, m_new, d_new, mhat, root, *, eps, step_scale, decay, terms,
                    out_p, out_m, out_d, scratch):
+            kw = dict(eps=eps, step_scale=step_scale, decay=decay, terms=terms, out_p=out_p,
+                      out_m=out_m, out_d=out_d, scratch=scratch)
+            if out_p is not p or out_m is not m or (d_new is not None and out_d is not d):
+                return finish_elements(p, g, m, d, m_new, d_new, mhat, root, **kw)  # not in place
             dfloor, flip, unobserved = (None, None, None) if terms is None else terms
-            fn(p, g, m, d, m_new, d_new, mhat, root, eps, step_scale, decay, dfloor, flip, unobserved)
+            try:
+                fn(p, g, m, d, m_new, d_new, mhat, root, eps, step_scale, decay, dfloor, flip, unobserved)
+            except Exception:  # noqa: BLE001 - a recompilation that failed (before any write)
+                _finishes[key] = None
+                return finish_elements(p, g, m, d, m_new, d_new, mhat, root, **kw)
             return p
 
         if not _agrees(finish, device, dtype, exact, d_step):
