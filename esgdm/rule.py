@@ -50,7 +50,7 @@ Per element, in float32 (float64 for float64 parameters); ``S`` is ``grad_scale`
 
     g = g_raw / S                      # the division, not a multiply by 1/S
     if g is not finite: the element is left alone (p, m, D unchanged)
-    m = lerp(m, g, w)                  # torch.lerp's formula (see _lerp)
+    m = lerp(m, g, w)                  # torch.lerp's formula (see step_elements)
     if D-step:
         h  = h_raw / S
         h2 = h * h if h * h is finite else 0   # a non-finite observation is dropped
@@ -101,7 +101,7 @@ the op's ``seed``.  Non-finite ``x`` rounds to nearest.  (The optimizer hands th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -158,48 +158,200 @@ def derive(scalars: Tensor, index: Tensor, hparams: Tensor, d_step: bool):
 
 # ------------------------------------------------------------------ per element
 
-def _lerp(a: Tensor, b: Tensor, w: float) -> Tensor:
-    """``torch.lerp(a, b, w)``: ``a + w*(b - a)`` for ``|w| < 0.5``, else
-    ``b - (1 - w)*(b - a)`` (the backends agree with torch to the bit)."""
-    return torch.lerp(a, b, w)
+def _bits(dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype of a float dtype's width (float32 -> int32, float64 -> int64)."""
+    return torch.int64 if dtype == torch.float64 else torch.int32
+
+
+def floor_terms(dscale: Tensor, floor: float = DSCALE_FLOOR) -> tuple[Tensor, Tensor, Tensor]:
+    """The per-tensor constants of the default rule, from ``dscale`` (0-d or one entry
+    per tensor, in the math dtype), as :func:`step_elements` uses them:
+
+    * ``dfloor``: the bits (an integer tensor) of ``floor * dscale`` (exact: ``floor``
+      is a power of two), the floor on ``sqrt(D)``;
+    * ``flip``: ``dfloor``'s bits XOR ``dscale``'s: XORed into ``dfloor`` where
+      ``D == 0``, it makes the floor ``dscale`` there (``sqrt(0)`` then gives way to it);
+    * ``unobserved``: the value of ``D`` whose step is 0: 0 where ``dscale`` is not
+      positive, NaN elsewhere (no ``D`` equals it).
+    """
+    bits = _bits(dscale.dtype)
+    dfloor = (dscale * floor).view(bits)
+    flip = dfloor ^ dscale.view(bits)
+    unobserved = torch.where(dscale > 0, torch.full_like(dscale, float("nan")), torch.zeros_like(dscale))
+    return dfloor, flip, unobserved
+
+
+def grad_divisor(grad_scale: Tensor | None, found_inf: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """What ``g`` (and ``h``) are divided by, a 0-d tensor in the math dtype (``None``:
+    no division): ``grad_scale`` (1 when absent), NaN when ``found_inf`` is set, which
+    makes every ``g`` non-finite, so that :func:`step_elements` leaves every element
+    alone: what skipping the step means, decided on the device."""
+    if found_inf is None:
+        return None if grad_scale is None else grad_scale.reshape(()).to(dtype)
+    scale = (torch.ones((), dtype=dtype, device=found_inf.device) if grad_scale is None
+             else grad_scale.reshape(()).to(dtype))
+    return torch.where(found_inf.reshape(()) != 0, torch.full_like(scale, float("nan")), scale)
+
+
+def step_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, *,
+                  w, beta2, eps, step_scale, decay, dscale, exact: bool,
+                  divisor: Tensor | None = None, floor: float = DSCALE_FLOOR,
+                  terms: tuple[Tensor, Tensor, Tensor] | None = None,
+                  math: torch.dtype | None = None, out_p: Tensor | None = None,
+                  out_m: Tensor | None = None, out_d: Tensor | None = None,
+                  scratch: Callable[[str, torch.dtype], Tensor] | None = None,
+                  finish: Callable[..., Tensor] | None = None) -> Tensor:
+    """The element-wise rule, written once: :func:`update_elements` (the reference) and
+    the "torch" backend both run it.
+
+    ``p``, ``g``, ``h`` and ``m``, ``d`` are the tensors as stored (any of the dtypes
+    of the op, same shape and strides); the math runs in ``math`` (default float32,
+    float64 for float64 ``p``).  Each arithmetic operation rounds once, in the order
+    of the module docstring, so the results do not depend on how the work is cut up.
+    Writes the new ``m`` into ``out_m`` and, on a D-step, the new ``D`` into
+    ``out_d`` (either may be ``m``/``d`` themselves); the new ``p`` goes into ``out_p``
+    (it may be ``p``), or stays in the math dtype when ``out_p`` is None (for
+    stochastic rounding).  Returns the new ``p``.
+
+    The scalars are Python floats or 0-d tensors, already rounded to the math dtype;
+    ``divisor`` is what ``g`` and ``h`` are divided by (:func:`grad_divisor`);
+    ``terms``: :func:`floor_terms` of ``dscale`` and ``floor``, when the caller has them.
+    ``scratch(name, dtype)`` gives a buffer shaped like ``p`` (each name one buffer;
+    asking twice for a name may give the same memory): a caller stepping many pieces
+    hands out the same few buffers every time; by default each is new.
+
+    Two stages: this function computes the new ``m``, ``D``, ``mhat`` and ``sqrt(D)``
+    with torch's own ``lerp`` and ``sqrt`` kernels and hands them to ``finish`` (default
+    :func:`finish_elements`: everything else, which the backend may run as one compiled
+    kernel).  ``torch.lerp(a, b, w)`` is ``a + w*(b - a)`` for ``|w| < 0.5``, else
+    ``b - (1 - w)*(b - a)``, with a fused multiply-add on a CPU, and torch's CPU
+    ``sqrt`` need not round correctly: a compiled kernel computes neither to the bit,
+    the fused backends reproduce them.
+    """
+    if math is None:
+        math = torch.float64 if p.dtype == torch.float64 else torch.float32
+    if scratch is None:
+        def scratch(name: str, dtype: torch.dtype) -> Tensor:
+            return torch.empty_like(p, dtype=dtype)
+
+    def as_math(x: Tensor, name: str) -> Tensor:
+        if x.dtype == math:
+            return x
+        buf = scratch(name, math)
+        buf.copy_(x)
+        return buf
+
+    G = as_math(g, "g")
+    if divisor is not None:
+        G = torch.div(G, divisor, out=scratch("g", math))
+    M = as_math(m, "m")
+    m_new = torch.lerp(M, G, w, out=scratch("m_new", math))
+    D = as_math(d, "d")
+    d_new = D
+    if h is not None:
+        H = as_math(h, "h")
+        if divisor is not None:
+            H = torch.div(H, divisor, out=scratch("h", math))
+        # NaN or inf where h is, and where a finite h's square overflows: then dropped
+        h2 = torch.mul(H, H, out=scratch("h", math))
+        torch.nan_to_num(h2, 0.0, 0.0, 0.0, out=h2)
+        d_new = torch.mul(D, beta2, out=scratch("d_new", math))
+        torch.maximum(d_new, h2, out=d_new)
+    mhat = torch.lerp(m_new, G, w, out=scratch("a", math))
+    root = torch.sqrt(d_new, out=scratch("b", math))
+    if not exact and terms is None:
+        terms = floor_terms(torch.as_tensor(dscale, dtype=math, device=root.device), floor)
+    return (finish or finish_elements)(
+        as_math(p, "p"), G, M, D, m_new, d_new if h is not None else None, mhat, root,
+        eps=eps, step_scale=step_scale, decay=decay, terms=None if exact else terms,
+        out_p=out_p, out_m=out_m, out_d=out_d, scratch=scratch)
+
+
+def finish_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, m_new: Tensor, d_new: Tensor | None,
+                    mhat: Tensor, root: Tensor, *, eps, step_scale, decay,
+                    terms: tuple[Tensor, Tensor, Tensor] | None, out_p: Tensor | None,
+                    out_m: Tensor | None, out_d: Tensor | None,
+                    scratch: Callable[[str, torch.dtype], Tensor]) -> Tensor:
+    """The second stage of :func:`step_elements`: from the math-dtype ``p``, ``g``
+    (divided), ``m``, ``d`` and the new ``m``, ``D`` (None on a plain step), ``mhat``
+    and ``sqrt(D)``, the denominator (floored and, where ``D == 0``, ``dscale``:
+    ``terms`` from :func:`floor_terms`, None in the exact rule), the new ``p``, and
+    the stores.  It writes only into ``scratch`` buffers and the outputs, never into
+    its inputs (the buffers of the first stage are reused through ``scratch`` under
+    their own names), so that it can also run compiled, as one kernel.
+
+    The choices between values (an element whose ``g`` is not finite keeps its old
+    ``p``, ``m``, ``D``; where ``D == 0`` the floor is ``dscale``, or the step 0) are
+    made on the values' bits, with 0/1 integer masks: ``old ^ ((new ^ old) * mask)``
+    is ``new`` where the mask is 1 and ``old`` where it is 0, NaNs and signed zeros
+    included, in a few cheap integer operations (a CPU compares into bytes and selects
+    on them several times slower).  Every value computed from a non-finite ``g`` is
+    discarded by those selects, so nothing needs to zero it first.
+    """
+    math = p.dtype
+    bits = _bits(math)
+    d_now = d if d_new is None else d_new
+    ok = torch.lt(torch.abs(g, out=scratch("c", math)), float("inf"), out=scratch("ok", bits))  # 1: finite
+    keep = None
+    if terms is not None:  # observed curvature far below the tensor's scale: floored
+        dfloor, flip, unobserved = terms
+        # the floor: dfloor, or dscale where D == 0 (curvature never observed here),
+        # which then divides by dscale + eps (sqrt(0) = 0 is below it)
+        lower = torch.eq(d_now, 0, out=scratch("lower", bits))
+        torch.mul(lower, flip, out=lower)
+        torch.bitwise_xor(lower, dfloor, out=lower)
+        root = torch.maximum(root, lower.view(math), out=scratch("b", math))  # exact: a power of two
+        keep = torch.ne(d_now, unobserved, out=lower)  # 0: D == 0 and dscale not positive
+    denom = torch.add(root, eps, out=scratch("b", math))
+    q = torch.div(mhat, denom, out=scratch("a", math))
+    if keep is not None:  # ... no step at all there
+        q_bits = q.view(bits)
+        torch.mul(q_bits, keep, out=q_bits)
+    step = torch.mul(step_scale, q, out=q)
+    p_new = torch.mul(p, decay, out=denom)
+    torch.sub(p_new, step, out=p_new)
+    if out_m is not None:
+        _store(ok, m_new, m, out_m, scratch("m_new", math))
+    if d_new is not None and out_d is not None:
+        _store(ok, d_new, d, out_d, scratch("d_new", math))
+    return _store(ok, p_new, p, out_p, p_new)
+
+
+def _store(ok: Tensor, new: Tensor, old: Tensor, out: Tensor | None, work: Tensor) -> Tensor:
+    """``out = new where ok == 1, else old``, selected on the bits and rounded to
+    ``out``'s dtype; ``work``: a buffer to compute in (it may be ``new``'s own); ``out``
+    None: the result stays in ``work``, which is returned."""
+    nb, ob, wb = new.view(ok.dtype), old.view(ok.dtype), work.view(ok.dtype)
+    torch.bitwise_xor(nb, ob, out=wb)
+    torch.mul(wb, ok, out=wb)
+    if out is None or out.dtype != new.dtype:
+        torch.bitwise_xor(ob, wb, out=wb)
+        if out is None:
+            return work
+        out.copy_(work)
+        return out
+    torch.bitwise_xor(ob, wb, out=out.view(ok.dtype))
+    return out
 
 
 def update_elements(p: Tensor, g: Tensor, m: Tensor, d: Tensor, h: Tensor | None, *,
                     w, beta2, eps, step_scale, decay, dscale, exact: bool,
                     grad_scale: Tensor | None = None, floor: float = DSCALE_FLOOR):
-    """The element-wise rule on float32 (or float64) tensors; returns ``(p, m, d)`` new.
+    """The element-wise rule on float32 (or float64) tensors; returns ``(p, m, d)`` new
+    (:func:`step_elements` into new tensors).
 
     The scalars are Python floats or 0-d tensors, already rounded to the math dtype.
     ``floor``: :data:`DSCALE_FLOOR` (a parameter only so that benchmarks can study
     other values with the "torch" backend; the fused kernels have it built in).
     """
-    if grad_scale is not None:
-        g = g / grad_scale
-    ok = torch.isfinite(g)
-    g0 = torch.where(ok, g, torch.zeros_like(g))
-    m_new = _lerp(m, g0, w)
-    d_new = d
-    if h is not None:
-        if grad_scale is not None:
-            h = h / grad_scale
-        h2 = h * h  # NaN or inf where h is, and where a finite h's square overflows:
-        h2 = torch.where(torch.isfinite(h2), h2, torch.zeros_like(h2))  # then dropped
-        d_new = torch.maximum(d * beta2, h2)
-    mhat = _lerp(m_new, g0, w)
-    root = d_new.sqrt()
-    if not exact:  # observed curvature far below the tensor's scale: floored
-        dscale = torch.as_tensor(dscale, dtype=root.dtype, device=root.device)
-        root = torch.maximum(root, dscale * floor)  # a power of two times dscale: exact
-    denom = root + eps
-    q = mhat / denom
-    if not exact:
-        fallback = torch.where(dscale > 0, mhat / (dscale + eps), torch.zeros_like(q))
-        q = torch.where(d_new == 0, fallback, q)
-    p_new = p * decay - step_scale * q
-    p_new = torch.where(ok, p_new, p)
-    m_new = torch.where(ok, m_new, m)
-    d_new = torch.where(ok, d_new, d)
-    return p_new, m_new, d_new
+    math = p.dtype
+    m_new, d_new = torch.empty_like(m, dtype=math), torch.empty_like(d, dtype=math)
+    p_new = step_elements(p, g, m, d, h, w=w, beta2=beta2, eps=eps, step_scale=step_scale,
+                          decay=decay, dscale=dscale, exact=exact,
+                          divisor=None if grad_scale is None else grad_scale.reshape(()).to(math),
+                          floor=floor, math=math, out_p=torch.empty_like(p), out_m=m_new,
+                          out_d=d_new)
+    return p_new, m_new, (d_new if h is not None else d.to(math, copy=True))
 
 
 # ------------------------------------------------------------- random rounding
@@ -357,6 +509,7 @@ def update_dscale(scalars: Tensor, slot: Tensor, exp_avg_ds: Sequence[Tensor],
 __all__ = [
     "BETA1", "BETA2", "BIAS", "DSCALE", "DSCALE_FLOOR", "EPS", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING",
     "HPARAM_COLUMNS", "LR", "LR_WARMUP", "SCALAR_COLUMNS", "STEPS", "WARM", "WEIGHT_DECAY",
-    "curvature_scale", "derive", "mix32", "mix32_int", "random_bits", "reference_step", "seed32",
-    "stochastic_round", "update_dscale", "update_elements",
+    "curvature_scale", "derive", "finish_elements", "floor_terms", "grad_divisor", "mix32", "mix32_int",
+    "random_bits", "reference_step", "seed32", "step_elements", "stochastic_round", "update_dscale",
+    "update_elements",
 ]

@@ -232,15 +232,15 @@ def test_invariance_test_catches_a_fallback_that_does_not_scale(monkeypatch):
     not scale with the loss) in the "torch" backend's element rule; the loss-scale
     comparison must then fail."""
     import esgdm.backends.torch_impl as torch_impl
-    if not hasattr(torch_impl, "update_elements"):
-        pytest.skip("the torch backend no longer calls rule.update_elements by that name")
-    real = torch_impl.update_elements
+    if not hasattr(torch_impl, "step_elements"):
+        pytest.skip("the torch backend no longer calls rule.step_elements by that name")
+    real = torch_impl.step_elements
 
     def fixed_floor(*args, **kw):
-        kw["dscale"] = 1.0
+        kw["dscale"], kw["terms"] = 1.0, None  # the floor terms then follow dscale
         return real(*args, **kw)
 
-    monkeypatch.setattr(torch_impl, "update_elements", fixed_floor)
+    monkeypatch.setattr(torch_impl, "step_elements", fixed_floor)
     ref, _, _ = _train("torch")
     got, _, _ = _train("torch", loss_scale=1e-3)
     with pytest.raises(AssertionError):
