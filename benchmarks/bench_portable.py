@@ -100,7 +100,7 @@ def competitors(args):
     def dstep_of(name, opt):
         """The backend's D-step alone, HVPs given, on ``opt``'s bucket."""
         b = opt.buckets()[0]
-        hp = opt._device_hparams(opt.buckets())[b.device]
+        hp = opt._store.device_hparams(opt, list(opt.buckets()))[b.device]
         backend, grads = backends.get(name), [p.grad for p in b.tensors]
 
         @torch.no_grad()
