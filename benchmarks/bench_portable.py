@@ -12,6 +12,9 @@ the median reported, so a noisy neighbour slows all of them alike:
   off (``torch_impl.COMPILE_DEVICES = ()``), what a device without a compiler runs;
 * ``esgdm/<name> plain`` and ``dstep`` for the other backends of ``--backends`` (default
   ``cpu``, the fused C++ kernel, for scale; any registered backend name works);
+  ``--torch-at REV`` adds ``torch_before``: the "torch" backend and the rule it calls as
+  they were at git revision ``REV`` (loaded with ``git show``), for before/after figures
+  from one run;
 * ``AdamW/foreach`` and ``AdamW/fused``: ``torch.optim.AdamW`` (the target of the
   issue: the torch backend's plain step no slower than ``foreach``);
 * ``copy``: ``dst.copy_(src)`` over as many bytes as an fp32 plain ESGD-M step moves
@@ -26,6 +29,7 @@ of an fp32 plain step.
     python benchmarks/bench_portable.py                    # the issue's case, 2 threads
     python benchmarks/bench_portable.py --count --repeats 15
     python benchmarks/bench_portable.py --tensors 4096 --numel 256 --only 'torch|foreach'
+    python benchmarks/bench_portable.py --torch-at 94f165c     # against the backend of a commit
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ import argparse
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
+import types
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -56,6 +62,26 @@ def _params(n, numel, dtype, seed):
     for p in ps:
         p.grad = torch.randn(numel, generator=gen).to(dtype)
     return ps
+
+
+def register_torch_at(rev: str) -> str:
+    """Registers the "torch" backend of git revision ``rev`` (its ``torch_impl.py`` and
+    the ``rule.py`` it imports, as they were there) as backend ``torch_before``."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+    def source(path):
+        return subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+    rule = types.ModuleType("esgdm_rule_before")
+    exec(compile(source("esgdm/rule.py"), f"esgdm/rule.py@{rev}", "exec"), rule.__dict__)
+    sys.modules[rule.__name__] = rule  # what the old backend's import finds
+    impl = types.ModuleType("esgdm_torch_impl_before")
+    code = source("esgdm/backends/torch_impl.py").replace("from esgdm.rule import", f"from {rule.__name__} import")
+    exec(compile(code, f"esgdm/backends/torch_impl.py@{rev}", "exec"), impl.__dict__)
+    backend = impl.BACKEND.__class__()
+    backend.name = "torch_before"
+    backends.register(backend)
+    return backend.name
 
 
 class _Eager:
@@ -207,6 +233,7 @@ def main(argv=None):
     ap.add_argument("--numel", type=int, default=640 * 1024, help="elements per tensor (default 640K)")
     ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--backends", default="cpu", help="other esgdm backends to time (comma-separated)")
+    ap.add_argument("--torch-at", metavar="REV", help="also time the torch backend of git revision REV")
     ap.add_argument("--repeats", type=int, default=11, help="interleaved rounds")
     ap.add_argument("--inner", type=int, default=3, help="calls per timed sample")
     ap.add_argument("--threads", type=int, default=2)
@@ -214,6 +241,8 @@ def main(argv=None):
     ap.add_argument("--count", action="store_true", help="count the passes of the esgdm torch rows")
     args = ap.parse_args(argv)
     args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.torch_at:
+        args.backends = ",".join([register_torch_at(args.torch_at)] + [args.backends])
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -163,6 +164,17 @@ def test_bench_step_smoke(tmp_path):
     assert "| implementation |" in out
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert "Plain step" in (tmp_path / "s.md").read_text()
+
+
+def test_bench_portable_smoke():
+    """bench_portable.py runs, counts passes (the old backend's 25 from git included) and
+    prints every row."""
+    out = _run(["benchmarks/bench_portable.py", "--tensors", "3", "--numel", "2000", "--repeats", "2",
+                "--inner", "1", "--threads", "1", "--count", "--torch-at", "94f165c"], 240)
+    for row in ("esgdm/torch plain", "esgdm/torch eager plain", "esgdm/torch dstep", "esgdm/torch_before plain",
+                "AdamW/foreach", "AdamW/fused", "copy"):
+        assert f"\n{row} " in out, out
+    assert re.search(r"esgdm/torch_before plain +25\.0 passes", out), out
 
 
 @pytest.mark.slow
