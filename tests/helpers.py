@@ -108,3 +108,16 @@ __all__ = [
     "InjectedSigns", "ReferenceESGDM", "clone_params", "esgdm", "make_coeffs", "rel_err",
     "run_both", "separable_loss", "signs_for",
 ]
+
+
+def clone_fields(obj):
+    """A copy of ``obj`` (a plain record of tensors and lists of tensors) whose tensors
+    are clones; other fields are shared."""
+    other = type(obj).__new__(type(obj))
+    for name, value in vars(obj).items():
+        if isinstance(value, list):
+            value = [t.clone() for t in value]  # clone keeps a dense layout's strides
+        elif isinstance(value, torch.Tensor):
+            value = value.clone()
+        setattr(other, name, value)
+    return other

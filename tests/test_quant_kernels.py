@@ -35,6 +35,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import clone_fields
 
 from esgdm import quant, rule
 from esgdm.backends import cpp_impl
@@ -190,14 +191,7 @@ class Case:
         self.found_inf = None
 
     def clone(self) -> Case:
-        other = Case.__new__(Case)
-        for name, value in vars(self).items():
-            if isinstance(value, list):
-                value = [t.clone() for t in value]  # clone keeps a dense layout's strides
-            elif isinstance(value, torch.Tensor):
-                value = value.clone()
-            setattr(other, name, value)
-        return other
+        return clone_fields(self)
 
 
 def run_backend(name, case: Case, flags=0, seed=0) -> Case:

@@ -31,6 +31,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from conftest import requires_cuda  # noqa: E402
+from helpers import clone_fields  # noqa: E402
 
 from esgdm import rule  # noqa: E402
 from esgdm.kernels import esgdm_step as K  # noqa: E402
@@ -124,14 +125,7 @@ class Case:
         return (self.params, self.grads, self.exp_avgs, self.exp_avg_ds, self.hvps)
 
     def clone(self) -> Case:
-        other = Case.__new__(Case)
-        for name, value in vars(self).items():
-            if isinstance(value, list):
-                value = [t.clone() for t in value]  # clone keeps a dense layout's strides
-            elif isinstance(value, torch.Tensor):
-                value = value.clone()
-            setattr(other, name, value)
-        return other
+        return clone_fields(self)
 
     def args(self, flags=0, seed=0):
         return (*self.lists(), self.scalars, self.index, self.hparams, self.grad_scale,
