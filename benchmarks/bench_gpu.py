@@ -43,9 +43,19 @@ def gpu_backends(device: torch.device) -> list[str]:
     return [n for n in names if backends.get(n).why_not(device, torch.float32) is None]
 
 
-def _params(count: int, numel: int, device: torch.device) -> list[torch.Tensor]:
+def _params(count: int, numel: int, device: torch.device, flat: bool = False) -> list[torch.Tensor]:
+    """``count`` parameters of ``numel // count`` elements with gradients: each its own
+    allocation, or (``flat``) views of one parameter buffer and one gradient buffer, as
+    trainers that keep contiguous parameter and gradient buffers have them."""
     gen = torch.Generator(device=device).manual_seed(0)
     per = max(1, numel // count)
+    if flat:
+        data = torch.randn(count * per, generator=gen, device=device)
+        grads = torch.randn(count * per, generator=gen, device=device)
+        params = [torch.nn.Parameter(data[i * per:(i + 1) * per]) for i in range(count)]
+        for i, p in enumerate(params):
+            p.grad = grads[i * per:(i + 1) * per]
+        return params
     params = [torch.randn(per, generator=gen, device=device).requires_grad_() for _ in range(count)]
     for p in params:
         p.grad = torch.randn(per, generator=gen, device=device)
@@ -71,20 +81,25 @@ def _make(name: str, params, lr_tensor: bool = False):
     return opt
 
 
-def host_time(device, counts, numel, repeats, steps):
-    """Median wall time of one eager plain step (ms) and its host share."""
+def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat")):
+    """Median wall time of one eager plain step (ms) and its host share, per tensor
+    count, optimizer and memory layout (``separate``: each tensor its own allocation;
+    ``flat``: views of one buffer, see :func:`_params`).  The optimizers of one count
+    are timed interleaved, round by round."""
     rows = []
-    names = gpu_backends(device) + (["AdamW(fused)", "AdamW(foreach)"] if device.type == "cuda"
-                                    else ["AdamW(foreach)"])
+    names = gpu_backends(device) + ["AdamW(fused)", "AdamW(foreach)"]
     for count in counts:
-        for name in names:
-            params = _params(count, numel, device)
-            opt = _make(name, params, lr_tensor=True)
-            for _ in range(3):
-                opt.step()
-            sync(device)
-            walls, hosts = [], []
-            for _ in range(repeats):
+        runs = []
+        for layout in layouts:
+            for name in names:
+                params = _params(count, numel, device, flat=layout == "flat")
+                opt = _make(name, params, lr_tensor=True)
+                for _ in range(3):
+                    opt.step()
+                runs.append((name, layout, opt, params, [], []))
+        sync(device)
+        for _ in range(repeats):
+            for name, layout, opt, params, walls, hosts in runs:
                 t0 = time.perf_counter()
                 host = 0.0
                 for _ in range(steps):
@@ -94,8 +109,9 @@ def host_time(device, counts, numel, repeats, steps):
                 sync(device)
                 walls.append((time.perf_counter() - t0) / steps * 1e3)
                 hosts.append(host / steps * 1e3)
-            rows.append((count, name, statistics.median(walls), statistics.median(hosts)))
-            del opt, params
+        for name, layout, _opt, _params_, walls, hosts in runs:
+            rows.append((count, name, layout, statistics.median(walls), statistics.median(hosts)))
+        del runs
     return rows
 
 
@@ -272,10 +288,10 @@ def main(argv=None) -> None:
     if "host" in only:
         counts = (1, 64, 256) if quick else (1, 64, 1024, 4096)
         rows = host_time(device, counts, numel, repeats, steps)
-        base = {name: wall for count, name, wall, _ in rows if count == 1}
+        base = {(name, layout): wall for count, name, layout, wall, _ in rows if count == 1}
         out.append(f"### Plain step against tensor count ({numel} fp32 elements in all, eager)\n\n" + table(
-            ["tensors", "optimizer", "ms per step", "host ms per call", "vs 1 tensor"], rows,
-            lambda r: [str(r[0]), r[1], f"{r[2]:.4f}", f"{r[3]:.4f}", f"{r[2] / base[r[1]]:.2f}x"]))
+            ["tensors", "optimizer", "memory", "ms per step", "host ms per call", "vs 1 tensor"], rows,
+            lambda r: [str(r[0]), r[1], r[2], f"{r[3]:.4f}", f"{r[4]:.4f}", f"{r[3] / base[r[1], r[2]]:.2f}x"]))
     if "launches" in only and device.type == "cuda":
         rows = launches(device, numel, 148)
         out.append("### GPU kernels launched per step (148 tensors)\n\n" + table(

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "esgdm_update.h"
 
@@ -13,6 +14,15 @@ namespace esgdm {
 // The arguments of esgdm._C.step, checked by check_step_args (esgdm_module.cpp): one
 // entry per tensor in each list, all dense and laid out like their parameter, on one
 // device; the tables on that device.  The lists are views of the caller's vectors.
+// The data pointers and sizes of a bucket's tensors, taken once by a StepPlan
+// (esgdm_plan.cpp; grads per step) so that the CPU kernel need not ask every tensor for
+// them on every step.
+struct TensorPtrs {
+  std::vector<void*> params, exp_avgs, exp_avg_ds, qscales;
+  std::vector<const void*> grads;
+  std::vector<int64_t> numels;
+};
+
 struct StepArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_ds;
   at::TensorList hvps;  // empty unless d_step
@@ -28,12 +38,26 @@ struct StepArgs {
   at::Tensor found_inf;   // float32, one element; undefined when absent
   int64_t flags = 0;
   int64_t seed = 0;
+  // Set by a StepPlan: the lists' data pointers and sizes (CPU kernel; plain steps).
+  const TensorPtrs* ptrs = nullptr;
 
   int64_t size() const { return static_cast<int64_t>(params.size()); }
   bool exact() const { return (flags & kFlagExact) != 0; }
   bool stochastic_rounding() const { return (flags & kFlagStochasticRounding) != 0; }
   uint32_t seed32() const { return static_cast<uint32_t>(static_cast<uint64_t>(seed)); }
 };
+
+// Checks of esgdm._C.step's tables and one-element tensors (esgdm_module.cpp).
+void check_table(const at::Tensor& t, const char* what, at::ScalarType dtype, int64_t width,
+                 int64_t rows, const at::Device& device);
+void check_one_element(const at::Tensor& t, const char* what, const at::Device& device);
+
+// Checks what memory safety needs of esgdm._C.step's arguments (esgdm_module.cpp):
+// tables: the tables and one-element tensors; per_tensor: every tensor of the lists.
+void check_step_args(const StepArgs& a, bool tables, bool per_tensor);
+
+// Runs checked arguments on their device's implementation (esgdm_module.cpp).
+void run_step(const StepArgs& a);
 
 // The CPU implementation (esgdm_cpu.cpp).
 void step_cpu(const StepArgs& a);

@@ -172,12 +172,15 @@ ESGDM_ALWAYS_INLINE void step_loop(P* __restrict__ p, const P* __restrict__ g,
   }
 }
 
-// The loop for the instruction set the file is compiled for (x86-64: SSE2).
-template <bool kDStep, bool kSR, typename P, typename S, typename T>
+// The loop for the instruction set the file is compiled for (x86-64: SSE2).  kUnit:
+// no grad_scale (scale 1), where the rule's g / scale (and h / scale) is g exactly: with
+// the constant 1 the compiler drops those divisions, one of the three divisions and
+// square roots per element that make the loop compute-bound on a CPU.
+template <bool kDStep, bool kSR, bool kUnit, typename P, typename S, typename T>
 void step_loop_baseline(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m,
                         S* __restrict__ d, const P* __restrict__ h, int64_t n, uint32_t first,
                         const Coeffs<T> c, const T scale, const uint32_t key) {
-  step_loop<kDStep, kSR, ESGDM_BASELINE_FMA>(p, g, m, d, h, n, first, c, scale, key);
+  step_loop<kDStep, kSR, ESGDM_BASELINE_FMA>(p, g, m, d, h, n, first, c, kUnit ? T(1) : scale, key);
 }
 
 #if ESGDM_X86_DISPATCH
@@ -185,12 +188,12 @@ void step_loop_baseline(P* __restrict__ p, const P* __restrict__ g, S* __restric
 // on CPUs that have them.  Only this function is compiled for AVX2 (with the loop and
 // the update, which are inlined into it); anything it calls out of line keeps its
 // baseline code, so no AVX2 instruction can reach the baseline path.
-template <bool kDStep, bool kSR, typename P, typename S, typename T>
+template <bool kDStep, bool kSR, bool kUnit, typename P, typename S, typename T>
 __attribute__((target("avx2,fma"))) void step_loop_avx2(
     P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m, S* __restrict__ d,
     const P* __restrict__ h, int64_t n, uint32_t first, const Coeffs<T> c, const T scale,
     const uint32_t key) {
-  step_loop<kDStep, kSR, true>(p, g, m, d, h, n, first, c, scale, key);
+  step_loop<kDStep, kSR, true>(p, g, m, d, h, n, first, c, kUnit ? T(1) : scale, key);
 }
 #endif
 
@@ -206,12 +209,20 @@ void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, bool
   const uint32_t first = static_cast<uint32_t>(static_cast<uint64_t>(lo));  // low 32 bits
 #if ESGDM_X86_DISPATCH
   if (avx2) {
-    step_loop_avx2<kDStep, kSR>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    if (scale == T(1)) {
+      step_loop_avx2<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    } else {
+      step_loop_avx2<kDStep, kSR, false>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    }
     return;
   }
 #endif
   (void)avx2;
-  step_loop_baseline<kDStep, kSR>(p, g, m, d, h, n, first, t.c, scale, t.key);
+  if (scale == T(1)) {
+    step_loop_baseline<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
+  } else {
+    step_loop_baseline<kDStep, kSR, false>(p, g, m, d, h, n, first, t.c, scale, t.key);
+  }
 }
 
 // Steps the global index range [begin, end) of the concatenated tensors.
@@ -259,15 +270,16 @@ void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
   segs.reserve(a.size());
   starts.reserve(a.size());
   int64_t total = 0;
+  const TensorPtrs* ptrs = a.d_step ? nullptr : a.ptrs;
   for (int64_t i = 0; i < a.size(); ++i) {
-    const int64_t numel = a.params[i].numel();
+    const int64_t numel = ptrs ? ptrs->numels[i] : a.params[i].numel();
     if (numel == 0) continue;  // nothing to do, and its data pointer may be null
     // Untyped data_ptr(): the dtypes were checked once, up front.
     segs.push_back(Segment<P, S, T>{
-        static_cast<P*>(a.params[i].data_ptr()),
-        static_cast<const P*>(a.grads[i].data_ptr()),
-        static_cast<S*>(a.exp_avgs[i].data_ptr()),
-        static_cast<S*>(a.exp_avg_ds[i].data_ptr()),
+        static_cast<P*>(ptrs ? ptrs->params[i] : a.params[i].data_ptr()),
+        static_cast<const P*>(ptrs ? ptrs->grads[i] : a.grads[i].data_ptr()),
+        static_cast<S*>(ptrs ? ptrs->exp_avgs[i] : a.exp_avgs[i].data_ptr()),
+        static_cast<S*>(ptrs ? ptrs->exp_avg_ds[i] : a.exp_avg_ds[i].data_ptr()),
         a.d_step ? static_cast<const P*>(a.hvps[i].data_ptr()) : nullptr,
         numel,
         make_coeffs<T>(derived[i], a.exact()),
@@ -473,17 +485,18 @@ void step_typed8(const StepArgs& a, const std::vector<Derived>& derived) {
   segs.reserve(a.size());
   starts.reserve(a.size());
   int64_t total = 0;
+  const TensorPtrs* ptrs = a.d_step ? nullptr : a.ptrs;
   for (int64_t i = 0; i < a.size(); ++i) {
-    const int64_t numel = a.params[i].numel();
+    const int64_t numel = ptrs ? ptrs->numels[i] : a.params[i].numel();
     if (numel == 0) continue;
     const int64_t nblocks = (numel + kQuantBlock - 1) / kQuantBlock;
     segs.push_back(Segment8<P>{
-        static_cast<P*>(a.params[i].data_ptr()),
-        static_cast<const P*>(a.grads[i].data_ptr()),
-        static_cast<uint8_t*>(a.exp_avgs[i].data_ptr()),
-        static_cast<uint8_t*>(a.exp_avg_ds[i].data_ptr()),
+        static_cast<P*>(ptrs ? ptrs->params[i] : a.params[i].data_ptr()),
+        static_cast<const P*>(ptrs ? ptrs->grads[i] : a.grads[i].data_ptr()),
+        static_cast<uint8_t*>(ptrs ? ptrs->exp_avgs[i] : a.exp_avgs[i].data_ptr()),
+        static_cast<uint8_t*>(ptrs ? ptrs->exp_avg_ds[i] : a.exp_avg_ds[i].data_ptr()),
         a.d_step ? static_cast<const P*>(a.hvps[i].data_ptr()) : nullptr,
-        static_cast<float*>(a.qscales[i].data_ptr()),
+        static_cast<float*>(ptrs ? ptrs->qscales[i] : a.qscales[i].data_ptr()),
         numel,
         nblocks,
         make_coeffs<float>(derived[i], a.exact()),

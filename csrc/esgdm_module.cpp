@@ -22,6 +22,29 @@
 
 namespace esgdm {
 
+// A table (scalars, index, hparams): `dtype`, [rows (any when < 0), width], contiguous,
+// on `device`.
+void check_table(const at::Tensor& t, const char* what, at::ScalarType dtype, int64_t width,
+                 int64_t rows, const at::Device& device) {
+  TORCH_CHECK(t.defined(), "esgdm._C.step: ", what, " is undefined");
+  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 2 && t.size(1) == width &&
+                  (rows < 0 || t.size(0) == rows),
+              "esgdm._C.step: ", what, " must be a ", dtype, " tensor of shape [",
+              rows < 0 ? std::string("n") : std::to_string(rows), ", ", width, "], got ",
+              t.scalar_type(), " of shape ", t.sizes());
+  TORCH_CHECK(t.device() == device, "esgdm._C.step: ", what, " is on ", t.device(),
+              ", the parameters on ", device);
+  TORCH_CHECK(t.is_contiguous(), "esgdm._C.step: ", what, " must be contiguous");
+}
+
+// grad_scale or found_inf: absent, or one float32 element on `device`.
+void check_one_element(const at::Tensor& t, const char* what, const at::Device& device) {
+  if (!t.defined()) return;
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1 && t.device() == device,
+              "esgdm._C.step: ", what, " must be a one-element float32 tensor on ", device,
+              ", got ", t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
+}
+
 namespace {
 
 bool supported_param_dtype(at::ScalarType t) {
@@ -51,27 +74,11 @@ void check_like(const at::Tensor& t, const char* what, size_t i, const at::Tenso
   }
 }
 
-void check_table(const at::Tensor& t, const char* what, at::ScalarType dtype, int64_t width,
-                 int64_t rows, const at::Device& device) {
-  TORCH_CHECK(t.defined(), "esgdm._C.step: ", what, " is undefined");
-  TORCH_CHECK(t.scalar_type() == dtype && t.dim() == 2 && t.size(1) == width &&
-                  (rows < 0 || t.size(0) == rows),
-              "esgdm._C.step: ", what, " must be a ", dtype, " tensor of shape [",
-              rows < 0 ? std::string("n") : std::to_string(rows), ", ", width, "], got ",
-              t.scalar_type(), " of shape ", t.sizes());
-  TORCH_CHECK(t.device() == device, "esgdm._C.step: ", what, " is on ", t.device(),
-              ", the parameters on ", device);
-  TORCH_CHECK(t.is_contiguous(), "esgdm._C.step: ", what, " must be contiguous");
-}
+}  // namespace
 
-void check_one_element(const at::Tensor& t, const char* what, const at::Device& device) {
-  if (!t.defined()) return;
-  TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 1 && t.device() == device,
-              "esgdm._C.step: ", what, " must be a one-element float32 tensor on ", device,
-              ", got ", t.scalar_type(), " with ", t.numel(), " elements on ", t.device());
-}
-
-void check_step_args(const StepArgs& a) {
+// tables: check scalars, index, hparams, grad_scale and found_inf; per_tensor: check
+// every tensor of the lists (a StepPlan checks them once, when it is built).
+void check_step_args(const StepArgs& a, bool tables, bool per_tensor) {
   const size_t n = a.params.size();
   TORCH_CHECK(a.grads.size() == n, "esgdm._C.step: got ", n, " params but ", a.grads.size(), " grads");
   TORCH_CHECK(a.exp_avgs.size() == n, "esgdm._C.step: got ", n, " params but ",
@@ -91,11 +98,14 @@ void check_step_args(const StepArgs& a) {
               "esgdm._C.step: parameters must be float32, float64, float16 or bfloat16, got ", dtype);
   TORCH_CHECK(device.is_cpu() || device.is_cuda(),
               "esgdm._C.step: parameters must be on a CPU or CUDA device, got ", device);
-  check_table(a.scalars, "scalars", at::kDouble, kNumScalarColumns, -1, device);
-  check_table(a.index, "index", at::kInt, 2, static_cast<int64_t>(n), device);
-  check_table(a.hparams, "hparams", at::kDouble, kNumHparamColumns, -1, device);
-  check_one_element(a.grad_scale, "grad_scale", device);
-  check_one_element(a.found_inf, "found_inf", device);
+  if (tables) {
+    check_table(a.scalars, "scalars", at::kDouble, kNumScalarColumns, -1, device);
+    check_table(a.index, "index", at::kInt, 2, static_cast<int64_t>(n), device);
+    check_table(a.hparams, "hparams", at::kDouble, kNumHparamColumns, -1, device);
+    check_one_element(a.grad_scale, "grad_scale", device);
+    check_one_element(a.found_inf, "found_inf", device);
+  }
+  if (!per_tensor) return;
 
   TORCH_CHECK(a.exp_avgs[0].defined(), "esgdm._C.step: exp_avgs[0] is undefined");
   const at::ScalarType state = a.exp_avgs[0].scalar_type();
@@ -136,6 +146,8 @@ void check_step_args(const StepArgs& a) {
   }
 }
 
+namespace {
+
 // esgdm._C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
 //               grad_scale, found_inf, flags, seed, qscales=None)
 void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
@@ -160,7 +172,13 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
   a.seed = seed;
   a.quantized = qscales.has_value();
   if (a.quantized) a.qscales = *qscales;
-  check_step_args(a);
+  check_step_args(a, true, true);
+  run_step(a);
+}
+
+}  // namespace
+
+void run_step(const StepArgs& a) {
   if (a.size() == 0) return;
   if (a.params[0].is_cuda()) {
 #if defined(ESGDM_WITH_CUDA)
@@ -175,6 +193,8 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
     step_cpu(a);
   }
 }
+
+namespace {
 
 // esgdm._C.build_info() -> dict describing what this extension was compiled with.
 pybind11::dict build_info() {
@@ -212,6 +232,7 @@ pybind11::dict build_info() {
 
 namespace esgdm {
 void register_frontend(pybind11::module& m);  // esgdm_frontend.cpp
+void register_plan(pybind11::module& m);      // esgdm_plan.cpp
 }  // namespace esgdm
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -231,6 +252,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "float32 [ceil(numel / 256), 2] block scales, updated in place (D's only on a D-step); "
         "dscale is left to the caller.");
   esgdm::register_frontend(m);
+  esgdm::register_plan(m);
   m.def("build_info", &esgdm::build_info,
         "build_info() -> dict: whether the CUDA kernel was built, for which architectures, "
         "and how the CPU kernel was compiled.");

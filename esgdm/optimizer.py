@@ -277,6 +277,11 @@ class ESGDM(Optimizer):
         d_step = self.is_d_step()
         store = self._store
         loss, rng = self._curvature.evaluate(self, closure, d_step)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if not d_step and store.plan_step(self, grad_scale, found_inf):
+            self._count_step(False, found_inf)  # (the usual plain step, tensor work in C++)
+            return loss
 
         buckets = store.sync(self)
         store.sync_user_state(self, buckets)
@@ -286,8 +291,6 @@ class ESGDM(Optimizer):
             idx, grads = store.gather(self, b)
             if grads:
                 work.append((b, idx, grads))
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
         hvps_by_bucket: list[list[Tensor] | None] = [None] * len(work)
         if d_step and closure is None and work and state_init_call(self, work):
             # torch.distributed.checkpoint creates optimizer state by stepping with zero
@@ -323,6 +326,7 @@ class ESGDM(Optimizer):
             store.expose_stepped(self, b, idx)  # first gradient of some tensor: show its state
         store.watch.dirty = False  # our own writes to opt.state above
         self._count_step(d_step, found_inf)
+        store.make_plan(self)
         return loss
 
     # ---------------------------------------------------------------- schedule

@@ -14,7 +14,11 @@
 * the validation pass: gradients and Hessian-vector products gathered per bucket and
   checked before anything is written (:meth:`BucketStore.gather`,
   :meth:`BucketStore.check_like`), then the write itself, one ``esgdm::step_`` call per
-  bucket (:meth:`BucketStore.apply`).
+  bucket (:meth:`BucketStore.apply`);
+* the plain steps' short cut where the compiled kernels step every bucket: the same
+  checks and writes with the per-tensor work in C++ (:meth:`BucketStore.plan_step`,
+  ``esgdm._C.StepPlan``), so that a step's host cost does not grow with the number of
+  tensors at Python's speed.
 
 The store keeps no reference to its optimizer: each method that reads the param
 groups, ``opt.state`` or an option is handed the optimizer.  The schedule (which step
@@ -35,7 +39,7 @@ from esgdm import backends, checkpoint, ops
 from esgdm.buckets import Bucket, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
 from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_QSCALE, KEY_STEP, KEY_WARM
 from esgdm.hyperparams import check_group
-from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM
+from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM, seed32
 
 if TYPE_CHECKING:
     from esgdm.optimizer import ESGDM
@@ -60,6 +64,12 @@ def _frontend_helpers():
 
 
 _FRONTEND = _frontend_helpers()
+
+#: The backends whose buckets a StepPlan can step (esgdm._C's kernels).
+_PLAN_KERNELS = ("cpu", "cuda")
+#: Whether plain steps may take the StepPlan short cut where esgdm._C has it (the tests
+#: compare both paths).
+USE_PLAN = True
 
 
 def all_params(param_groups: list[dict]) -> list[Tensor]:
@@ -97,6 +107,8 @@ class BucketStore:
         self.hparam_tables_for: tuple | None = None  # the group values the tables hold (hparam_key)
         self.watch = _Watch()
         self.state_obj: Any = None  # the opt.state object whose edits flag self.watch
+        self.plan: Any = None  # esgdm._C.StepPlan of the current buckets (plan_step)
+        self.plan_for: tuple | None = None  # the (signature, backend_choice) it was built for
 
     # ---------------------------------------------------------------- state views
 
@@ -269,6 +281,7 @@ class BucketStore:
         for key in [k for k in opt.state if isinstance(k, Tensor) and id(k) in ours]:
             del opt.state[key]
         self.buckets, self.signature, self.backend_choice = new, layout, chosen
+        self.plan = None
         self.meta_signature = self._meta_layout(opt)
         self.param_keys = {id(p): k for k, p in enumerate(params)}
         self.hparam_tables_for = None
@@ -290,6 +303,59 @@ class BucketStore:
 
     def backend_for(self, bucket: Bucket) -> backends.Backend:
         return self.backend_choice[bucket.key][0]
+
+    # ------------------------------------------------------------ plain-step plan
+
+    def plan_step(self, opt: ESGDM, grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
+        """A plain step through the C++ :class:`esgdm._C.StepPlan`, when every bucket has
+        one: the parameters unchanged (same objects, groups, memory and layout) and every
+        gradient present and laid out like its parameter, which the plan checks in one
+        C++ pass, then each bucket on its kernel.  False, with nothing written, when the
+        general path must step (it also builds the plan, :meth:`make_plan`)."""
+        plan = self.plan
+        if plan is None or self.plan_for != (id(self.signature), id(self.backend_choice)) \
+                or ops.is_compiling() or any(g.get("maximize", False) for g in opt.param_groups):
+            return False
+        status = plan.gather([g["params"] for g in opt.param_groups])
+        if status != 0:
+            if status == 1:  # a parameter changed: the general path re-syncs the buckets
+                self.plan = None
+            return False
+        try:
+            self.sync_user_state(opt, self.buckets)
+            hparams = self.device_hparams(opt, self.buckets)
+            plan.step([hparams[b.device] for b in self.buckets], grad_scale, found_inf,
+                      opt._flags(), seed32(opt.seed))
+        finally:
+            plan.release()
+        for b in self.buckets:
+            self.expose_stepped(opt, b, None)
+        self.watch.dirty = False  # our own writes to opt.state
+        return True
+
+    def make_plan(self, opt: ESGDM) -> None:
+        """Builds the StepPlan of the current buckets if every one is stepped by a
+        compiled kernel as plain dense real tensors (else :meth:`plan_step` keeps to the
+        general path)."""
+        key = (id(self.signature), id(self.backend_choice))
+        if (not USE_PLAN or _FRONTEND is None or not hasattr(_FRONTEND, "StepPlan") or self.plan_for == key
+                or ops.is_compiling() or self.signature is None):
+            return
+        self.plan, self.plan_for = None, key
+        if self.any_dtensor or not self.buckets:
+            return
+        for b in self.buckets:
+            backend, note = self.backend_choice[b.key]
+            if (backend is not backends.get(backend.name) or backend.name not in _PLAN_KERNELS
+                    or note is not None or b.any_complex or b.any_dtensor or not b.all_dense):
+                return
+        groups = [g["params"] for g in opt.param_groups]
+        if not all(type(g) is list for g in groups):
+            return
+        self.plan = _FRONTEND.StepPlan(groups, [
+            (b.tensors, b.exp_avg_views, b.exp_avg_d_views, b.qscale_views, b.scalars, b.index(None),
+             [b.exp_avg, b.exp_avg_d] + ([b.qscale] if b.quantized else []))
+            for b in self.buckets])
 
     # ---------------------------------------------------------- hyper-parameters
 

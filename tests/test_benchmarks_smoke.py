@@ -177,6 +177,14 @@ def test_bench_portable_smoke():
     assert re.search(r"esgdm/torch_before plain +25\.0 passes", out), out
 
 
+def test_bench_gpu_host_smoke():
+    """bench_gpu.py's host table runs on a CPU: every optimizer, both memory layouts."""
+    out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "host"], 240)
+    for name in ("cpu", "torch", "AdamW(fused)", "AdamW(foreach)"):
+        for layout in ("separate", "flat"):
+            assert re.search(rf"\| 256 \| {re.escape(name)} \| {layout} \|", out), out
+
+
 @pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
     _run(["benchmarks/bench_train.py", "--smoke", "--device", "cpu", "--threads", "1",

@@ -1,0 +1,283 @@
+// esgdm._C.StepPlan: the optimizer's plain step with its per-tensor host work in C++.
+//
+// A plain step of an optimizer whose buckets the compiled kernels step ("cpu", "cuda")
+// needs, per tensor: that the parameter is still the one the buckets were built for,
+// with the same memory and layout; its .grad, present and laid out like it; and the
+// kernel's pointers.  Done in Python (or through pybind's conversion of five lists of
+// tensors per bucket) that is about half a microsecond per tensor: at thousands of small
+// tensors the host, not the kernel, set the step's speed.  A plan holds the tensors of
+// every bucket as C++ vectors, built once per layout (esgdm/store.py rebuilds it when
+// the buckets are rebuilt), and a step is then two calls:
+//
+//   gather(groups) -> 0 when every parameter is unchanged (the same objects in the same
+//     groups, same data pointer, dtype, device, sizes and strides) and every one has a
+//     gradient of its dtype, device, sizes and strides; 1 when a parameter changed (the
+//     caller re-syncs its buckets); 2 when a gradient is missing or laid out otherwise
+//     (the caller takes the general path, which steps or refuses it).  Writes nothing.
+//   step(hparams, grad_scale, found_inf, flags, seed): every bucket on its kernel, after
+//     checking the per-step arguments of all of them (nothing is written if one fails).
+//
+// release() drops the gathered gradients (step() does too), so that a plan never keeps
+// a gradient alive after its step.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/SmallVector.h>
+
+#include <algorithm>
+#include <atomic>
+#include <optional>
+#include <vector>
+
+#include "esgdm_common.h"
+
+namespace esgdm {
+
+namespace {
+
+// Whether `a` holds the values of `b` (an inline loop: tensors have few dimensions, and
+// a call to memcmp per comparison showed in the profile).
+inline bool same_values(at::IntArrayRef a, const c10::SmallVector<int64_t, 5>& b) {
+  if (a.size() != b.size()) return false;
+  for (size_t k = 0; k < b.size(); ++k) {
+    if (a[k] != b[k]) return false;
+  }
+  return true;
+}
+
+// What a parameter's memory looked like when the plan was built.
+struct Layout {
+  const void* data;
+  at::ScalarType dtype;
+  at::Device device;
+  c10::SmallVector<int64_t, 5> sizes;  // (inline storage: no further heap object to read)
+  c10::SmallVector<int64_t, 5> strides;
+
+  explicit Layout(const at::Tensor& t)
+      : data(t.data_ptr()),
+        dtype(t.scalar_type()),
+        device(t.device()),
+        sizes(t.sizes().begin(), t.sizes().end()),
+        strides(t.strides().begin(), t.strides().end()) {}
+
+  // Whether `t` has this dtype, device, sizes and strides (a plain strided tensor).
+  bool like(const at::Tensor& t) const {
+    return t.scalar_type() == dtype && t.layout() == at::kStrided && !t.is_neg() &&
+           t.device() == device && same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
+  }
+
+  // Whether `t` is still this memory with this layout.
+  bool same(const at::Tensor& t) const { return like(t) && t.data_ptr() == data; }
+};
+
+struct PlanBucket {
+  std::vector<at::Tensor> params, exp_avgs, exp_avg_ds, qscales, grads, buffers;
+  std::vector<Layout> layouts;
+  TensorPtrs ptrs;  // taken once (grads: by gather)
+  at::Tensor scalars, index;
+  bool quantized = false;
+
+  StepArgs args(const at::Tensor& hparams, const at::Tensor& grad_scale,
+                const at::Tensor& found_inf, int64_t flags, int64_t seed) const {
+    StepArgs a;
+    a.params = params;
+    a.grads = grads;
+    a.exp_avgs = exp_avgs;
+    a.exp_avg_ds = exp_avg_ds;
+    a.quantized = quantized;
+    if (quantized) a.qscales = qscales;
+    a.scalars = scalars;
+    a.index = index;
+    a.hparams = hparams;
+    a.grad_scale = grad_scale;
+    a.found_inf = found_inf;
+    a.flags = flags;
+    a.seed = seed;
+    a.ptrs = &ptrs;
+    return a;
+  }
+};
+
+std::vector<at::Tensor> tensors(const pybind11::handle& seq) {
+  return pybind11::cast<std::vector<at::Tensor>>(seq);
+}
+
+class StepPlan {
+ public:
+  // groups: each param group's list of parameters, in order; buckets: one tuple per
+  // bucket (params, exp_avgs, exp_avg_ds, qscales or None, scalars, index, buffers), the
+  // index the bucket's full table (every tensor stepped), buffers the flat state buffers
+  // the state views are views of: held, so that the pointers taken from the views stay
+  // valid even if a view is pointed elsewhere (``opt.state[p]["exp_avg"].data = t``).
+  StepPlan(const pybind11::list& groups, const pybind11::list& buckets) {
+    for (const pybind11::handle& g : groups) {
+      std::vector<pybind11::object> ids;
+      for (const pybind11::handle& p : pybind11::cast<pybind11::list>(g)) {
+        ids.push_back(pybind11::reinterpret_borrow<pybind11::object>(p));
+      }
+      groups_.push_back(std::move(ids));
+    }
+    for (const pybind11::handle& item : buckets) {
+      auto t = pybind11::cast<pybind11::tuple>(item);
+      TORCH_CHECK(t.size() == 7, "StepPlan: a bucket is (params, exp_avgs, exp_avg_ds, qscales, "
+                  "scalars, index, buffers)");
+      PlanBucket b;
+      b.params = tensors(t[0]);
+      b.exp_avgs = tensors(t[1]);
+      b.exp_avg_ds = tensors(t[2]);
+      b.quantized = !t[3].is_none();
+      if (b.quantized) b.qscales = tensors(t[3]);
+      b.scalars = pybind11::cast<at::Tensor>(t[4]);
+      b.index = pybind11::cast<at::Tensor>(t[5]);
+      b.buffers = tensors(t[6]);
+      for (const at::Tensor& p : b.params) {
+        TORCH_CHECK(p.defined() && p.layout() == at::kStrided && !p.is_neg() &&
+                        p.is_non_overlapping_and_dense(),
+                    "StepPlan: every parameter must be a dense strided tensor");
+        b.layouts.emplace_back(p);
+      }
+      // Everything but the gradients checked once, as esgdm._C.step checks it (with the
+      // parameters standing in for gradients of their own layout).
+      b.grads = b.params;
+      check_step_args(b.args(at::Tensor(), at::Tensor(), at::Tensor(), 0, 0), /*tables=*/false,
+                      /*per_tensor=*/true);
+      b.grads.clear();
+      for (size_t i = 0; i < b.params.size(); ++i) {
+        b.ptrs.params.push_back(b.params[i].data_ptr());
+        b.ptrs.exp_avgs.push_back(b.exp_avgs[i].data_ptr());
+        b.ptrs.exp_avg_ds.push_back(b.exp_avg_ds[i].data_ptr());
+        if (b.quantized) b.ptrs.qscales.push_back(b.qscales[i].data_ptr());
+        b.ptrs.numels.push_back(b.params[i].numel());
+      }
+      if (!b.params.empty()) {
+        const at::Device device = b.params[0].device();
+        check_table(b.scalars, "scalars", at::kDouble, kNumScalarColumns, -1, device);
+        check_table(b.index, "index", at::kInt, 2, static_cast<int64_t>(b.params.size()), device);
+      }
+      buckets_.push_back(std::move(b));
+    }
+  }
+
+  int64_t gather(const pybind11::list& groups) {
+    release();
+    if (groups.size() != groups_.size()) return kChanged;
+    for (size_t g = 0; g < groups_.size(); ++g) {
+      PyObject* list = groups[g].ptr();
+      if (!PyList_Check(list) || static_cast<size_t>(PyList_GET_SIZE(list)) != groups_[g].size()) {
+        return kChanged;
+      }
+      for (size_t k = 0; k < groups_[g].size(); ++k) {
+        if (PyList_GET_ITEM(list, k) != groups_[g][k].ptr()) return kChanged;
+      }
+    }
+    // The per-tensor checks read several heap objects per tensor (the parameter, its
+    // storage, its autograd metadata, the gradient and its storage): memory latency, not
+    // arithmetic, so they are spread over ATen's threads (chunks of kGrain tensors).
+    std::atomic<int64_t> status{kReady};
+    for (PlanBucket& b : buckets_) {
+      const int64_t n = static_cast<int64_t>(b.params.size());
+      b.grads.resize(b.params.size());
+      b.ptrs.grads.resize(b.params.size());
+      at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
+        int64_t found = kReady;
+        for (int64_t i = lo; i < hi && found == kReady; ++i) {
+          if (!b.layouts[i].same(b.params[i])) {
+            found = kChanged;
+            break;
+          }
+          // (TensorImpl::grad: Tensor::grad() would also ask whether p is a leaf, to warn)
+          const at::Tensor& g = b.params[i].unsafeGetTensorImpl()->grad();
+          if (!g.defined() || !b.layouts[i].like(g)) {
+            found = kGeneral;
+            break;
+          }
+          b.grads[i] = g;
+          b.ptrs.grads[i] = g.data_ptr();
+        }
+        if (found != kReady) {  // kChanged wins over kGeneral: the buckets must be rebuilt
+          int64_t seen = status.load();
+          while (seen != kChanged && !status.compare_exchange_weak(seen, found)) {
+          }
+        }
+      });
+    }
+    if (status.load() != kReady) {
+      release();
+      return status.load();
+    }
+    gathered_ = true;
+    return kReady;
+  }
+
+  void step(const std::vector<at::Tensor>& hparams, const std::optional<at::Tensor>& grad_scale,
+            const std::optional<at::Tensor>& found_inf, int64_t flags, int64_t seed) {
+    TORCH_CHECK(gathered_, "StepPlan.step: gather() did not return 0 since the last step");
+    TORCH_CHECK(hparams.size() == buckets_.size(), "StepPlan.step: got ", hparams.size(),
+                " hparams tables for ", buckets_.size(), " buckets");
+    const at::Tensor scale = grad_scale.value_or(at::Tensor());
+    const at::Tensor inf = found_inf.value_or(at::Tensor());
+    std::vector<StepArgs> args;
+    args.reserve(buckets_.size());
+    try {
+      for (size_t k = 0; k < buckets_.size(); ++k) {
+        args.push_back(buckets_[k].args(hparams[k], scale, inf, flags, seed));
+        check_step_args(args.back(), /*tables=*/true, /*per_tensor=*/false);
+      }
+      pybind11::gil_scoped_release no_gil;
+      for (const StepArgs& a : args) run_step(a);
+    } catch (...) {
+      args.clear();
+      release();
+      throw;
+    }
+    args.clear();
+    release();
+  }
+
+  void release() {
+    for (PlanBucket& b : buckets_) {
+      b.grads.clear();
+      std::fill(b.ptrs.grads.begin(), b.ptrs.grads.end(), nullptr);
+    }
+    gathered_ = false;
+  }
+
+  int64_t size() const {
+    int64_t n = 0;
+    for (const PlanBucket& b : buckets_) n += static_cast<int64_t>(b.params.size());
+    return n;
+  }
+
+  static constexpr int64_t kGrain = 512;  // tensors per chunk of the parallel checks
+  static constexpr int64_t kReady = 0;
+  static constexpr int64_t kChanged = 1;
+  static constexpr int64_t kGeneral = 2;
+
+ private:
+  std::vector<std::vector<pybind11::object>> groups_;
+  std::vector<PlanBucket> buckets_;
+  bool gathered_ = false;
+};
+
+}  // namespace
+
+void register_plan(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<StepPlan>(m, "StepPlan",
+                       "StepPlan(groups, buckets): an optimizer's plain step over buckets the "
+                       "compiled kernels step, with the per-tensor host work in C++ "
+                       "(csrc/esgdm_plan.cpp).")
+      .def(py::init<const py::list&, const py::list&>(), py::arg("groups"), py::arg("buckets"))
+      .def("gather", &StepPlan::gather, py::arg("groups"),
+           "gather(groups) -> 0 (ready), 1 (a parameter changed) or 2 (a gradient missing or "
+           "not laid out like its parameter: take the general path); writes nothing.")
+      .def("step", &StepPlan::step, py::arg("hparams"), py::arg("grad_scale"),
+           py::arg("found_inf"), py::arg("flags"), py::arg("seed"),
+           "step(hparams, grad_scale, found_inf, flags, seed): one plain step of every bucket "
+           "with the gathered gradients (hparams: one table per bucket).")
+      .def("release", &StepPlan::release, "Drops the gathered gradients.")
+      .def("__len__", &StepPlan::size);
+}
+
+}  // namespace esgdm

@@ -1,0 +1,273 @@
+"""The plain-step short cut (``esgdm._C.StepPlan``, :meth:`esgdm.store.BucketStore.plan_step`):
+same numbers as the general path, and every case it cannot take goes back to the general
+path with nothing written.
+
+The general path is the reference here (``store.USE_PLAN = False``); it is itself compared
+with the independent reference optimizer in tests/test_optimizer.py and friends.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+
+import esgdm
+from esgdm import store as store_mod
+from esgdm.backends import cpp_impl
+
+pytestmark = pytest.mark.skipif(
+    cpp_impl._C is None or not hasattr(cpp_impl._C, "StepPlan"),
+    reason="esgdm._C (with StepPlan) is not built")
+
+SHAPES = [(7, 5), (300,), (1,), (0,), (33, 3, 2), (5000,)]
+
+
+def _params(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+
+
+def _grads(params, step, scale=1.0):
+    g = torch.Generator().manual_seed(100 + step)
+    return [(torch.randn(p.shape, generator=g) * scale).to(p.dtype) for p in params]
+
+
+def _hvps(params, step):
+    g = torch.Generator().manual_seed(900 + step)
+    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+
+
+class _FixedHvp:
+    """D-steps take these HVPs (the curvature machinery is not what is tested here)."""
+
+    def __init__(self, opt, params):
+        self.params, self.step = params, 0
+        opt._curvature.hvps = self.hvps  # type: ignore[method-assign]
+
+    def hvps(self, opt, work, closure, rng):
+        hs = _hvps(self.params, self.step)
+        by_id = {id(p): h for p, h in zip(self.params, hs)}
+        return [[by_id[id(b.params[i])] for i in (range(len(b)) if idx is None else idx)]
+                for b, idx, _ in work]
+
+
+def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None, **kw):
+    monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+    params = _params(dtype)
+    if groups:
+        spec = [{"params": params[:3]}, {"params": params[3:], "lr": 0.03, "weight_decay": 0.1}]
+    else:
+        spec = params
+    opt = esgdm.ESGDM(spec, lr=0.1, update_d_every=3, d_warmup=2, backend="cpu", seed=3, **kw)
+    fixed = _FixedHvp(opt, params)
+    used = []
+    real = opt._store.plan_step
+
+    def spy(*a):
+        stepped = real(*a)
+        used.append(stepped)
+        return stepped
+
+    opt._store.plan_step = spy  # type: ignore[method-assign]
+    for step in range(steps):
+        fixed.step = step
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        if scaler_scale is not None:
+            opt.grad_scale = torch.tensor(scaler_scale)
+            opt.found_inf = torch.tensor(1.0 if step == 4 else 0.0)
+            for p in params:
+                p.grad = (p.grad.float() * scaler_scale).to(dtype)
+        opt.step()
+    return params, opt, used
+
+
+def _state(params, opt):
+    out = [p.detach().clone() for p in params]
+    for p in params:
+        for v in opt.state[p].values():
+            out.append(v.detach().clone() if isinstance(v, torch.Tensor) else torch.tensor(v))
+    return out
+
+
+CASES = [
+    (torch.float32, {}),
+    (torch.float32, {"state_dtype": torch.bfloat16}),
+    (torch.float32, {"state_dtype": torch.uint8}),
+    (torch.bfloat16, {}),
+    (torch.bfloat16, {"stochastic_rounding": False}),
+    (torch.float16, {}),
+    (torch.float64, {}),
+    (torch.float32, {"exact": True}),
+]
+
+
+@pytest.mark.parametrize("dtype,kw", CASES)
+@pytest.mark.parametrize("groups", [False, True])
+def test_plan_matches_general_path(monkeypatch, dtype, kw, groups):
+    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=groups, **kw)
+    p_ref, opt_ref, used_ref = _run(monkeypatch, False, dtype, groups=groups, **kw)
+    assert not any(used_ref)
+    # steps 0, 1 (warm-up) and 4 are D-steps (general path, which builds the plan); the
+    # plain steps 2, 3, 5 and 6 take the plan
+    assert used == [True] * 4
+    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_plan_with_grad_scaler_and_skipped_step(monkeypatch):
+    p_plan, opt_plan, used = _run(monkeypatch, True, torch.float32, scaler_scale=1024.0)
+    p_ref, opt_ref, _ = _run(monkeypatch, False, torch.float32, scaler_scale=1024.0)
+    assert any(used)
+    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
+        assert torch.equal(a, b)
+    assert opt_plan.steps == opt_ref.steps == 6  # step 4 found an inf
+
+
+def _ready(dtype=torch.float32, **kw):
+    """An optimizer whose next plain step can take the plan."""
+    params = _params(dtype)
+    opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend="cpu", seed=1, **kw)
+    fixed = _FixedHvp(opt, params)
+    for step in range(2):
+        fixed.step = step
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.step()
+    assert (opt._store.plan is not None) == store_mod.USE_PLAN
+    return params, opt
+
+
+def _snapshot(params, opt):
+    return [t.clone() for t in _state(params, opt)] + [opt._store.buckets[0].scalars.clone()]
+
+
+def _unchanged(before, params, opt):
+    after = _snapshot(params, opt)
+    return all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_wrong_shape_gradient_refused_and_nothing_written():
+    params, opt = _ready()
+    params[1].grad.data = torch.randn(299)  # a parameter of 300 elements (torch checks only `.grad =`)
+    before = _snapshot(params, opt)
+    with pytest.raises(RuntimeError, match=r"gradient of parameter 1 in group 0 has shape \(299,\)"):
+        opt.step()
+    assert _unchanged(before, params, opt)
+
+
+def test_wrong_dtype_gradient_refused():
+    params, opt = _ready()
+    params[4].grad.data = params[4].grad.double()
+    before = _snapshot(params, opt)
+    with pytest.raises(RuntimeError, match="gradient of parameter 4 in group 0 has dtype torch.float64"):
+        opt.step()
+    assert _unchanged(before, params, opt)
+
+
+def test_bad_grad_scale_refused_before_any_write():
+    params, opt = _ready()
+    opt.grad_scale = torch.tensor(2.0, dtype=torch.float64)
+    before = _snapshot(params, opt)
+    with pytest.raises(RuntimeError, match="grad_scale"):
+        opt.step()
+    assert _unchanged(before, params, opt)
+
+
+def test_missing_gradient_steps_the_rest(monkeypatch):
+    """A parameter without a gradient: the general path steps the others (same numbers)."""
+    results = []
+    for use_plan in (True, False):
+        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+        params, opt = _ready()
+        params[2].grad = None
+        opt.step()
+        results.append(_state(params, opt))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_strided_gradient_stepped_like_general_path(monkeypatch):
+    """A gradient with other strides than its parameter (a transposed copy)."""
+    results = []
+    for use_plan in (True, False):
+        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+        params, opt = _ready()
+        params[0].grad = params[0].grad.t().contiguous().t()
+        opt.step()
+        results.append(_state(params, opt))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_parameter_data_replaced_is_followed():
+    params, opt = _ready()
+    new = torch.randn(7, 5)
+    params[0].data = new.clone()  # same shape, new memory: the state follows
+    for p, g in zip(params, _grads(params, 9)):
+        p.grad = g
+    opt.step()
+    assert not torch.equal(params[0].detach(), new)  # stepped in its new memory
+    assert opt._store.plan is not None  # rebuilt for the new layout
+
+
+def test_parameter_swapped_in_group_list_is_followed():
+    params, opt = _ready()
+    other = torch.randn(300, requires_grad=True)
+    opt.param_groups[0]["params"][1] = other
+    other.grad = torch.randn(300)
+    params[1].grad = None
+    before = params[1].detach().clone()
+    opt.step()
+    assert torch.equal(params[1].detach(), before)  # no longer a parameter of opt
+    assert params[1] not in opt.state
+    assert opt.state[other]["exp_avg"].abs().sum() > 0  # stepped (fresh state: D unobserved)
+
+
+def test_add_param_group_is_stepped():
+    params, opt = _ready()
+    extra = torch.randn(10, requires_grad=True)
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.randn(10)
+    kept = extra.detach().clone()
+    opt.step()
+    # stepped: its m moved; its D is not observed yet, so the rule leaves it in place
+    assert opt.state[extra]["exp_avg"].abs().sum() > 0
+    assert torch.equal(extra.detach(), kept)
+
+
+def test_maximize_takes_general_path(monkeypatch):
+    results = []
+    for use_plan in (True, False):
+        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+        params, opt = _ready()
+        for g in opt.param_groups:
+            g["maximize"] = True
+        opt.step()
+        results.append(_state(params, opt))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_state_reset_by_user_is_followed(monkeypatch):
+    results = []
+    for use_plan in (True, False):
+        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+        params, opt = _ready()
+        opt.state[params[1]] = {}
+        opt.step()
+        results.append(_state(params, opt))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_plan_keeps_no_gradient_alive():
+    params, opt = _ready()
+    ref = weakref.ref(params[5].grad)
+    opt.step()
+    params[5].grad = None
+    gc.collect()
+    assert ref() is None
