@@ -99,7 +99,7 @@ def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat"
                 runs.append((name, layout, opt, params, [], []))
         sync(device)
         for _ in range(repeats):
-            for name, layout, opt, params, walls, hosts in runs:
+            for _name, _layout, opt, _kept, walls, hosts in runs:
                 t0 = time.perf_counter()
                 host = 0.0
                 for _ in range(steps):
