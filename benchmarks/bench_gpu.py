@@ -109,7 +109,7 @@ def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat"
                 sync(device)
                 walls.append((time.perf_counter() - t0) / steps * 1e3)
                 hosts.append(host / steps * 1e3)
-        for name, layout, _opt, _params_, walls, hosts in runs:
+        for name, layout, _opt, _kept, walls, hosts in runs:
             rows.append((count, name, layout, statistics.median(walls), statistics.median(hosts)))
         del runs
     return rows
