@@ -155,10 +155,15 @@ def test_training_with_the_compiled_stage_is_training_without_it(monkeypatch, ex
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("d_step", [False, True])
-def test_groups_give_the_per_tensor_numbers(monkeypatch, dtype, d_step):
-    """Small tensors stepped as one group (joined, scalars repeated per element) give
-    the bits of stepping them one by one, with grad_scale and found_inf, exact or not."""
-    inputs = _op_inputs([100, 7, 30000, 1, 5, 70000, 12, 0, 3], dtype, dtype, seed=5)
+@pytest.mark.parametrize("numels", [
+    [100, 7, 30000, 1, 5, 70000, 12, 0, 3],  # sizes that differ: scalars repeated per element
+    [256] * 6 + [7, 7, 300] + [64] * 3 + [1, 1, 90000, 9, 9],  # runs of one size: [k, size] matrices
+])
+def test_groups_give_the_per_tensor_numbers(monkeypatch, dtype, d_step, numels):
+    """Small tensors stepped as one group (joined; scalars repeated per element, or as
+    columns of a matrix of tensors of one size) give the bits of stepping them one by
+    one, with grad_scale and found_inf, exact or not."""
+    inputs = _op_inputs(numels, dtype, dtype, seed=5)
     for flags in (0, rule.FLAG_EXACT):
         for gs_, fi in ((None, None), (torch.tensor([2.0]), torch.tensor([0.0])),
                         (torch.tensor([2.0]), torch.tensor([1.0]))):

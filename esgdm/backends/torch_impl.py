@@ -153,23 +153,36 @@ def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
 
     def step_group(lo: int, hi: int) -> None:
         """Small tensors ``lo`` to ``hi - 1`` as one: their elements joined (state that
-        lies back to back is stepped where it is), every scalar repeated per element."""
+        lies back to back is stepped where it is).  Tensors of one size are stepped as
+        the rows of a ``[k, size]`` matrix with each scalar a ``[k, 1]`` column that
+        broadcasts; tensors of several sizes have every scalar repeated per element."""
         sizes = numels[lo:hi]
         total = sum(sizes)
-        repeats = torch.tensor(sizes, device=device)
+        rows = (hi - lo, sizes[0]) if min(sizes) == max(sizes) else None
+        if rows is not None:
+            def each(v):
+                return v[lo:hi].unsqueeze(1)
 
-        def each(v):
-            return torch.repeat_interleave(v[lo:hi], repeats, output_size=total)
+            def shaped(t):
+                return t.view(rows)
+        else:
+            repeats = torch.tensor(sizes, device=device)
+
+            def each(v):
+                return torch.repeat_interleave(v[lo:hi], repeats, output_size=total)
+
+            def shaped(t):
+                return t
         lists = [params[lo:hi], grads[lo:hi], exp_avgs[lo:hi], exp_avg_ds[lo:hi]]
         joined = [_joined(ts, sizes, total) for ts in lists + ([hvps[lo:hi]] if d_step else [])]
-        (p, _), (g, _), (m, _), (d, _) = joined[:4]
+        p, g, m, d = (shaped(t) for t, _ in joined[:4])
         step_elements(
-            p, g, m, d, joined[4][0] if d_step else None, w=each(vec["w"]),
+            p, g, m, d, shaped(joined[4][0]) if d_step else None, w=each(vec["w"]),
             beta2=each(vec["beta2"]) if d_step else None, eps=each(vec["eps"]),
             step_scale=each(vec["step_scale"]), decay=each(vec["decay"]), dscale=None, exact=exact,
             divisor=divisor, terms=None if exact else tuple(each(vec[k]) for k in ("dfloor", "flip", "unobserved")),
             math=math, out_p=p, out_m=m, out_d=d if d_step else None,
-            scratch=functools.partial(scratch, size=total))
+            scratch=lambda name, dtype: shaped(scratch(name, dtype, total)))
         for k in (0, 2, 3) if d_step else (0, 2):  # copies go back: p, m (and D)
             flat, is_view = joined[k]
             if not is_view:
@@ -183,10 +196,16 @@ def torch_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparam
     i = 0
     while i < n:
         if 0 < numels[i] < small:
-            lo, total = i, 0
-            while i < n and 0 < numels[i] < small and total + numels[i] <= chunk:
-                total += numels[i]
+            # a run of one size as a matrix, else a run of small tensors of any sizes
+            lo, total, size = i, 0, numels[i]
+            while i < n and numels[i] == size and total + size <= chunk:
+                total += size
                 i += 1
+            if i - lo == 1:
+                while i < n and 0 < numels[i] < small and total + numels[i] <= chunk \
+                        and not (i + 1 < n and numels[i + 1] == numels[i]):
+                    total += numels[i]
+                    i += 1
             step_group(lo, i)
         else:
             step_tensor(i)
