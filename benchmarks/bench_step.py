@@ -229,10 +229,12 @@ class EsgdmOpt(Family):
     """``esgdm.ESGDM(params, backend=name)``: rows ``plain`` and ``dstep+hvp`` (with
     ``state_dtype``, the impl is labelled ``name+<dtype> state``)."""
 
-    def __init__(self, w, backend, state_dtype: torch.dtype | None = None):
+    def __init__(self, w, backend, state_dtype: torch.dtype | None = None, nearest: bool = False):
         super().__init__(w)
-        self.backend, self.state_dtype = backend, state_dtype
+        self.backend, self.state_dtype, self.nearest = backend, state_dtype, nearest
         self.impl = backend if state_dtype is None else f"{backend}+{dtype_name(state_dtype)} state"
+        if nearest:  # 16-bit parameters rounded to nearest (as torch.optim does), not stochastically
+            self.impl += "+nearest"
         self.name = f"ESGD-M/{self.impl}"
 
     def est_bytes(self):
@@ -242,7 +244,8 @@ class EsgdmOpt(Family):
     def setup(self):
         w = self.w
         self.opt = esgdm.ESGDM(w.params, lr=LR, betas=BETAS, eps=EPS, d_warmup=1,
-                               update_d_every=NEVER, backend=self.backend, state_dtype=self.state_dtype)
+                               update_d_every=NEVER, backend=self.backend, state_dtype=self.state_dtype,
+                               **({"stochastic_rounding": False} if self.nearest else {}))
         w.install_graph_grads()  # the first step is a D-step
         self.opt.step()
         w.restore_grads()
@@ -449,6 +452,8 @@ def families_for(w: Workload, args, notes: dict) -> list[Family]:
         fams.append(EsgdmOpt(w, name))
         if w.dtype == torch.bfloat16 and name != "torch":  # compact state for 16-bit weights
             fams.append(EsgdmOpt(w, name, state_dtype=torch.bfloat16))
+            # what AdamW(fused=True) does with bf16 weights: bf16 state, rounded to nearest
+            fams.append(EsgdmOpt(w, name, state_dtype=torch.bfloat16, nearest=True))
         fams.append(EsgdmKernel(w, name))
     if args.compile == "off":
         notes.setdefault("torch.compile rows skipped", args.compile_off_reason)

@@ -176,6 +176,62 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
   run_step(a);
 }
 
+// esgdm._C.step_flat(params, grads, exp_avg, exp_avg_d, offsets, scalars, index, hparams,
+//                    grad_scale, found_inf, flags, seed): a plain step with float state
+// held in two flat buffers, parameter i's state at offsets[i] with its shape and strides
+// (esgdm::step_flat_, the operator torch.compile'd steps call): the state views are cut
+// here and every tensor checked as step() checks it, in C++ (done in Python, per tensor,
+// that cost a compiled step more than the kernel did).
+void step_flat(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+               const at::Tensor& exp_avg, const at::Tensor& exp_avg_d,
+               const std::vector<int64_t>& offsets, const at::Tensor& scalars,
+               const at::Tensor& index, const at::Tensor& hparams,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               int64_t flags, int64_t seed) {
+  const size_t n = params.size();
+  TORCH_CHECK(offsets.size() == n, "esgdm._C.step_flat: got ", n, " params but ", offsets.size(), " offsets");
+  for (const at::Tensor* flat : {&exp_avg, &exp_avg_d}) {
+    TORCH_CHECK(flat->defined() && flat->dim() == 1 && flat->layout() == at::kStrided && !flat->is_neg() &&
+                    flat->stride(0) == 1,
+                "esgdm._C.step_flat: exp_avg and exp_avg_d must be contiguous 1-d tensors");
+  }
+  TORCH_CHECK(exp_avg.scalar_type() == exp_avg_d.scalar_type() && exp_avg.numel() == exp_avg_d.numel(),
+              "esgdm._C.step_flat: exp_avg and exp_avg_d differ in dtype or size");
+  std::vector<at::Tensor> ms, ds;
+  ms.reserve(n);
+  ds.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "esgdm._C.step_flat: params[", i,
+                "] is not a strided tensor");
+    // the view's last element: the sum over dimensions of (size - 1) * stride
+    int64_t extent = p.numel() > 0 ? 1 : 0;
+    for (int64_t k = 0; k < p.dim() && extent > 0; ++k) {
+      TORCH_CHECK(p.stride(k) >= 0, "esgdm._C.step_flat: params[", i, "] has a negative stride");
+      extent += (p.size(k) - 1) * p.stride(k);
+    }
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] + extent <= exp_avg.numel(), "esgdm._C.step_flat: offsets[",
+                i, "] = ", offsets[i], " puts the state of a parameter of shape ", p.sizes(),
+                " outside the flat buffers of ", exp_avg.numel(), " elements");
+    ms.push_back(exp_avg.as_strided(p.sizes(), p.strides(), exp_avg.storage_offset() + offsets[i]));
+    ds.push_back(exp_avg_d.as_strided(p.sizes(), p.strides(), exp_avg_d.storage_offset() + offsets[i]));
+  }
+  StepArgs a;
+  a.params = params;
+  a.grads = grads;
+  a.exp_avgs = ms;
+  a.exp_avg_ds = ds;
+  a.scalars = scalars;
+  a.index = index;
+  a.hparams = hparams;
+  if (grad_scale.has_value()) a.grad_scale = *grad_scale;
+  if (found_inf.has_value()) a.found_inf = *found_inf;
+  a.flags = flags;
+  a.seed = seed;
+  check_step_args(a, true, true);
+  run_step(a);
+}
+
 }  // namespace
 
 void run_step(const StepArgs& a) {
@@ -251,6 +307,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "With uint8 exp_avgs/exp_avg_ds (8-bit state, esgdm.quant), qscales holds each tensor's "
         "float32 [ceil(numel / 256), 2] block scales, updated in place (D's only on a D-step); "
         "dscale is left to the caller.");
+  m.def("step_flat", &esgdm::step_flat, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
+        py::arg("exp_avg_d"), py::arg("offsets"), py::arg("scalars"), py::arg("index"),
+        py::arg("hparams"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("flags"),
+        py::arg("seed"), py::call_guard<py::gil_scoped_release>(),
+        "step_flat(params, grads, exp_avg, exp_avg_d, offsets, scalars, index, hparams, grad_scale, "
+        "found_inf, flags, seed) -> None\n\n"
+        "step() of a plain step (float state), the state of parameter i being the view of the flat "
+        "exp_avg/exp_avg_d at offsets[i] with the parameter's shape and strides.");
   esgdm::register_frontend(m);
   esgdm::register_plan(m);
   m.def("build_info", &esgdm::build_info,

@@ -324,6 +324,17 @@ def qscale_views(params: Sequence[Tensor], qscale: Tensor, block_offsets: Sequen
     return [qscale[int(s):int(s) + quant.n_blocks(p.numel())] for p, s in zip(params, block_offsets)]
 
 
+def _flat_kernel(kernel: str):
+    """``esgdm._C.step_flat`` where ``kernel`` is one of the built-in compiled kernels
+    and the extension has it, else None."""
+    from esgdm.backends import cpp_impl
+
+    backend = backends.get(kernel) if kernel in ("cpu", "cuda") else None
+    if not isinstance(backend, cpp_impl._CompiledBackend) or cpp_impl._C is None:
+        return None
+    return getattr(cpp_impl._C, "step_flat", None)
+
+
 def step_flat_impl(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, index, hparams,
                    grad_scale, found_inf, flags, seed, kernel, qscale=None, block_offsets=None) -> None:
     """``esgdm::step_flat_``: cuts the state views out of the flat buffers and runs
@@ -334,6 +345,19 @@ def step_flat_impl(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, in
                   + (f"shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__))
     if (qscale is None) != (block_offsets is None):
         _fail("qscale and block_offsets come together (8-bit state) or not at all")
+    flat_kernel = _flat_kernel(kernel) if hvps is None and qscale is None and params else None
+    if flat_kernel is not None:
+        # A plain step on a compiled kernel: it cuts the views and checks every tensor in
+        # C++ (here, per tensor, that cost a compiled step more than the kernel did);
+        # the call's own arguments are checked here, as step_impl checks them.
+        if len(offsets) != len(params):
+            _fail(f"offsets has {len(offsets)} entries, params has {len(params)}")
+        check_step_args(params, grads, [exp_avg] * len(params), [exp_avg_d] * len(params), None, scalars,
+                        index, hparams, grad_scale, found_inf, kernel, per_tensor=False)
+        _check_index(index, scalars.shape[0], hparams.shape[0])
+        flat_kernel(params, grads, exp_avg, exp_avg_d, [int(o) for o in offsets], scalars, index, hparams,
+                    grad_scale, found_inf, int(flags), int(seed))
+        return
     exp_avgs = state_views(params, exp_avg, offsets)
     exp_avg_ds = state_views(params, exp_avg_d, offsets)
     qscales = None if qscale is None else qscale_views(params, qscale, block_offsets)

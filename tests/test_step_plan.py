@@ -271,3 +271,60 @@ def test_plan_keeps_no_gradient_alive():
     params[5].grad = None
     gc.collect()
     assert ref() is None
+
+
+# ------------------------------------------------- esgdm::step_flat_ on the C++ kernel
+
+def _flat_inputs(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    offsets, total = [], 0
+    for p in params:
+        offsets.append(total)
+        total += (p.numel() + 3) // 4 * 4
+    m = torch.randn(total, generator=g) * 0.1
+    d = torch.rand(total, generator=g) * 0.01
+    n = len(params)
+    scalars = torch.tensor([[0.9 ** 3, 0.5, 3.0, 0.05]] * n, dtype=torch.float64)
+    index = torch.tensor([[i, 0] for i in range(n)], dtype=torch.int32)
+    hparams = torch.tensor([[0.1, 0.9, 0.999, 0.99, 1e-4, 0.01]], dtype=torch.float64)
+    return params, grads, m, d, offsets, scalars, index, hparams
+
+
+def test_step_flat_on_the_cpu_kernel_matches_step_on_views():
+    """esgdm::step_flat_ with kernel "cpu" (views cut and checked in C++) gives the bits of
+    esgdm::step_ on the views cut in Python."""
+    shapes = [(7, 5), (300,), (1,), (0,), (33, 3, 2)]
+    a = _flat_inputs(shapes)
+    b = _flat_inputs(shapes)
+    params, grads, m, d, offsets, scalars, index, hparams = a
+    torch.ops.esgdm.step_flat_(params, grads, m, d, offsets, None, scalars, index, hparams,
+                               None, None, 0, 5, "cpu")
+    params2, grads2, m2, d2, offsets2, scalars2, index2, hparams2 = b
+    views_m = esgdm.ops.state_views(params2, m2, offsets2)
+    views_d = esgdm.ops.state_views(params2, d2, offsets2)
+    torch.ops.esgdm.step_(params2, grads2, views_m, views_d, None, scalars2, index2, hparams2,
+                          None, None, 0, 5, "cpu")
+    for x, y in zip(params + [m, d, scalars], params2 + [m2, d2, scalars2]):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("offset", r"offsets\[1\] = 1000 puts the state of a parameter of shape \[300\] outside"),
+    ("grad_shape", r"grads\[1\] has shape \[299\]"),
+    ("offsets_len", "offsets has 4 entries, params has 5"),
+])
+def test_step_flat_on_the_cpu_kernel_refuses_bad_input(bad, match):
+    params, grads, m, d, offsets, scalars, index, hparams = _flat_inputs([(7, 5), (300,), (1,), (0,), (4,)])
+    if bad == "offset":
+        offsets[1] = 1000
+    elif bad == "grad_shape":
+        grads[1] = torch.randn(299)
+    else:
+        offsets = offsets[:4]
+    before = [t.clone() for t in params + [m, d, scalars]]
+    with pytest.raises((RuntimeError, ValueError), match=match):
+        torch.ops.esgdm.step_flat_(params, grads, m, d, offsets, None, scalars, index, hparams,
+                                   None, None, 0, 5, "cpu")
+    assert all(torch.equal(x, y) for x, y in zip(before, params + [m, d, scalars]))
