@@ -865,3 +865,25 @@ def test_cuda_kernel_indexes_past_2_to_the_31(ext):
     for s, (pw, mw) in zip(ends, want):
         torch.testing.assert_close(p[s], pw, rtol=2 ** -7, atol=1e-6)
         torch.testing.assert_close(m[s], mw, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("d_step", [False, True])
+def test_bfloat16_state_stores_what_torch_rounds_to(ext, d_step):
+    """What the CPU kernel stores in bfloat16 state and bfloat16 parameters (rounding to
+    nearest) is torch's own round-to-nearest-even of its float32 result, overflow to inf
+    and NaN included.  The float32 result comes from the same kernel run on float32 state
+    (bfloat16 values are exact in float32) and float32 parameters."""
+    case = Case([4096, 333, 17], torch.bfloat16, torch.bfloat16, d_step, seed=21)
+    # values whose float32 updates land on and around bfloat16 ties and overflow
+    case.exp_avgs[0][:64] = torch.tensor([3.3895e38, -3.3895e38, float("nan"), float("inf")] * 16,
+                                         dtype=torch.bfloat16)
+    case.grads[0][64:128] = torch.tensor([3.3e38, float("nan"), -0.0, 1e-40] * 16, dtype=torch.bfloat16)
+    wide = case.as_dtype(torch.float32)
+    wide.exp_avgs = [t.float() for t in wide.exp_avgs]
+    wide.exp_avg_ds = [t.float() for t in wide.exp_avg_ds]
+    for flags in (0, rule.FLAG_EXACT):
+        got = _cpu(case, flags=flags)
+        want = _cpu(wide, flags=flags)
+        for name in ("exp_avgs", "params") + (("exp_avg_ds",) if d_step else ()):
+            rounded = [t.to(torch.bfloat16) for t in getattr(want, name)]
+            _assert_bits_equal(getattr(got, name), rounded, name)
