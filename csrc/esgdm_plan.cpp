@@ -7,18 +7,20 @@
 // tensors per bucket) that is about half a microsecond per tensor: at thousands of small
 // tensors the host, not the kernel, set the step's speed.  A plan holds the tensors of
 // every bucket as C++ vectors, built once per layout (esgdm/store.py rebuilds it when
-// the buckets are rebuilt), and a step is then two calls:
+// the buckets are rebuilt), and a step is one call, step(groups, hparams, grad_scale,
+// found_inf, flags, seed), which
 //
-//   gather(groups) -> 0 when every parameter is unchanged (the same objects in the same
-//     groups, same data pointer, dtype, device, sizes and strides) and every one has a
-//     gradient of its dtype, device, sizes and strides; 1 when a parameter changed (the
-//     caller re-syncs its buckets); 2 when a gradient is missing or laid out otherwise
-//     (the caller takes the general path, which steps or refuses it).  Writes nothing.
-//   step(hparams, grad_scale, found_inf, flags, seed): every bucket on its kernel, after
-//     checking the per-step arguments of all of them (nothing is written if one fails).
+//   * checks that every parameter is unchanged (the same objects in the same groups, the
+//     same data pointer, dtype, device, sizes and strides): else it returns 1, and the
+//     caller re-syncs its buckets;
+//   * takes every gradient, which must be there with its parameter's dtype, device, sizes
+//     and strides: else it returns 2, and the caller takes the general path, which steps
+//     or refuses what the plan cannot;
+//   * checks the per-step arguments of every bucket, then runs every bucket's kernel and
+//     returns 0.  Nothing is written unless it returns 0.
 //
-// release() drops the gathered gradients (step() does too), so that a plan never keeps
-// a gradient alive after its step.
+// Calls from several threads take turns (the gathered gradients are the plan's, for the
+// length of one call), and no gradient is held after a call returns.
 
 #include <torch/extension.h>
 
@@ -27,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -159,21 +162,67 @@ class StepPlan {
     }
   }
 
-  int64_t gather(const pybind11::list& groups) {
-    release();
-    if (groups.size() != groups_.size()) return kChanged;
+  // One plain step: 0 when it stepped; else, with nothing written, kChanged (a parameter
+  // is no longer what the plan was built for) or kGeneral (a gradient is missing or not
+  // laid out like its parameter).  Calls from several threads take turns.
+  int64_t step(const pybind11::list& groups, const std::vector<at::Tensor>& hparams,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               int64_t flags, int64_t seed) {
+    TORCH_CHECK(hparams.size() == buckets_.size(), "StepPlan.step: got ", hparams.size(),
+                " hparams tables for ", buckets_.size(), " buckets");
+    if (!same_groups(groups)) return kChanged;  // (with the GIL: it reads Python lists)
+    const at::Tensor scale = grad_scale.value_or(at::Tensor());
+    const at::Tensor inf = found_inf.value_or(at::Tensor());
+    pybind11::gil_scoped_release no_gil;  // (before waiting for the lock: no deadlock)
+    std::lock_guard<std::mutex> lock(mutex_);
+    struct Release {  // the gradients are never held past the call, whatever happens
+      StepPlan* plan;
+      ~Release() { plan->release(); }
+    } release_at_exit{this};
+    const int64_t status = gather();
+    if (status != kReady) return status;
+    std::vector<StepArgs> args;
+    args.reserve(buckets_.size());
+    for (size_t k = 0; k < buckets_.size(); ++k) {
+      args.push_back(buckets_[k].args(hparams[k], scale, inf, flags, seed));
+      check_step_args(args.back(), /*tables=*/true, /*per_tensor=*/false);  // before any write
+    }
+    for (const StepArgs& a : args) run_step(a);
+    return kReady;
+  }
+
+  int64_t size() const {
+    int64_t n = 0;
+    for (const PlanBucket& b : buckets_) n += static_cast<int64_t>(b.params.size());
+    return n;
+  }
+
+  static constexpr int64_t kGrain = 512;  // tensors per chunk of the parallel checks
+  static constexpr int64_t kReady = 0;
+  static constexpr int64_t kChanged = 1;
+  static constexpr int64_t kGeneral = 2;
+
+ private:
+  // Whether `groups` holds the very parameter objects the plan was built for.
+  bool same_groups(const pybind11::list& groups) const {
+    if (groups.size() != groups_.size()) return false;
     for (size_t g = 0; g < groups_.size(); ++g) {
       PyObject* list = groups[g].ptr();
       if (!PyList_Check(list) || static_cast<size_t>(PyList_GET_SIZE(list)) != groups_[g].size()) {
-        return kChanged;
+        return false;
       }
       for (size_t k = 0; k < groups_[g].size(); ++k) {
-        if (PyList_GET_ITEM(list, k) != groups_[g][k].ptr()) return kChanged;
+        if (PyList_GET_ITEM(list, k) != groups_[g][k].ptr()) return false;
       }
     }
-    // The per-tensor checks read several heap objects per tensor (the parameter, its
-    // storage, its autograd metadata, the gradient and its storage): memory latency, not
-    // arithmetic, so they are spread over ATen's threads (chunks of kGrain tensors).
+    return true;
+  }
+
+  // Every parameter unchanged and every gradient like its parameter: the gradients and
+  // their pointers taken.  Reads several heap objects per tensor (the parameter, its
+  // storage, its autograd metadata, the gradient and its storage): memory latency, not
+  // arithmetic, so it is spread over ATen's threads (chunks of kGrain tensors).
+  int64_t gather() {
     std::atomic<int64_t> status{kReady};
     for (PlanBucket& b : buckets_) {
       const int64_t n = static_cast<int64_t>(b.params.size());
@@ -181,7 +230,7 @@ class StepPlan {
       b.ptrs.grads.resize(b.params.size());
       at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
         int64_t found = kReady;
-        for (int64_t i = lo; i < hi && found == kReady; ++i) {
+        for (int64_t i = lo; i < hi; ++i) {
           if (!b.layouts[i].same(b.params[i])) {
             found = kChanged;
             break;
@@ -202,37 +251,7 @@ class StepPlan {
         }
       });
     }
-    if (status.load() != kReady) {
-      release();
-      return status.load();
-    }
-    gathered_ = true;
-    return kReady;
-  }
-
-  void step(const std::vector<at::Tensor>& hparams, const std::optional<at::Tensor>& grad_scale,
-            const std::optional<at::Tensor>& found_inf, int64_t flags, int64_t seed) {
-    TORCH_CHECK(gathered_, "StepPlan.step: gather() did not return 0 since the last step");
-    TORCH_CHECK(hparams.size() == buckets_.size(), "StepPlan.step: got ", hparams.size(),
-                " hparams tables for ", buckets_.size(), " buckets");
-    const at::Tensor scale = grad_scale.value_or(at::Tensor());
-    const at::Tensor inf = found_inf.value_or(at::Tensor());
-    std::vector<StepArgs> args;
-    args.reserve(buckets_.size());
-    try {
-      for (size_t k = 0; k < buckets_.size(); ++k) {
-        args.push_back(buckets_[k].args(hparams[k], scale, inf, flags, seed));
-        check_step_args(args.back(), /*tables=*/true, /*per_tensor=*/false);
-      }
-      pybind11::gil_scoped_release no_gil;
-      for (const StepArgs& a : args) run_step(a);
-    } catch (...) {
-      args.clear();
-      release();
-      throw;
-    }
-    args.clear();
-    release();
+    return status.load();
   }
 
   void release() {
@@ -240,24 +259,11 @@ class StepPlan {
       b.grads.clear();
       std::fill(b.ptrs.grads.begin(), b.ptrs.grads.end(), nullptr);
     }
-    gathered_ = false;
   }
 
-  int64_t size() const {
-    int64_t n = 0;
-    for (const PlanBucket& b : buckets_) n += static_cast<int64_t>(b.params.size());
-    return n;
-  }
-
-  static constexpr int64_t kGrain = 512;  // tensors per chunk of the parallel checks
-  static constexpr int64_t kReady = 0;
-  static constexpr int64_t kChanged = 1;
-  static constexpr int64_t kGeneral = 2;
-
- private:
   std::vector<std::vector<pybind11::object>> groups_;
   std::vector<PlanBucket> buckets_;
-  bool gathered_ = false;
+  std::mutex mutex_;  // one step at a time: the gradients gathered are the plan's
 };
 
 }  // namespace
@@ -269,14 +275,12 @@ void register_plan(pybind11::module& m) {
                        "compiled kernels step, with the per-tensor host work in C++ "
                        "(csrc/esgdm_plan.cpp).")
       .def(py::init<const py::list&, const py::list&>(), py::arg("groups"), py::arg("buckets"))
-      .def("gather", &StepPlan::gather, py::arg("groups"),
-           "gather(groups) -> 0 (ready), 1 (a parameter changed) or 2 (a gradient missing or "
-           "not laid out like its parameter: take the general path); writes nothing.")
-      .def("step", &StepPlan::step, py::arg("hparams"), py::arg("grad_scale"),
+      .def("step", &StepPlan::step, py::arg("groups"), py::arg("hparams"), py::arg("grad_scale"),
            py::arg("found_inf"), py::arg("flags"), py::arg("seed"),
-           "step(hparams, grad_scale, found_inf, flags, seed): one plain step of every bucket "
-           "with the gathered gradients (hparams: one table per bucket).")
-      .def("release", &StepPlan::release, "Drops the gathered gradients.")
+           "step(groups, hparams, grad_scale, found_inf, flags, seed) -> 0 (stepped), 1 (a "
+           "parameter changed) or 2 (a gradient missing or not laid out like its parameter: "
+           "take the general path); nothing is written unless 0. groups: each param group's "
+           "list of parameters; hparams: one table per bucket.")
       .def("__len__", &StepPlan::size);
 }
 

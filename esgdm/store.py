@@ -310,24 +310,23 @@ class BucketStore:
         """A plain step through the C++ :class:`esgdm._C.StepPlan`, when every bucket has
         one: the parameters unchanged (same objects, groups, memory and layout) and every
         gradient present and laid out like its parameter, which the plan checks in one
-        C++ pass, then each bucket on its kernel.  False, with nothing written, when the
-        general path must step (it also builds the plan, :meth:`make_plan`)."""
+        C++ pass, then each bucket on its kernel.  False, with no parameter or state
+        written, when the general path must step (it also builds the plan,
+        :meth:`make_plan`)."""
         plan = self.plan
         if plan is None or self.plan_for != (id(self.signature), id(self.backend_choice)) \
                 or ops.is_compiling() or any(g.get("maximize", False) for g in opt.param_groups):
             return False
-        status = plan.gather([g["params"] for g in opt.param_groups])
+        # (both O(1) unless something changed; if the parameters did, the general path
+        # that follows finds the state edits applied and nothing else changed)
+        self.sync_user_state(opt, self.buckets)
+        hparams = self.device_hparams(opt, self.buckets)
+        status = plan.step([g["params"] for g in opt.param_groups], [hparams[b.device] for b in self.buckets],
+                           grad_scale, found_inf, opt._flags(), seed32(opt.seed))
         if status != 0:
             if status == 1:  # a parameter changed: the general path re-syncs the buckets
                 self.plan = None
             return False
-        try:
-            self.sync_user_state(opt, self.buckets)
-            hparams = self.device_hparams(opt, self.buckets)
-            plan.step([hparams[b.device] for b in self.buckets], grad_scale, found_inf,
-                      opt._flags(), seed32(opt.seed))
-        finally:
-            plan.release()
         for b in self.buckets:
             self.expose_stepped(opt, b, None)
         self.watch.dirty = False  # our own writes to opt.state

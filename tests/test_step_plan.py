@@ -328,3 +328,32 @@ def test_step_flat_on_the_cpu_kernel_refuses_bad_input(bad, match):
         torch.ops.esgdm.step_flat_(params, grads, m, d, offsets, None, scalars, index, hparams,
                                    None, None, 0, 5, "cpu")
     assert all(torch.equal(x, y) for x, y in zip(before, params + [m, d, scalars]))
+
+
+def test_plan_steps_from_two_threads_take_turns():
+    """StepPlan.step holds the gradients it gathered for the length of one call: calls
+    from two threads take turns (each a whole step), as many steps as calls, the same
+    result as the same calls made one after the other."""
+    import threading
+
+    results = []
+    for threads in (1, 2):
+        params, opt = _ready()
+        store = opt._store
+        hparams = store.device_hparams(opt, store.buckets)
+        args = ([g["params"] for g in opt.param_groups], [hparams[b.device] for b in store.buckets],
+                None, None, opt._flags(), 7)
+        statuses = []
+
+        def run(k):
+            for _ in range(k):
+                statuses.append(store.plan.step(*args))
+        workers = [threading.Thread(target=run, args=(40 // threads,)) for _ in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert statuses == [0] * 40
+        results.append([p.detach().clone() for p in params] + [store.buckets[0].scalars.clone()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
