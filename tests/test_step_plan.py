@@ -345,9 +345,9 @@ def test_plan_steps_from_two_threads_take_turns():
                 None, None, opt._flags(), 7)
         statuses = []
 
-        def run(k):
+        def run(k, plan=store.plan, args=args, statuses=statuses):
             for _ in range(k):
-                statuses.append(store.plan.step(*args))
+                statuses.append(plan.step(*args))
         workers = [threading.Thread(target=run, args=(40 // threads,)) for _ in range(threads)]
         for w in workers:
             w.start()
