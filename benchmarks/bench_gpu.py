@@ -276,6 +276,9 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: checks that it runs")
     ap.add_argument("--only", default="host,launches,compile,train",
                     help="comma-separated subset of host,launches,compile,train")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="training steps per timed round of the train rows (default 20, 3 with --quick; "
+                         "a multiple of 10 covers whole D-step periods)")
     ap.add_argument("--markdown", help="write the tables to this path")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -301,7 +304,7 @@ def main(argv=None) -> None:
         out.append("### Eager against torch.compile(opt.step), plain step, 148 tensors\n\n" + table(
             ["backend", "step", "ms"], rows, lambda r: [r[0], r[1], f"{r[2]:.4f}"]))
     if "train" in only:
-        rows = train_step_times(device, repeats, 20 if not quick else 3, quick=quick)
+        rows = train_step_times(device, repeats, args.train_steps or (20 if not quick else 3), quick=quick)
         out.append("### Whole training step of a small GPT (batch 16 x 256 tokens)\n\n" + table(
             ["optimizer", "backend", "optimizer step", "parameters", "ms per training step"], rows,
             lambda r: [r[0], r[1], r[2], f"{r[3] / 1e6:.1f}M", f"{r[4]:.3f}"]))

@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 import esgdm
 
+SIGNS_AS_TENSORS = "esgdm D-step, finite difference, signs as tensors"
+
 METHODS = {
     # name: (optimizer, ESGDM keyword arguments, step kind, attention backend)
     "adamw": ("adamw", {}, "plain", "default"),
@@ -47,6 +49,9 @@ METHODS = {
     "esgdm D-step, finite difference": ("esgdm", {"hvp": "finite_difference"}, "d", "default"),
     "esgdm D-step, central difference": (
         "esgdm", {"hvp": "finite_difference", "fd_scheme": "central"}, "d", "default"),
+    # the probe's signs drawn as tensors and added by torch._foreach_add_, as before
+    # esgdm._C.add_signs_ (which draws them as it adds them, on CPU tensors)
+    SIGNS_AS_TENSORS: ("esgdm", {"hvp": "finite_difference"}, "d", "default"),
 }
 
 SIZES = {
@@ -135,6 +140,9 @@ def run_method(name: str, size: str, lr: float, adamw_lr: float, seed: int = 0) 
     """Times one method's steps and trains with it (run inside a fresh process)."""
     cfg = SIZES[size]
     kind, kwargs, step_kind, attention = METHODS[name]
+    if name == SIGNS_AS_TENSORS:
+        import esgdm.curvature
+        esgdm.curvature.USE_ADD_SIGNS = False
     text = corpus()
     chars = sorted(set(text))
     data = torch.tensor([chars.index(c) for c in text])

@@ -13,9 +13,18 @@
 
 #include <torch/extension.h>
 
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
+#include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
+
+#include "esgdm_update.h"
 
 namespace esgdm {
 
@@ -77,6 +86,65 @@ std::tuple<std::vector<at::Tensor>, bool, bool, int64_t> gather_checked_grads(
   return {grads, all_present, all_like, bad};
 }
 
+// t[k] += alpha * v[k] over elements [lo, hi), v the signs of esgdm/signs.py under
+// `key` (v = -1 where mix32(index ^ key) has its top bit set, index = start + k, low 32
+// bits), as torch's add with alpha computes a + alpha * b: alpha rounded to the tensor's
+// dtype, the sum in T (float for 16-bit tensors) and rounded once (alpha * v is exact:
+// a fused multiply-add rounds the same).
+template <typename X>
+void add_signs_range(X* t, X* backup, int64_t lo, int64_t hi, uint32_t key, int64_t start, double alpha) {
+  using T = std::conditional_t<std::is_same<X, double>::value, double, float>;
+  const T a = static_cast<T>(static_cast<X>(alpha));
+  for (int64_t k = lo; k < hi; ++k) {
+    const uint32_t h = mix32(static_cast<uint32_t>(static_cast<uint64_t>(start + k)) ^ key);
+    const T v = (h >> 31) != 0 ? T(-1) : T(1);
+    const X old = t[k];
+    if (backup != nullptr) backup[k] = old;
+    t[k] = static_cast<X>(static_cast<T>(old) + a * v);
+  }
+}
+
+// esgdm._C.add_signs_(tensors, keys, starts, alpha, backups=None): the finite-difference
+// probe's perturbation t += alpha * v with the signs drawn here, element by element, not
+// materialised (and, with backups, each tensor copied there first, in the same pass).
+void add_signs_(const std::vector<at::Tensor>& tensors, const std::vector<int64_t>& keys,
+                const std::vector<int64_t>& starts, double alpha,
+                const std::optional<std::vector<at::Tensor>>& backups) {
+  const size_t n = tensors.size();
+  TORCH_CHECK(keys.size() == n && starts.size() == n && (!backups || backups->size() == n),
+              "esgdm._C.add_signs_: got ", n, " tensors, ", keys.size(), " keys, ", starts.size(),
+              " starts", backups ? " and " + std::to_string(backups->size()) + " backups" : "");
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided && t.is_contiguous() &&
+                    !t.is_neg() && !t.is_conj(),
+                "esgdm._C.add_signs_: tensors[", i, "] must be a contiguous CPU tensor");
+    const at::ScalarType dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                "esgdm._C.add_signs_: tensors[", i, "] has dtype ", dt);
+    if (backups) {
+      const at::Tensor& b = (*backups)[i];
+      TORCH_CHECK(b.defined() && b.device().is_cpu() && b.scalar_type() == dt && b.is_contiguous() &&
+                      b.numel() == t.numel() && !b.is_neg(),
+                  "esgdm._C.add_signs_: backups[", i, "] must be a contiguous CPU tensor like tensors[", i, "]");
+    }
+  }
+  pybind11::gil_scoped_release no_gil;
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& t = tensors[i];
+    const int64_t numel = t.numel();
+    if (numel == 0) continue;
+    const uint32_t key = static_cast<uint32_t>(static_cast<uint64_t>(keys[i]));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, t.scalar_type(), "add_signs_", [&] {
+      scalar_t* data = t.data_ptr<scalar_t>();
+      scalar_t* back = backups ? (*backups)[i].data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, numel, 1 << 16, [&](int64_t lo, int64_t hi) {
+        add_signs_range<scalar_t>(data, back, lo, hi, key, starts[i], alpha);
+      });
+    });
+  }
+}
+
 }  // namespace
 
 void register_frontend(pybind11::module& m) {
@@ -84,6 +152,12 @@ void register_frontend(pybind11::module& m) {
   m.def("layout_key", &layout_key, py::arg("tensors"),
         "layout_key(tensors) -> int: changes when any tensor's data pointer, sizes, strides, "
         "dtype or device changes.");
+  m.def("add_signs_", &add_signs_, py::arg("tensors"), py::arg("keys"), py::arg("starts"),
+        py::arg("alpha"), py::arg("backups") = py::none(),
+        "add_signs_(tensors, keys, starts, alpha, backups=None): tensors[i] += alpha * v, v the "
+        "Rademacher signs of esgdm.signs under the 32-bit keys[i] (element k's index: starts[i] + k), "
+        "rounded once as torch's add with alpha; with backups, each tensor is first copied there "
+        "in the same pass. Contiguous CPU float32/float64/bfloat16/float16 tensors.");
   m.def("gather_checked_grads", &gather_checked_grads, py::arg("params"),
         "gather_checked_grads(params) -> (grads, all_present, all_like, bad): each parameter's "
         ".grad (None where absent); all_like: every gradient present, of its parameter's dtype, "

@@ -25,11 +25,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from esgdm.buckets import is_dtensor, real_view
+from esgdm.buckets import is_dtensor, local, real_view
 from esgdm.guards import BufferGuard, ModuleTrees, RngSnapshot
 from esgdm.hvp import autograd_hvp, create_graph_failed, finite_difference_hvp, no_double_backward, warn_user
 from esgdm.precision import ComputePrecision
-from esgdm.signs import rademacher
+from esgdm.signs import rademacher, stream_key
 from esgdm.store import all_params, local_block
 
 if TYPE_CHECKING:
@@ -66,6 +66,57 @@ def shard_signs(seed: int, step: int, key: int, p: Any) -> Tensor:
         row = math.prod(p.shape[1:])
         return rademacher(seed, step, key, shape, dtype=p.dtype, device=device, start=offset[0] * row)
     return local_block(rademacher(seed, step, key, p.shape, dtype=p.dtype, device=device), p).contiguous()
+
+
+class SignVectors:
+    """The Rademacher vectors of one finite-difference probe, added to the parameters
+    where they are drawn (``esgdm._C.add_signs_``: one pass, no sign tensor) when every
+    tensor is a contiguous CPU tensor of a whole parameter and the extension has it;
+    else drawn as tensors (:meth:`Curvature.signs`) and added by ``torch._foreach_add_``.
+    Both add the same signs with the same rounding (tests/test_finite_difference.py)."""
+
+    def __init__(self, curvature: Curvature, opt: ESGDM, params: list[Tensor]):
+        self.curvature, self.opt, self.params = curvature, opt, params
+        self.drawn: list[Tensor] | None = None
+        seed, keys = curvature.shared_seed(), opt._store.param_keys
+        self.keys = [stream_key(seed, opt.steps, keys[id(p)]) for p in params]
+
+    def fused(self, shards: list[Tensor]) -> bool:
+        """Whether :meth:`add_to` draws the signs in its pass over ``shards``."""
+        frontend = _add_signs_op()
+        return frontend is not None and not any(map(is_dtensor, self.params)) and all(
+            s.device.type == "cpu" and s.dtype in _ADD_SIGNS_DTYPES and s.is_contiguous() and not s.is_neg()
+            for s in shards)
+
+    def add_to(self, shards: list[Tensor], alpha: float, backups: list[Tensor] | None = None) -> None:
+        """``shards += alpha * v``; with ``backups`` (only where :meth:`fused`), each shard
+        is first copied there, in the same pass."""
+        if self.fused(shards):
+            _add_signs_op()(shards, self.keys, [0] * len(shards), alpha, backups)
+            return
+        if backups is not None:
+            raise ValueError("SignVectors.add_to: backups only where fused()")
+        if self.drawn is None:
+            self.drawn = self.curvature.signs(self.opt, self.params)
+        torch._foreach_add_(shards, [local(v) for v in self.drawn], alpha=alpha)
+
+
+#: What esgdm._C.add_signs_ steps.
+_ADD_SIGNS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _add_signs_op():
+    """esgdm._C.add_signs_ where the extension has it, else None."""
+    try:
+        from esgdm.backends.cpp_impl import _C
+    except Exception:  # noqa: BLE001 - an optimisation only
+        return None
+    return getattr(_C, "add_signs_", None) if USE_ADD_SIGNS else None
+
+
+#: Whether finite-difference probes may draw their signs in esgdm._C.add_signs_ (the
+#: tests compare both ways).
+USE_ADD_SIGNS = True
 
 
 class Curvature:
@@ -233,7 +284,7 @@ class Curvature:
         grads = [p.grad.detach() if is_dtensor(p) or p.is_complex() else g.detach()
                  for p, g in zip(params, grads)]
         try:
-            return finite_difference_hvp(params, grads, self.signs(opt, params), closure, rng,
+            return finite_difference_hvp(params, grads, SignVectors(self, opt, params), closure, rng,
                                          opt.fd_scheme, opt.fd_radius, precision=self.precision,
                                          modules=self.module_trees(all_params(opt.param_groups)))
         finally:

@@ -382,7 +382,7 @@ def _probe_grads(
 def finite_difference_hvp(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
-    signs: Sequence[Tensor],
+    signs: Sequence[Tensor] | Any,
     closure,
     rng: RngSnapshot,
     scheme: str = "forward",
@@ -396,7 +396,9 @@ def finite_difference_hvp(
         params: the parameters with a gradient (plain tensors or DTensors, e.g.
             FSDP2's; always the parameters themselves, whose ``.grad`` the closure
             sets, not views of them); ``grads`` their gradients at θ.
-        signs: the Rademacher vectors ``v``, shaped like ``params`` (for a DTensor
+        signs: the Rademacher vectors ``v`` (or an object that adds them itself:
+            ``fused(shards)`` and ``add_to(shards, alpha, backups)``, as
+            :class:`esgdm.curvature.SignVectors`), shaped like ``params`` (for a DTensor
             parameter: a DTensor like it, or its local shard's part of ``v``; for a
             complex parameter: like its real view, which is what is perturbed, and
             what its HVP, the radius's ``||θ||`` and ``n`` are taken over).
@@ -418,7 +420,10 @@ def finite_difference_hvp(
     if scheme not in FD_SCHEMES:
         raise ValueError(f"Invalid finite-difference scheme: {scheme!r}; choose one of {FD_SCHEMES}")
     params, grads = list(params), list(grads)
-    held: list[Tensor] | None = list(signs)  # dropped (None) as soon as no longer needed
+    # signs: tensors, or an object that adds alpha * v to the shards itself (add_to,
+    # esgdm.curvature.SignVectors: drawn in the same pass, never materialised)
+    lazy = hasattr(signs, "add_to")
+    held: Any = signs if lazy else list(signs)  # dropped (None) as soon as no longer needed
     del signs  # (held is then the only reference: dropping it frees the signs)
     reals = [real_view(p) for p in params]  # what is perturbed (complex: as the real view)
     seen = ComputePrecision(device_types=("cpu", "cuda", *(p.device.type for p in params)),
@@ -441,13 +446,32 @@ def finite_difference_hvp(
     # radius for a lower precision than expected may need them.
     keep_signs = scheme == "central" or (radius is None and precision is None)
     shards = [real_view(local(p)) for p in params]  # in-place arithmetic on what this rank holds
+
+    saved = False  # whether backup holds θ (then the finally below restores it)
+
+    def add_signs(alpha: float, backups: list[Tensor] | None = None) -> None:
+        """shards += alpha * v, first copying them into backups when given (in the same
+        pass where the signs are drawn as they are added: esgdm._C.add_signs_, which
+        checks everything before it writes anything)."""
+        nonlocal saved
+        assert held is not None  # kept while a redo may need them (keep_signs)
+        fused = lazy and backups is not None and held.fused(shards)
+        if backups is not None and not fused:
+            torch._foreach_copy_(backups, shards)
+            saved, backups = True, None
+        if lazy:
+            held.add_to(shards, alpha, backups)
+        else:
+            torch._foreach_add_(shards, [local(v) for v in held], alpha=alpha)
+        if fused:
+            saved = True
+
     with torch.no_grad():
-        backup = torch._foreach_mul(shards, 1.0)  # θ, bit for bit
+        backup = [torch.empty_like(s) for s in shards]  # θ, bit for bit
     try:
         while True:
             with torch.no_grad():
-                assert held is not None  # kept while a redo may need them (keep_signs)
-                torch._foreach_add_(shards, [local(v) for v in held], alpha=r)
+                add_signs(r, None if saved else backup)
             if not keep_signs:
                 held = None  # not needed any more: free it before the probe runs
             plus = _probe_grads(params, closure, rng, seen, modules)
@@ -470,8 +494,7 @@ def finite_difference_hvp(
         else:
             with torch.no_grad():
                 torch._foreach_copy_(shards, backup)
-                assert held is not None  # the central scheme keeps them
-                torch._foreach_add_(shards, [local(v) for v in held], alpha=-r)
+                add_signs(-r)  # (the central scheme keeps the signs)
             held = None
             base, step = _probe_grads(params, closure, rng, seen, modules), 2 * r
         with torch.no_grad():
@@ -481,8 +504,9 @@ def finite_difference_hvp(
             torch._foreach_div_(out, step)
         return hvps
     finally:
-        with torch.no_grad():
-            torch._foreach_copy_(shards, backup)
+        if saved:  # (a first add that raised wrote nothing: its checks come first)
+            with torch.no_grad():
+                torch._foreach_copy_(shards, backup)
         torch.clear_autocast_cache()  # no cached copy of a perturbed parameter outlives the probe
         for p, g in zip(params, grads):
             p.grad = g

@@ -22,6 +22,7 @@ def test_bench_hvp_smoke(tmp_path):
     assert [r["method"] for r in rows] == [
         "adamw", "esgdm plain step", "esgdm D-step, autograd",
         "esgdm D-step, finite difference", "esgdm D-step, central difference",
+        "esgdm D-step, finite difference, signs as tensors",
     ]
     for r in rows:
         assert r["ms_per_step"] > 0 and r["peak_mib"] >= 0 and r["alloc_mib"] > 0

@@ -867,3 +867,82 @@ def test_compute_precision_keeps_the_saved_tensor_hooks_already_active():
         reference(x).float().sum().backward()
     for p, q in zip(model.parameters(), reference.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+# ---------------------------------------------- the probe's signs drawn as they are added
+
+import esgdm.curvature as curvature_module  # noqa: E402
+from esgdm.backends import cpp_impl  # noqa: E402
+
+needs_add_signs = pytest.mark.skipif(cpp_impl._C is None or not hasattr(cpp_impl._C, "add_signs_"),
+                                     reason="esgdm._C (with add_signs_) is not built")
+
+
+@needs_add_signs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("alpha", [1.2345e-3, -0.3, 3.0])
+def test_add_signs_is_foreach_add_of_the_drawn_signs(dtype, alpha):
+    """esgdm._C.add_signs_ adds the signs of esgdm.signs.rademacher with torch's rounding
+    of add(alpha=): alpha in the tensor's dtype, the sum rounded once; inf, NaN and -0.0
+    included; the backups hold the values before."""
+    from esgdm.signs import rademacher, stream_key
+    g = torch.Generator().manual_seed(0)
+    ts = [(torch.randn(s, generator=g, dtype=torch.float64) * 10).to(dtype) for s in [(70001,), (3, 5), (1,), (0,)]]
+    ts[0][:4] = torch.tensor([float("inf"), float("nan"), -0.0, 6e4]).to(dtype)
+    want = [t.clone() for t in ts]
+    torch._foreach_add_(want, [rademacher(5, 17, k, t.shape, dtype=dtype, device="cpu", start=64)
+                               for k, t in enumerate(ts)], alpha=alpha)
+    got, backups = [t.clone() for t in ts], [torch.empty_like(t) for t in ts]
+    cpp_impl._C.add_signs_(got, [stream_key(5, 17, k) for k in range(len(ts))], [64] * len(ts), alpha, backups)
+    for a, b, before, saved in zip(got, want, ts, backups):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+        assert torch.equal(saved.nan_to_num(), before.nan_to_num())
+
+
+@needs_add_signs
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_signs_give_the_drawn_signs_trajectory(monkeypatch, scheme, dtype):
+    """Training with finite differences: the signs drawn inside the add (the default on
+    CPU) and drawn as tensors give the same parameters and state, bit for bit (a complex
+    parameter included)."""
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(curvature_module, "USE_ADD_SIGNS", fused)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4)).to(dtype)
+        z = torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))
+        x, y = torch.randn(8, 12, dtype=dtype), torch.randint(0, 4, (8,))
+        params = list(model.parameters()) + ([z] if dtype == torch.float32 else [])
+        opt = esgdm.ESGDM(params, lr=0.1, hvp="finite_difference", fd_scheme=scheme, update_d_every=2,
+                          backend="cpu", seed=4)
+
+        def closure(opt=opt, model=model, x=x, y=y, z=z):
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x).float(), y) + (z.abs() ** 2).sum() * (dtype == torch.float32)
+            loss.backward()
+            return loss
+        for _ in range(5):
+            opt.step(closure)
+        results.append([p.detach().clone() for p in params]
+                       + [t.clone() for p in params for t in opt.state[p].values() if isinstance(t, torch.Tensor)])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_add_signs
+def test_a_refused_fused_add_leaves_the_parameters_alone(monkeypatch):
+    """If the fused add refuses its input (it checks everything before writing), the
+    probe restores nothing from a backup it never took: the parameters keep their values."""
+    model = mlp()
+    closure = CountingClosure(model, torch.randn(8, 12), torch.randint(0, 4, (8,)))
+    opt = esgdm.ESGDM(model.parameters(), lr=0.5, hvp="finite_difference", backend="cpu")
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("add_signs_ refused")
+    monkeypatch.setattr(curvature_module, "_add_signs_op", lambda: refuse)
+    with pytest.raises(RuntimeError, match="add_signs_ refused"):
+        opt.step(closure)
+    for a, p in zip(before, model.parameters()):
+        assert torch.equal(a, p.detach())
