@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import esgdm
+import esgdm.curvature
 
 SIGNS_AS_TENSORS = "esgdm D-step, finite difference, signs as tensors"
 
@@ -141,7 +142,6 @@ def run_method(name: str, size: str, lr: float, adamw_lr: float, seed: int = 0) 
     cfg = SIZES[size]
     kind, kwargs, step_kind, attention = METHODS[name]
     if name == SIGNS_AS_TENSORS:
-        import esgdm.curvature
         esgdm.curvature.USE_ADD_SIGNS = False
     text = corpus()
     chars = sorted(set(text))
