@@ -14,6 +14,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -86,6 +87,40 @@ std::tuple<std::vector<at::Tensor>, bool, bool, int64_t> gather_checked_grads(
   return {grads, all_present, all_like, bad};
 }
 
+// esgdm._C.data_ptrs(lists) -> int64 [len(lists) + 1, n]: row j the data pointers of
+// lists[j] (lists or tuples of tensors), the last row the sizes (numel) of lists[0].  The
+// Triton launcher's address table per step, without a Python call per tensor.
+at::Tensor data_ptrs(const pybind11::sequence& lists) {
+  // The Python objects read in place (THPVariable_Unpack: no std::vector<at::Tensor> built,
+  // no reference count touched): pybind's conversion cost as much as the Python loop.
+  const int64_t k = static_cast<int64_t>(lists.size());
+  std::vector<pybind11::sequence> rows;
+  rows.reserve(k);
+  for (int64_t j = 0; j < k; ++j) rows.push_back(pybind11::reinterpret_borrow<pybind11::sequence>(lists[j]));
+  const int64_t n = k > 0 ? static_cast<int64_t>(rows[0].size()) : 0;
+  at::Tensor out = at::empty({k + 1, n}, at::TensorOptions().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) {
+    pybind11::sequence row = rows[j];
+    TORCH_CHECK(static_cast<int64_t>(row.size()) == n, "esgdm._C.data_ptrs: list ", j, " has ", row.size(),
+                " tensors, list 0 has ", n);
+    PyObject* fast = PySequence_Fast(row.ptr(), "esgdm._C.data_ptrs: a list of tensors");
+    if (fast == nullptr) throw pybind11::error_already_set();
+    PyObject** items = PySequence_Fast_ITEMS(fast);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!THPVariable_Check(items[i])) {
+        Py_DECREF(fast);
+        TORCH_CHECK(false, "esgdm._C.data_ptrs: list ", j, " item ", i, " is not a tensor");
+      }
+      const at::Tensor& t = THPVariable_Unpack(items[i]);
+      o[j * n + i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
+      if (j == 0) o[k * n + i] = t.numel();
+    }
+    Py_DECREF(fast);
+  }
+  return out;
+}
+
 // t[k] += alpha * v[k] over elements [lo, hi), v the signs of esgdm/signs.py under
 // `key` (v = -1 where mix32(index ^ key) has its top bit set, index = start + k, low 32
 // bits), as torch's add with alpha computes a + alpha * b: alpha rounded to the tensor's
@@ -152,6 +187,9 @@ void register_frontend(pybind11::module& m) {
   m.def("layout_key", &layout_key, py::arg("tensors"),
         "layout_key(tensors) -> int: changes when any tensor's data pointer, sizes, strides, "
         "dtype or device changes.");
+  m.def("data_ptrs", &data_ptrs, py::arg("lists"),
+        "data_ptrs(lists) -> int64 tensor [len(lists) + 1, n]: the data pointers of each list's "
+        "tensors, one row per list, then the sizes (numel) of the first list's.");
   m.def("add_signs_", &add_signs_, py::arg("tensors"), py::arg("keys"), py::arg("starts"),
         py::arg("alpha"), py::arg("backups") = py::none(),
         "add_signs_(tensors, keys, starts, alpha, backups=None): tensors[i] += alpha * v, v the "

@@ -426,7 +426,7 @@ class _Addresses:
     __slots__ = ("ptrs", "numels", "table", "host", "blocks", "tickets", "block", "num_warps")
 
     def __init__(self, ptrs, numels, table, host, blocks, tickets, block, num_warps):
-        self.ptrs = ptrs            # the tuple of data_ptrs the table holds
+        self.ptrs = ptrs            # the data_ptrs the table holds (a tuple or an int64 array)
         self.numels = numels        # the tuple of sizes it holds
         self.table = table          # int64 [n, ROW] on the device
         self.host = host            # the pinned buffer it was copied from (kept alive)
@@ -455,6 +455,31 @@ def address_table_host(ptrs: Sequence[int], numels: Sequence[int], d_step: bool,
     return out
 
 
+def _data_ptrs_op():
+    """esgdm._C.data_ptrs where the package's extension is there and has it, else None
+    (these kernels also run without it)."""
+    try:
+        from esgdm.backends.cpp_impl import _C
+    except Exception:  # noqa: BLE001 - an optimisation only
+        return None
+    return getattr(_C, "data_ptrs", None)
+
+
+def _pointers(lists) -> tuple[tuple[int, ...] | np.ndarray, tuple[int, ...] | np.ndarray]:
+    """``(ptrs, numels)`` of the op's lists: as a ``int64 [len(lists) + 1, n]`` array from
+    one C++ call where the extension has it (at thousands of tensors a Python call per
+    tensor cost the host about 1 ms per step), else as tuples."""
+    op = _data_ptrs_op()
+    if op is not None:
+        both = op(lists).numpy()
+        return both[:-1].reshape(-1), both[-1]
+    return tuple(map(_data_ptr, chain.from_iterable(lists))), tuple(map(_numel, lists[0]))
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(a, b) if isinstance(a, np.ndarray) or isinstance(b, np.ndarray) else a == b
+
+
 def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: int | None,
                num_warps: int | None, device, qscales=None) -> _Addresses:
     """The bucket's cached tables, refreshed if an address or a size changed.
@@ -466,12 +491,11 @@ def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: int | None,
     lists = (params, grads, hvps, exp_avgs, exp_avg_ds) if d_step else (params, grads, exp_avgs, exp_avg_ds)
     if quant:
         lists = (*lists, qscales)
-    ptrs = tuple(map(_data_ptr, chain.from_iterable(lists)))
-    numels = tuple(map(_numel, params))
+    ptrs, numels = _pointers(lists)
     # one entry per bucket (told apart by its first parameter), step kind and state kind
-    key = (device, block, num_warps, d_step, quant, len(params), ptrs[0])
+    key = (device, block, num_warps, d_step, quant, len(params), int(ptrs[0]))
     entry = _ADDRESSES.get(key)
-    if entry is not None and entry.ptrs == ptrs and entry.numels == numels:
+    if entry is not None and _same(entry.ptrs, ptrs) and _same(entry.numels, numels):
         return entry
     on_gpu = device.type == "cuda"
     host = torch.from_numpy(address_table_host(ptrs, numels, d_step, quant))
@@ -479,7 +503,7 @@ def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: int | None,
         pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
         pinned.copy_(host)
         host = pinned  # a fresh buffer each refresh: an earlier copy may still read the old one
-    if entry is not None and entry.numels == numels:
+    if entry is not None and _same(entry.numels, numels):
         if on_gpu:
             entry.table.copy_(host, non_blocking=True)  # stream-ordered after earlier launches
         else:
@@ -488,6 +512,7 @@ def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: int | None,
         _ADDRESSES.move_to_end(key)
         return entry
     table = host.to(device, non_blocking=True) if on_gpu else host
+    numels = tuple(int(x) for x in numels)  # (a new entry: its block table is cached by sizes)
     config = choose_config(numels, params[0].dtype) if block is None else CONFIGS[params[0].dtype]
     block = config["BLOCK"] if block is None else block
     num_warps = config["num_warps"] if num_warps is None else num_warps

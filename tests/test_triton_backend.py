@@ -30,6 +30,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+import numpy as np  # noqa: E402
 from conftest import requires_cuda  # noqa: E402
 from helpers import clone_fields  # noqa: E402
 
@@ -685,3 +686,33 @@ def test_bucket_over_2_31_elements_cuda():
     assert torch.equal(case.scalars[slots, rule.STEPS], scalars0[slots, rule.STEPS] + 1)
     del lists, case
     torch.cuda.empty_cache()
+
+
+def test_address_table_from_one_cpp_call_matches_the_python_one(monkeypatch):
+    """The launcher's per-step addresses come from esgdm._C.data_ptrs (one C++ call) where
+    the extension has it: the same table as the Python loop over the tensors, and a table
+    refreshed when a gradient moves."""
+    from esgdm.backends import cpp_impl
+    if cpp_impl._C is None or not hasattr(cpp_impl._C, "data_ptrs"):
+        pytest.skip("esgdm._C (with data_ptrs) is not built")
+    n = 37
+    ps = [torch.randn(5 + i) for i in range(n)]
+    lists = (ps, [torch.randn(5 + i) for i in range(n)], [torch.zeros(5 + i) for i in range(n)],
+             [torch.zeros(5 + i) for i in range(n)])
+    fast_ptrs, fast_numels = K._pointers(lists)
+    monkeypatch.setattr(K, "_data_ptrs_op", lambda: None)
+    slow_ptrs, slow_numels = K._pointers(lists)
+    assert list(fast_ptrs) == list(slow_ptrs) and list(fast_numels) == list(slow_numels)
+    for d_step in (False,):
+        assert np.array_equal(K.address_table_host(fast_ptrs, fast_numels, d_step),
+                              K.address_table_host(slow_ptrs, slow_numels, d_step))
+    monkeypatch.undo()
+    cpu = torch.device("cpu")
+    first = K._addresses(*lists, None, None, None, cpu)
+    assert K._addresses(*lists, None, None, None, cpu) is first  # nothing moved: the cached entry
+    moved = (lists[0], [g.clone() for g in lists[1]], lists[2], lists[3])
+    again = K._addresses(*moved, None, None, None, cpu)
+    want = K.address_table_host(*K._pointers(moved), False)
+    assert np.array_equal(again.host.numpy(), want)
+    with pytest.raises(RuntimeError, match="item 3 is not a tensor"):
+        cpp_impl._C.data_ptrs([ps[:3] + [None]])
