@@ -1,11 +1,13 @@
 """GPU figures that bench_step.py does not take: host cost, launches, whole training steps.
 
-Four measurements, each printed as one markdown table (and written with --markdown):
+Five measurements, each printed as one markdown table (and written with --markdown):
 
 1. **Host time per plain step** against the tensor count (1M fp32 elements split into
-   1, 64, 1024 and 4096 tensors), for every esgdm backend that runs on the GPU and for
-   ``AdamW(fused=True)``: the wall time of ``opt.step()`` without CUDA graphs, where the
+   1, 64, 1024 and 4096 tensors, each its own allocation or views of one buffer), for
+   every esgdm backend that runs on the device and for ``AdamW(fused=True)`` and
+   ``(foreach=True)``: the wall time of ``opt.step()`` without CUDA graphs, where the
    GPU work per step is a few microseconds, so the host sets the pace.
+1b. **The Triton launcher's address-table refresh** (``--only tables``), host only.
 2. **Launches per step** under ``torch.profiler``: GPU kernels launched by one plain
    step and one D-step (HVP excluded: the gradients are given).
 3. **Eager against compiled step**: ``torch.compile(opt.step)`` against ``opt.step``.
@@ -112,6 +114,37 @@ def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat"
         for name, layout, _opt, _kept, walls, hosts in runs:
             rows.append((count, name, layout, statistics.median(walls), statistics.median(hosts)))
         del runs
+    return rows
+
+
+def launcher_tables(device, counts, numel, repeats, steps):
+    """Host ms per call of the Triton launcher's address-table refresh
+    (``esgdm.kernels.esgdm_step._addresses``) for a plain step whose gradients moved
+    (as after ``zero_grad(set_to_none=True)``), with the pointers read by one C++ call
+    (``esgdm._C.data_ptrs``) and by a Python call per tensor.  Host work only: it runs on
+    CPU tensors too, no kernel is launched."""
+    from esgdm.kernels import esgdm_step as K
+
+    rows = []
+    for count in counts:
+        per = max(1, numel // count)
+        ps = [torch.randn(per, device=device) for _ in range(count)]
+        state = [[torch.zeros(per, device=device) for _ in range(count)] for _ in range(2)]
+        grads = [[torch.randn(per, device=device) for _ in range(count)] for _ in range(2)]
+        real_op = K._data_ptrs_op
+        times: dict[str, list[float]] = {"C++": [], "Python": []}
+        for _ in range(repeats):
+            for label, op in (("C++", real_op), ("Python", lambda: None)):
+                K._data_ptrs_op = op
+                try:
+                    t0 = time.perf_counter()
+                    for k in range(steps):
+                        K._addresses(ps, grads[k % 2], *state, None, None, None, device)
+                    times[label].append((time.perf_counter() - t0) / steps * 1e3)
+                finally:
+                    K._data_ptrs_op = real_op
+        for label, ts in times.items():
+            rows.append((count, label, statistics.median(ts)))
     return rows
 
 
@@ -274,8 +307,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes: checks that it runs")
-    ap.add_argument("--only", default="host,launches,compile,train",
-                    help="comma-separated subset of host,launches,compile,train")
+    ap.add_argument("--only", default="host,tables,launches,compile,train",
+                    help="comma-separated subset of host,tables,launches,compile,train")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="training steps per timed round of the train rows (default 20, 3 with --quick; "
                          "a multiple of 10 covers whole D-step periods)")
@@ -295,6 +328,12 @@ def main(argv=None) -> None:
         out.append(f"### Plain step against tensor count ({numel} fp32 elements in all, eager)\n\n" + table(
             ["tensors", "optimizer", "memory", "ms per step", "host ms per call", "vs 1 tensor"], rows,
             lambda r: [str(r[0]), r[1], r[2], f"{r[3]:.4f}", f"{r[4]:.4f}", f"{r[3] / base[r[1], r[2]]:.2f}x"]))
+    if "tables" in only:
+        counts = (64, 256) if quick else (148, 1024, 4096)
+        rows = launcher_tables(device, counts, numel, repeats, steps)
+        out.append("### Triton launcher: address-table refresh per plain step (host)\n\n" + table(
+            ["tensors", "pointers read by", "host ms per call"], rows,
+            lambda r: [str(r[0]), r[1], f"{r[2]:.4f}"]))
     if "launches" in only and device.type == "cuda":
         rows = launches(device, numel, 148)
         out.append("### GPU kernels launched per step (148 tensors)\n\n" + table(

@@ -36,9 +36,35 @@ inline uint64_t mix(uint64_t h, uint64_t v) {
   return h ^ (v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2));
 }
 
-int64_t layout_key(const std::vector<at::Tensor>& tensors) {
-  uint64_t h = tensors.size();
-  for (const at::Tensor& t : tensors) {
+// A list or tuple of tensors read in place: THPVariable_Unpack gives each item's
+// at::Tensor without a std::vector<at::Tensor> being built (pybind's conversion of a
+// list costs about 40 ns per tensor, as much as a Python loop over the tensors).
+class TensorSeq {
+ public:
+  TensorSeq(const pybind11::handle& seq, const char* what)
+      : fast_(pybind11::reinterpret_steal<pybind11::object>(PySequence_Fast(seq.ptr(), what))) {
+    if (!fast_) throw pybind11::error_already_set();
+    items_ = PySequence_Fast_ITEMS(fast_.ptr());
+    n_ = static_cast<int64_t>(PySequence_Fast_GET_SIZE(fast_.ptr()));
+    for (int64_t i = 0; i < n_; ++i) {
+      TORCH_CHECK_TYPE(THPVariable_Check(items_[i]), what, ": item ", i, " is a ",
+                       Py_TYPE(items_[i])->tp_name, ", not a tensor");
+    }
+  }
+  int64_t size() const { return n_; }
+  const at::Tensor& operator[](int64_t i) const { return THPVariable_Unpack(items_[i]); }
+
+ private:
+  pybind11::object fast_;  // a list or tuple holding the items (a new one for other sequences)
+  PyObject** items_ = nullptr;
+  int64_t n_ = 0;
+};
+
+int64_t layout_key(const pybind11::handle& seq) {
+  const TensorSeq tensors(seq, "esgdm._C.layout_key");
+  uint64_t h = static_cast<uint64_t>(tensors.size());
+  for (int64_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
     const bool strided = t.defined() && t.layout() == at::kStrided;
     h = mix(h, reinterpret_cast<uintptr_t>(strided ? t.data_ptr() : nullptr));
     if (!t.defined()) continue;
@@ -59,65 +85,52 @@ bool steppable_as(const at::Tensor& g, const at::Tensor& p) {
          g.device() == p.device() && g.sizes() == p.sizes();
 }
 
-std::tuple<std::vector<at::Tensor>, bool, bool, int64_t> gather_checked_grads(
-    const std::vector<at::Tensor>& params) {
-  std::vector<at::Tensor> grads;
-  grads.reserve(params.size());
+pybind11::tuple gather_checked_grads(const pybind11::handle& seq) {
+  const TensorSeq params(seq, "esgdm._C.gather_checked_grads");
+  pybind11::list grads(params.size());
   bool all_present = true;
   bool all_like = true;
   int64_t bad = -1;
-  for (size_t i = 0; i < params.size(); ++i) {
+  for (int64_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const at::Tensor& g = p.grad();
+    const at::Tensor& g = p.unsafeGetTensorImpl()->grad();  // (Tensor::grad() also warns on non-leaves)
     if (!g.defined()) {
       all_present = false;
       all_like = false;
-      grads.emplace_back();
+      grads[i] = pybind11::none();
       continue;
     }
     if (bad < 0 && !steppable_as(g, p)) {
-      bad = static_cast<int64_t>(i);
+      bad = i;
       all_like = false;
     }
     if (all_like) {
       all_like = g.strides() == p.strides() && p.is_non_overlapping_and_dense();
     }
-    grads.push_back(g);
+    grads[i] = pybind11::reinterpret_steal<pybind11::object>(THPVariable_Wrap(g));
   }
-  return {grads, all_present, all_like, bad};
+  return pybind11::make_tuple(grads, all_present, all_like, bad);
 }
 
 // esgdm._C.data_ptrs(lists) -> int64 [len(lists) + 1, n]: row j the data pointers of
 // lists[j] (lists or tuples of tensors), the last row the sizes (numel) of lists[0].  The
 // Triton launcher's address table per step, without a Python call per tensor.
 at::Tensor data_ptrs(const pybind11::sequence& lists) {
-  // The Python objects read in place (THPVariable_Unpack: no std::vector<at::Tensor> built,
-  // no reference count touched): pybind's conversion cost as much as the Python loop.
-  const int64_t k = static_cast<int64_t>(lists.size());
-  std::vector<pybind11::sequence> rows;
-  rows.reserve(k);
-  for (int64_t j = 0; j < k; ++j) rows.push_back(pybind11::reinterpret_borrow<pybind11::sequence>(lists[j]));
-  const int64_t n = k > 0 ? static_cast<int64_t>(rows[0].size()) : 0;
+  std::vector<TensorSeq> rows;
+  rows.reserve(lists.size());
+  for (const pybind11::handle& row : lists) rows.emplace_back(row, "esgdm._C.data_ptrs");
+  const int64_t k = static_cast<int64_t>(rows.size());
+  const int64_t n = k > 0 ? rows[0].size() : 0;
   at::Tensor out = at::empty({k + 1, n}, at::TensorOptions().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   for (int64_t j = 0; j < k; ++j) {
-    pybind11::sequence row = rows[j];
-    TORCH_CHECK(static_cast<int64_t>(row.size()) == n, "esgdm._C.data_ptrs: list ", j, " has ", row.size(),
+    TORCH_CHECK(rows[j].size() == n, "esgdm._C.data_ptrs: list ", j, " has ", rows[j].size(),
                 " tensors, list 0 has ", n);
-    PyObject* fast = PySequence_Fast(row.ptr(), "esgdm._C.data_ptrs: a list of tensors");
-    if (fast == nullptr) throw pybind11::error_already_set();
-    PyObject** items = PySequence_Fast_ITEMS(fast);
     for (int64_t i = 0; i < n; ++i) {
-      if (!THPVariable_Check(items[i])) {
-        Py_DECREF(fast);
-        TORCH_CHECK(false, "esgdm._C.data_ptrs: list ", j, " item ", i, " is not a tensor");
-      }
-      const at::Tensor& t = THPVariable_Unpack(items[i]);
-      o[j * n + i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(t.data_ptr()));
-      if (j == 0) o[k * n + i] = t.numel();
+      o[j * n + i] = static_cast<int64_t>(reinterpret_cast<intptr_t>(rows[j][i].data_ptr()));
     }
-    Py_DECREF(fast);
   }
+  for (int64_t i = 0; i < n; ++i) o[k * n + i] = rows[0][i].numel();
   return out;
 }
 

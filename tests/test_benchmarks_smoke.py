@@ -177,6 +177,13 @@ def test_bench_portable_smoke():
     assert re.search(r"esgdm/torch_before plain +25\.0 passes", out), out
 
 
+def test_bench_gpu_tables_smoke():
+    """bench_gpu.py's launcher-table rows run on a CPU (host work only)."""
+    out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "tables"], 240)
+    for label in ("C++", "Python"):
+        assert re.search(rf"\| 256 \| {re.escape(label)} \| \d", out), out
+
+
 def test_bench_gpu_host_smoke():
     """bench_gpu.py's host table runs on a CPU: every optimizer, both memory layouts."""
     out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "host"], 240)

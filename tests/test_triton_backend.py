@@ -714,5 +714,5 @@ def test_address_table_from_one_cpp_call_matches_the_python_one(monkeypatch):
     again = K._addresses(*moved, None, None, None, cpu)
     want = K.address_table_host(*K._pointers(moved), False)
     assert np.array_equal(again.host.numpy(), want)
-    with pytest.raises(RuntimeError, match="item 3 is not a tensor"):
+    with pytest.raises(TypeError, match="item 3 is a NoneType, not a tensor"):
         cpp_impl._C.data_ptrs([ps[:3] + [None]])
