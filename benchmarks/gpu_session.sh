@@ -39,8 +39,8 @@ if has tests; then
       || { echo "build FAILED" | tee -a "$out/gpu.txt"; tail -40 "$out/build.log" | tee -a "$log"; }
   fi
   $py -m esgdm.info 2>&1 | tee -a "$log" | head -20
-  timeout 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_validation.py tests/test_cpp_backend.py tests/test_device_step.py \
-      -k "cpp_backend or cuda" 2>&1 | tail -15 | tee -a "$log" | tail -3 | sed 's/^/cuda GPU tests: /' | tee -a "$out/gpu.txt"
+  timeout 150 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_validation.py tests/test_cpp_backend.py tests/test_device_step.py tests/test_step_plan.py \
+      -k "cpp_backend or cuda or plan" 2>&1 | tail -15 | tee -a "$log" | tail -3 | sed 's/^/cuda GPU tests: /' | tee -a "$out/gpu.txt"
   echo "tests stage: $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 fi
 

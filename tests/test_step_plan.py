@@ -13,6 +13,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import requires_cuda
 
 import esgdm
 from esgdm import store as store_mod
@@ -25,19 +26,19 @@ pytestmark = pytest.mark.skipif(
 SHAPES = [(7, 5), (300,), (1,), (0,), (33, 3, 2), (5000,)]
 
 
-def _params(dtype, seed=0):
+def _params(dtype, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in SHAPES]
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype).requires_grad_() for s in SHAPES]
 
 
 def _grads(params, step, scale=1.0):
     g = torch.Generator().manual_seed(100 + step)
-    return [(torch.randn(p.shape, generator=g) * scale).to(p.dtype) for p in params]
+    return [(torch.randn(p.shape, generator=g) * scale).to(device=p.device, dtype=p.dtype) for p in params]
 
 
 def _hvps(params, step):
     g = torch.Generator().manual_seed(900 + step)
-    return [torch.randn(p.shape, generator=g).to(p.dtype) for p in params]
+    return [torch.randn(p.shape, generator=g).to(device=p.device, dtype=p.dtype) for p in params]
 
 
 class _FixedHvp:
@@ -54,14 +55,15 @@ class _FixedHvp:
                 for b, idx, _ in work]
 
 
-def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None, **kw):
+def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None, device="cpu", **kw):
     monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
-    params = _params(dtype)
+    params = _params(dtype, device=device)
     if groups:
         spec = [{"params": params[:3]}, {"params": params[3:], "lr": 0.03, "weight_decay": 0.1}]
     else:
         spec = params
-    opt = esgdm.ESGDM(spec, lr=0.1, update_d_every=3, d_warmup=2, backend="cpu", seed=3, **kw)
+    opt = esgdm.ESGDM(spec, lr=0.1, update_d_every=3, d_warmup=2, backend="cpu" if device == "cpu" else "cuda",
+                      seed=3, **kw)
     fixed = _FixedHvp(opt, params)
     used = []
     real = opt._store.plan_step
@@ -77,8 +79,8 @@ def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None,
         for p, g in zip(params, _grads(params, step)):
             p.grad = g
         if scaler_scale is not None:
-            opt.grad_scale = torch.tensor(scaler_scale)
-            opt.found_inf = torch.tensor(1.0 if step == 4 else 0.0)
+            opt.grad_scale = torch.tensor(scaler_scale, device=device)
+            opt.found_inf = torch.tensor(1.0 if step == 4 else 0.0, device=device)
             for p in params:
                 p.grad = (p.grad.float() * scaler_scale).to(dtype)
         opt.step()
@@ -113,6 +115,20 @@ def test_plan_matches_general_path(monkeypatch, dtype, kw, groups):
     assert not any(used_ref)
     # steps 0, 1 (warm-up) and 4 are D-steps (general path, which builds the plan); the
     # plain steps 2, 3, 5 and 6 take the plan
+    assert used == [True] * 4
+    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype,kw", CASES[:5])
+def test_plan_matches_general_path_on_the_cuda_kernel(monkeypatch, dtype, kw):
+    """The same on CUDA tensors with the "cuda" backend, GradScaler included."""
+    if esgdm.backends.get("cuda").why_not(torch.device("cuda"), dtype) is not None:
+        pytest.skip("the cuda backend cannot run here")
+    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=True, scaler_scale=256.0, device="cuda", **kw)
+    p_ref, opt_ref, _ = _run(monkeypatch, False, dtype, groups=True, scaler_scale=256.0, device="cuda", **kw)
     assert used == [True] * 4
     for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
         assert a.dtype == b.dtype and torch.equal(a, b)
