@@ -47,6 +47,13 @@ struct StepArgs {
   uint32_t seed32() const { return static_cast<uint32_t>(static_cast<uint64_t>(seed)); }
 };
 
+// Whether `t` is a tensor subclass that dispatches to Python (a DTensor, a FakeTensor):
+// then even its sizes may be Python's to answer, so nothing but this may be asked of it
+// without the GIL, and it has no memory for a kernel to read.
+inline bool dispatches_to_python(const at::Tensor& t) {
+  return t.defined() && t.unsafeGetTensorImpl()->key_set().has(c10::DispatchKey::Python);
+}
+
 // Checks of esgdm._C.step's tables and one-element tensors (esgdm_module.cpp).
 void check_table(const at::Tensor& t, const char* what, at::ScalarType dtype, int64_t width,
                  int64_t rows, const at::Device& device);

@@ -25,7 +25,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "esgdm_update.h"
+#include "esgdm_common.h"
 
 namespace esgdm {
 
@@ -79,10 +79,12 @@ int64_t layout_key(const pybind11::handle& seq) {
   return static_cast<int64_t>(h >> 1);
 }
 
-// Whether kernels may read `g` as the gradient of `p` (up to strides).
+// Whether kernels may read `g` as the gradient of `p` (up to strides): a plain strided
+// tensor with memory of its own (not a tensor subclass that dispatches to Python, such as
+// a DTensor: the kernels read memory, with the GIL released).
 bool steppable_as(const at::Tensor& g, const at::Tensor& p) {
-  return g.layout() == at::kStrided && !g.is_neg() && g.scalar_type() == p.scalar_type() &&
-         g.device() == p.device() && g.sizes() == p.sizes();
+  return !dispatches_to_python(g) && g.unsafeGetTensorImpl()->has_storage() && g.layout() == at::kStrided &&
+         !g.is_neg() && g.scalar_type() == p.scalar_type() && g.device() == p.device() && g.sizes() == p.sizes();
 }
 
 pybind11::tuple gather_checked_grads(const pybind11::handle& seq) {

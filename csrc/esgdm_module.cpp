@@ -61,6 +61,9 @@ bool supported_state_dtype(at::ScalarType param, at::ScalarType state) {
 void check_like(const at::Tensor& t, const char* what, size_t i, const at::Tensor& p,
                 at::ScalarType dtype) {
   TORCH_CHECK(t.defined(), "esgdm._C.step: ", what, "[", i, "] is undefined");
+  TORCH_CHECK(!dispatches_to_python(t) && t.unsafeGetTensorImpl()->has_storage(), "esgdm._C.step: ", what,
+              "[", i, "] is a tensor subclass without memory of its own (such as a DTensor): "
+              "the kernels step plain tensors");
   TORCH_CHECK(t.scalar_type() == dtype, "esgdm._C.step: ", what, "[", i, "] has dtype ",
               t.scalar_type(), ", expected ", dtype);
   TORCH_CHECK(t.device() == p.device(), "esgdm._C.step: ", what, "[", i, "] is on ",
@@ -92,6 +95,12 @@ void check_step_args(const StepArgs& a, bool tables, bool per_tensor) {
 
   const at::Tensor& p0 = a.params[0];
   TORCH_CHECK(p0.defined(), "esgdm._C.step: params[0] is undefined");
+  for (size_t i = 0; i < n; ++i) {  // first: nothing else may be asked of such a tensor here
+    TORCH_CHECK(!a.params[i].defined() ||
+                    (!dispatches_to_python(a.params[i]) && a.params[i].unsafeGetTensorImpl()->has_storage()),
+                "esgdm._C.step: params[", i, "] is a tensor subclass without memory of its own (such "
+                "as a DTensor): the kernels step plain tensors (a DTensor's local shard)");
+  }
   const at::ScalarType dtype = p0.scalar_type();
   const at::Device device = p0.device();
   TORCH_CHECK(supported_param_dtype(dtype),

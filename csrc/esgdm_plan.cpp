@@ -64,10 +64,15 @@ struct Layout {
         sizes(t.sizes().begin(), t.sizes().end()),
         strides(t.strides().begin(), t.strides().end()) {}
 
-  // Whether `t` has this dtype, device, sizes and strides (a plain strided tensor).
+  // Whether `t` has this dtype, device, sizes and strides (a plain strided tensor with
+  // memory of its own).  A tensor subclass that dispatches to Python (a DTensor, a
+  // FakeTensor, ...) is not: its sizes may be Python's to answer, which this code, run
+  // without the GIL, must not ask for; the general path deals with it.
   bool like(const at::Tensor& t) const {
-    return t.scalar_type() == dtype && t.layout() == at::kStrided && !t.is_neg() &&
-           t.device() == device && same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
+    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+    if (impl->key_set().has(c10::DispatchKey::Python) || !impl->has_storage()) return false;
+    return t.scalar_type() == dtype && t.layout() == at::kStrided && !t.is_neg() && t.device() == device &&
+           same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
   }
 
   // Whether `t` is still this memory with this layout.

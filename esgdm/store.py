@@ -72,6 +72,12 @@ _PLAN_KERNELS = ("cpu", "cuda")
 USE_PLAN = True
 
 
+def _dispatches_to_python(t: Tensor) -> bool:
+    """Whether ``t`` is a tensor subclass that dispatches to Python (a DTensor, a
+    FakeTensor): no memory of its own for a kernel to read."""
+    return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
+
+
 def all_params(param_groups: list[dict]) -> list[Tensor]:
     return [p for group in param_groups for p in group["params"]]
 
@@ -314,7 +320,7 @@ class BucketStore:
         written, when the general path must step (it also builds the plan,
         :meth:`make_plan`)."""
         plan = self.plan
-        if plan is None or self.plan_for != (id(self.signature), id(self.backend_choice)) \
+        if plan is None or not USE_PLAN or self.plan_for != (id(self.signature), id(self.backend_choice)) \
                 or ops.is_compiling() or any(g.get("maximize", False) for g in opt.param_groups):
             return False
         # (both O(1) unless something changed; if the parameters did, the general path
@@ -325,7 +331,7 @@ class BucketStore:
                            grad_scale, found_inf, opt._flags(), seed32(opt.seed))
         if status != 0:
             if status == 1:  # a parameter changed: the general path re-syncs the buckets
-                self.plan = None
+                self.plan, self.plan_for = None, None  # (and make_plan builds a new plan)
             return False
         for b in self.buckets:
             self.expose_stepped(opt, b, None)
@@ -439,7 +445,8 @@ class BucketStore:
                       and set(map(Tensor.get_device, tensors)) <= {b.device_index}
                       and (all(map(on_device, tensors)) if on_device is not None
                            else set(map(_device_of, tensors)) <= {b.device})
-                      and list(map(_shape_of, tensors)) == shapes and not any(map(Tensor.is_neg, tensors)))
+                      and list(map(_shape_of, tensors)) == shapes and not any(map(Tensor.is_neg, tensors))
+                      and (b.any_dtensor or not any(map(_dispatches_to_python, tensors))))
             except (AttributeError, TypeError):  # not a tensor: named below
                 ok = False
         if not ok:
@@ -465,6 +472,9 @@ class BucketStore:
             problem = f"has shape {tuple(t.shape)}, parameter has shape {tuple(p.shape)}"
         elif t.is_neg():
             problem = "is a negated view (is_neg()): its memory holds the opposite values; pass t.resolve_neg()"
+        elif _dispatches_to_python(t):
+            problem = (f"is a {type(t).__name__}, a tensor subclass without memory of its own, and the "
+                       "parameter is a plain tensor: the kernels step plain tensors")
         if problem is not None:
             raise RuntimeError(f"{what} of {_describe(opt.param_groups, b.params[i])} {problem}")
 

@@ -373,3 +373,61 @@ def test_plan_steps_from_two_threads_take_turns():
         results.append([p.detach().clone() for p in params] + [store.buckets[0].scalars.clone()])
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_a_gradient_without_storage_goes_the_general_path():
+    """A gradient that is a wrapper without memory of its own (here a DTensor of the
+    parameter's shape) is refused, naming the parameter, and nothing is written (the
+    plan and then the kernel read it without the GIL before: a crash)."""
+    pytest.importorskip("torch.distributed.tensor")
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+    created = _single_process_group(dist)
+    try:
+        params, opt = _ready()
+        mesh = init_device_mesh("cpu", (1,))
+        params[1].grad = DTensor.from_local(torch.randn(300), mesh, [Replicate()])
+        before = _snapshot(params, opt)
+        with pytest.raises(RuntimeError, match="gradient of parameter 1 in group 0"):
+            opt.step()
+        assert _unchanged(before, params, opt)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def test_the_cpu_kernel_refuses_a_tensor_subclass_without_memory():
+    """esgdm._C.step asked to read a DTensor (no memory of its own; its sizes are
+    Python's) refuses it by name instead of reading it without the GIL (a crash before)."""
+    pytest.importorskip("torch.distributed.tensor")
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+    created = _single_process_group(dist)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        params, grads, m, d, offsets, scalars, index, hparams = _flat_inputs([(7, 5), (300,)])
+        grads[1] = DTensor.from_local(grads[1], mesh, [Replicate()])
+        views_m = esgdm.ops.state_views(params, m, offsets)
+        views_d = esgdm.ops.state_views(params, d, offsets)
+        with pytest.raises(RuntimeError, match=r"grads\[1\] is a tensor subclass without memory"):
+            cpp_impl._C.step(params, grads, views_m, views_d, None, scalars, index, hparams, None, None, 0, 0)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _single_process_group(dist) -> bool:
+    """A one-process gloo group for DTensors, if none is there (True: made here)."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    if dist.is_initialized():
+        return False
+    import os
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    return True
