@@ -64,15 +64,14 @@ struct Layout {
         sizes(t.sizes().begin(), t.sizes().end()),
         strides(t.strides().begin(), t.strides().end()) {}
 
-  // Whether `t` has this dtype, device, sizes and strides (a plain strided tensor with
-  // memory of its own).  A tensor subclass that dispatches to Python (a DTensor, a
-  // FakeTensor, ...) is not: its sizes may be Python's to answer, which this code, run
-  // without the GIL, must not ask for; the general path deals with it.
+  // Whether `t` has this dtype, device, sizes and strides (a plain strided tensor).  A
+  // tensor subclass that dispatches to Python (a DTensor, a FakeTensor, ...) is not: its
+  // sizes may be Python's to answer, which this code, run without the GIL, must not ask
+  // for; the general path refuses it.  (A strided tensor without storage that is not
+  // one of those makes data_ptr() below throw: an error, not a crash.)
   bool like(const at::Tensor& t) const {
-    const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
-    if (impl->key_set().has(c10::DispatchKey::Python) || !impl->has_storage()) return false;
-    return t.scalar_type() == dtype && t.layout() == at::kStrided && !t.is_neg() && t.device() == device &&
-           same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
+    return !dispatches_to_python(t) && t.scalar_type() == dtype && t.layout() == at::kStrided && !t.is_neg() &&
+           t.device() == device && same_values(t.sizes(), sizes) && same_values(t.strides(), strides);
   }
 
   // Whether `t` is still this memory with this layout.
