@@ -40,6 +40,12 @@ def is_dtensor(t: Tensor) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def any_dtensor(tensors) -> bool:
+    """Whether some of ``tensors`` is a DTensor: by their types, at C speed (a Python
+    call per tensor cost 0.1 ms per thousand tensors on every step)."""
+    return DTensor is not None and any(issubclass(t, DTensor) for t in set(map(type, tensors)))
+
+
 def local(t: Tensor) -> Tensor:
     """What this process holds of ``t``: a DTensor's local shard (same storage), else ``t``."""
     return t._local_tensor if is_dtensor(t) else t  # type: ignore[attr-defined]

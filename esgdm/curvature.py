@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from esgdm.buckets import is_dtensor, local, real_view
+from esgdm.buckets import any_dtensor, is_dtensor, local, real_view
 from esgdm.guards import BufferGuard, ModuleTrees, RngSnapshot
 from esgdm.hvp import autograd_hvp, create_graph_failed, finite_difference_hvp, no_double_backward, warn_user
 from esgdm.precision import ComputePrecision
@@ -84,7 +84,7 @@ class SignVectors:
     def fused(self, shards: list[Tensor]) -> bool:
         """Whether :meth:`add_to` draws the signs in its pass over ``shards``."""
         frontend = _add_signs_op()
-        return frontend is not None and not any(map(is_dtensor, self.params)) and all(
+        return frontend is not None and not any_dtensor(self.params) and all(
             s.device.type == "cpu" and s.dtype in _ADD_SIGNS_DTYPES and s.is_contiguous() and not s.is_neg()
             for s in shards)
 

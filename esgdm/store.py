@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from esgdm import backends, checkpoint, ops
-from esgdm.buckets import Bucket, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
+from esgdm.buckets import Bucket, any_dtensor, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
 from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_QSCALE, KEY_STEP, KEY_WARM
 from esgdm.hyperparams import check_group
 from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM, seed32
@@ -246,7 +246,7 @@ class BucketStore:
         along) when the parameters changed.  Raises before changing anything when state
         cannot follow."""
         params = all_params(opt.param_groups)
-        self.any_dtensor = any(map(is_dtensor, params))
+        self.any_dtensor = any_dtensor(params)
         if ops.is_compiling():
             # Addresses cannot be traced: compare metadata (which Dynamo guards on too).
             meta = self._meta_layout(opt)
