@@ -8,7 +8,8 @@
 // neighbour on a shared machine does not hold the others up.  Each chunk is a few
 // straight loops over contiguous memory that the compiler vectorises (the rule's
 // branches are selects; ESGDM_VEC_REPORT=1 shows gcc's report, see setup_ext.py), once
-// for the baseline instruction set and once for AVX2 + FMA, chosen at run time.  Last,
+// for the baseline instruction set, once for AVX2 + FMA and once for AVX-512, chosen at
+// run time.  Last,
 // after the parallel region, the stepped tensors' rows of ``scalars`` are advanced.
 //
 // Parameters of any supported dtype are converted to float (double for float64) on
@@ -79,12 +80,14 @@ bool use_avx2() {
 #endif
 }
 
-// Whether the 8-bit state's block loops run compiled for AVX-512 (F, BW, VL, DQ, 16
-// floats per instruction): on top of use_avx2(), the CPU has it and ATen uses AVX-512
-// too (ATEN_CPU_CAPABILITY=avx2 turns it off).  That step is compute-bound (decoding,
-// encoding, the rule's divisions and square roots), the float32 one memory-bound, so
-// only the 8-bit loops have it.  Same IEEE operations in the same order as the AVX2
-// loops (with FMA for torch's lerp), so the same bits.
+// Whether the loops run compiled for AVX-512 (F, BW, VL, DQ, 16 floats per instruction):
+// on top of use_avx2(), the CPU has it and ATen uses AVX-512 too (ATEN_CPU_CAPABILITY=avx2
+// turns it off).  The 8-bit step is compute-bound (decoding, encoding, the rule's
+// divisions and square roots), and so are the float loops wherever memory keeps up (a
+// division and a square root per element; with 16-bit parameters always); a 512-bit unit
+// does twice as many per instruction.  Same IEEE operations in the same order as the AVX2
+// loops (with FMA for torch's lerp), so the same bits (tests: test_quant_kernels.py and
+// test_cpp_backend.py run both in one process and with ATEN_CPU_CAPABILITY=avx2).
 bool use_avx512() {
 #if ESGDM_X86_DISPATCH
   static const bool yes = [] {
@@ -107,8 +110,7 @@ bool use_avx512() {
 const char* cpu_isa() {
 #if ESGDM_X86_DISPATCH
   if (use_avx512()) {
-    return "AVX2+FMA (chosen at run time; compiler auto-vectorised, 8 floats per instruction; "
-           "8-bit state: AVX-512, 16 floats per instruction)";
+    return "AVX-512 (chosen at run time; compiler auto-vectorised, 16 floats per instruction)";
   }
   return use_avx2() ? "AVX2+FMA (chosen at run time; compiler auto-vectorised, 8 floats per instruction)"
                     : "x86-64 baseline SSE2 (this CPU or ATEN_CPU_CAPABILITY rules out AVX2; "
@@ -195,11 +197,30 @@ __attribute__((target("avx2,fma"))) void step_loop_avx2(
     const uint32_t key) {
   step_loop<kDStep, kSR, true>(p, g, m, d, h, n, first, c, kUnit ? T(1) : scale, key);
 }
+
+// The same loop compiled for AVX-512 (use_avx512(): 16 floats per instruction, as the
+// 8-bit loops): the same IEEE operations, so the same bits.  With fast memory the loop is
+// bound by its division and square root per element, which a 512-bit unit does twice as
+// many of per instruction.
+template <bool kDStep, bool kSR, bool kUnit, typename P, typename S, typename T>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,prefer-vector-width=512")))
+void step_loop_avx512(P* __restrict__ p, const P* __restrict__ g, S* __restrict__ m, S* __restrict__ d,
+                      const P* __restrict__ h, int64_t n, uint32_t first, const Coeffs<T> c,
+                      const T scale, const uint32_t key) {
+  step_loop<kDStep, kSR, true>(p, g, m, d, h, n, first, c, kUnit ? T(1) : scale, key);
+}
 #endif
+
+// Instruction sets of the CPU loops.
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa loops_isa() {
+  return use_avx512() ? Isa::kAvx512 : use_avx2() ? Isa::kAvx2 : Isa::kBaseline;
+}
 
 // Steps elements [lo, hi) of one tensor.
 template <bool kDStep, bool kSR, typename P, typename S, typename T>
-void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, bool avx2) {
+void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, Isa isa) {
   P* p = t.p + lo;
   const P* g = t.g + lo;
   S* m = t.m + lo;
@@ -208,7 +229,15 @@ void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, bool
   const int64_t n = hi - lo;
   const uint32_t first = static_cast<uint32_t>(static_cast<uint64_t>(lo));  // low 32 bits
 #if ESGDM_X86_DISPATCH
-  if (avx2) {
+  if (isa == Isa::kAvx512) {
+    if (scale == T(1)) {
+      step_loop_avx512<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    } else {
+      step_loop_avx512<kDStep, kSR, false>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    }
+    return;
+  }
+  if (isa == Isa::kAvx2) {
     if (scale == T(1)) {
       step_loop_avx2<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
     } else {
@@ -217,7 +246,7 @@ void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, bool
     return;
   }
 #endif
-  (void)avx2;
+  (void)isa;
   if (scale == T(1)) {
     step_loop_baseline<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
   } else {
@@ -228,13 +257,13 @@ void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, bool
 // Steps the global index range [begin, end) of the concatenated tensors.
 template <bool kDStep, bool kSR, typename P, typename S, typename T>
 void step_global(const std::vector<Segment<P, S, T>>& segs, const std::vector<int64_t>& starts,
-                 int64_t begin, int64_t end, T scale, bool avx2) {
+                 int64_t begin, int64_t end, T scale, Isa isa) {
   // Last tensor starting at or before `begin`.
   size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
   for (; k < segs.size() && starts[k] < end; ++k) {
     const int64_t lo = std::max(begin, starts[k]) - starts[k];
     const int64_t hi = std::min(end, starts[k] + segs[k].numel) - starts[k];
-    if (lo < hi) step_range<kDStep, kSR>(segs[k], lo, hi, scale, avx2);
+    if (lo < hi) step_range<kDStep, kSR>(segs[k], lo, hi, scale, isa);
   }
 }
 
@@ -292,22 +321,22 @@ void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
 
   // grad_scale as the math type (float32 -> float64 is exact for float64 parameters).
   const T scale = a.grad_scale.defined() ? static_cast<T>(*a.grad_scale.data_ptr<float>()) : T(1);
-  const bool avx2 = use_avx2();
+  const Isa isa = loops_isa();
   auto run = [&](int64_t begin, int64_t end) {
     if constexpr (kIs16Bit<P>) {
       if (sr) {
         if (a.d_step) {
-          step_global<true, true>(segs, starts, begin, end, scale, avx2);
+          step_global<true, true>(segs, starts, begin, end, scale, isa);
         } else {
-          step_global<false, true>(segs, starts, begin, end, scale, avx2);
+          step_global<false, true>(segs, starts, begin, end, scale, isa);
         }
         return;
       }
     }
     if (a.d_step) {
-      step_global<true, false>(segs, starts, begin, end, scale, avx2);
+      step_global<true, false>(segs, starts, begin, end, scale, isa);
     } else {
-      step_global<false, false>(segs, starts, begin, end, scale, avx2);
+      step_global<false, false>(segs, starts, begin, end, scale, isa);
     }
   };
   for_each_chunk(total, kChunk, run);
@@ -443,28 +472,22 @@ void step_blocks8_avx512(const Segment8<P>& t, int64_t b_lo, int64_t b_hi, float
 }
 #endif
 
-// Instruction sets of the 8-bit loops.
-enum class Isa8 { kBaseline, kAvx2, kAvx512 };
-
-Isa8 isa8() {
-  return use_avx512() ? Isa8::kAvx512 : use_avx2() ? Isa8::kAvx2 : Isa8::kBaseline;
-}
 
 // Steps the global block range [begin, end) of the concatenated tensors.
 template <bool kDStep, bool kSR, typename P>
 void step_global8(const std::vector<Segment8<P>>& segs, const std::vector<int64_t>& starts,
-                  int64_t begin, int64_t end, float scale, Isa8 isa) {
+                  int64_t begin, int64_t end, float scale, Isa isa) {
   size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
   for (; k < segs.size() && starts[k] < end; ++k) {
     const int64_t lo = std::max(begin, starts[k]) - starts[k];
     const int64_t hi = std::min(end, starts[k] + segs[k].nblocks) - starts[k];
     if (lo >= hi) continue;
 #if ESGDM_X86_DISPATCH
-    if (isa == Isa8::kAvx512) {
+    if (isa == Isa::kAvx512) {
       step_blocks8_avx512<kDStep, kSR>(segs[k], lo, hi, scale);
       continue;
     }
-    if (isa == Isa8::kAvx2) {
+    if (isa == Isa::kAvx2) {
       step_blocks8_avx2<kDStep, kSR>(segs[k], lo, hi, scale);
       continue;
     }
@@ -508,7 +531,7 @@ void step_typed8(const StepArgs& a, const std::vector<Derived>& derived) {
   if (total == 0) return;
 
   const float scale = a.grad_scale.defined() ? *a.grad_scale.data_ptr<float>() : 1.0f;
-  const Isa8 isa = isa8();
+  const Isa isa = loops_isa();
   auto run = [&](int64_t begin, int64_t end) {
     if constexpr (kIs16Bit<P>) {
       if (sr) {

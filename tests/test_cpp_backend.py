@@ -887,3 +887,46 @@ def test_bfloat16_state_stores_what_torch_rounds_to(ext, d_step):
         for name in ("exp_avgs", "params") + (("exp_avg_ds",) if d_step else ()):
             rounded = [t.to(torch.bfloat16) for t in getattr(want, name)]
             _assert_bits_equal(getattr(got, name), rounded, name)
+
+
+# (float state: the 8-bit loops have their own instruction-set test in test_quant_kernels.py)
+ISA_COMBOS = [(p, s) for p, s in COMBOS if s != torch.uint8]
+
+
+def _isa_outputs():
+    """The CPU kernel's results on every float (param, state) dtype pair, plain and
+    D-step, default and exact, with and without grad_scale and stochastic rounding."""
+    out = []
+    for k, (dtype, state_dtype) in enumerate(ISA_COMBOS):
+        for d_step in (False, True):
+            case = Case(SIZES, dtype, state_dtype, d_step, seed=40 + k)
+            for flags, gs in ((0, None), (rule.FLAG_EXACT, torch.tensor(4.0)),
+                              (rule.FLAG_STOCHASTIC_ROUNDING, None)):
+                c = _cpu(case, flags=flags, seed=9, grad_scale=gs)
+                out.append([c.params, c.exp_avgs, c.exp_avg_ds, [c.scalars]])
+    return out
+
+
+def test_cpu_loops_on_avx512_and_avx2_store_the_same_bytes(ext, tmp_path):
+    """The float loops compiled for AVX-512 (where the CPU and ATen have it) and for AVX2
+    (ATEN_CPU_CAPABILITY=avx2, in a subprocess) store the same bytes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    if "AVX-512" not in ext.build_info()["cpu_isa"]:
+        pytest.skip("the loops run AVX-512 only on CPUs (and ATen builds) that have it")
+    root = Path(__file__).resolve().parent.parent
+    script = (f"import sys, torch; sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
+              "from esgdm.backends import cpp_impl\n"
+              "assert 'AVX-512' not in cpp_impl._C.build_info()['cpu_isa']\n"
+              "import test_cpp_backend as t\n"
+              f"torch.save(t._isa_outputs(), {str(tmp_path / 'avx2.pt')!r})\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    avx2 = torch.load(tmp_path / "avx2.pt")
+    for k, (a, b) in enumerate(zip(_isa_outputs(), avx2)):
+        for what, xs, ys in zip(("params", "exp_avgs", "exp_avg_ds", "scalars"), a, b):
+            for i, (x, y) in enumerate(zip(xs, ys)):
+                assert torch.equal(_bits(x), _bits(y)), f"case {k}: {what}[{i}] differ between AVX-512 and AVX2"
