@@ -199,6 +199,17 @@ void step_flat(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                int64_t flags, int64_t seed) {
   const size_t n = params.size();
   TORCH_CHECK(offsets.size() == n, "esgdm._C.step_flat: got ", n, " params but ", offsets.size(), " offsets");
+  // First, before anything else is asked of them (this runs without the GIL): no tensor
+  // subclass that dispatches to Python (check_step_args says the same of every list).
+  for (const std::vector<at::Tensor>* list : {&params, &grads}) {
+    for (size_t i = 0; i < list->size(); ++i) {
+      TORCH_CHECK(!dispatches_to_python((*list)[i]), "esgdm._C.step_flat: ", list == &params ? "params" : "grads",
+                  "[", i, "] is a tensor subclass without memory of its own (such as a DTensor): the "
+                  "kernels step plain tensors");
+    }
+  }
+  TORCH_CHECK(!dispatches_to_python(exp_avg) && !dispatches_to_python(exp_avg_d),
+              "esgdm._C.step_flat: exp_avg and exp_avg_d must be plain tensors, not tensor subclasses");
   for (const at::Tensor* flat : {&exp_avg, &exp_avg_d}) {
     TORCH_CHECK(flat->defined() && flat->dim() == 1 && flat->layout() == at::kStrided && !flat->is_neg() &&
                     flat->stride(0) == 1,

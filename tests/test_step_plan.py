@@ -431,3 +431,25 @@ def _single_process_group(dist) -> bool:
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=0, world_size=1)
     return True
+
+
+@pytest.mark.parametrize("which", ["params", "grads"])
+def test_step_flat_refuses_a_tensor_subclass_without_memory(which):
+    """esgdm._C.step_flat with a DTensor parameter or gradient refuses it by name before
+    asking it anything (the C++ code runs without the GIL: its sizes may be Python's)."""
+    pytest.importorskip("torch.distributed.tensor")
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate, init_device_mesh
+    created = _single_process_group(dist)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        params, grads, m, d, offsets, scalars, index, hparams = _flat_inputs([(7, 5), (300,)])
+        lists = {"params": params, "grads": grads}
+        lists[which][1] = DTensor.from_local(lists[which][1], mesh, [Replicate()])
+        before = [t.clone() for t in [params[0], m, d, scalars]]
+        with pytest.raises(RuntimeError, match=rf"{which}\[1\] is a tensor subclass without memory"):
+            cpp_impl._C.step_flat(params, grads, m, d, offsets, scalars, index, hparams, None, None, 0, 0)
+        assert all(torch.equal(x, y) for x, y in zip(before, [params[0], m, d, scalars]))
+    finally:
+        if created:
+            dist.destroy_process_group()
