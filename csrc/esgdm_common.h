@@ -47,6 +47,28 @@ struct StepArgs {
   uint32_t seed32() const { return static_cast<uint32_t>(static_cast<uint64_t>(seed)); }
 };
 
+// The arguments of one step (hvps, d_step, qscales and quantized are the caller's to set
+// where there are any).  The lists are views: the vectors must outlive the StepArgs.
+inline StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_ds, const at::Tensor& scalars,
+                               const at::Tensor& index, const at::Tensor& hparams,
+                               const at::Tensor& grad_scale, const at::Tensor& found_inf,
+                               int64_t flags, int64_t seed) {
+  StepArgs a;
+  a.params = params;
+  a.grads = grads;
+  a.exp_avgs = exp_avgs;
+  a.exp_avg_ds = exp_avg_ds;
+  a.scalars = scalars;
+  a.index = index;
+  a.hparams = hparams;
+  a.grad_scale = grad_scale;
+  a.found_inf = found_inf;
+  a.flags = flags;
+  a.seed = seed;
+  return a;
+}
+
 // Whether `t` is a tensor subclass that dispatches to Python (a DTensor, a FakeTensor):
 // then even its sizes may be Python's to answer, so nothing but this may be asked of it
 // without the GIL, and it has no memory for a kernel to read.

@@ -165,20 +165,11 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
           const at::Tensor& index, const at::Tensor& hparams,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
           int64_t flags, int64_t seed, const std::optional<std::vector<at::Tensor>>& qscales) {
-  StepArgs a;
-  a.params = params;
-  a.grads = grads;
-  a.exp_avgs = exp_avgs;
-  a.exp_avg_ds = exp_avg_ds;
+  StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_ds, scalars, index, hparams,
+                              grad_scale.value_or(at::Tensor()), found_inf.value_or(at::Tensor()),
+                              flags, seed);
   a.d_step = hvps.has_value();
   if (a.d_step) a.hvps = *hvps;
-  a.scalars = scalars;
-  a.index = index;
-  a.hparams = hparams;
-  if (grad_scale.has_value()) a.grad_scale = *grad_scale;
-  if (found_inf.has_value()) a.found_inf = *found_inf;
-  a.flags = flags;
-  a.seed = seed;
   a.quantized = qscales.has_value();
   if (a.quantized) a.qscales = *qscales;
   check_step_args(a, true, true);
@@ -236,18 +227,9 @@ void step_flat(const std::vector<at::Tensor>& params, const std::vector<at::Tens
     ms.push_back(exp_avg.as_strided(p.sizes(), p.strides(), exp_avg.storage_offset() + offsets[i]));
     ds.push_back(exp_avg_d.as_strided(p.sizes(), p.strides(), exp_avg_d.storage_offset() + offsets[i]));
   }
-  StepArgs a;
-  a.params = params;
-  a.grads = grads;
-  a.exp_avgs = ms;
-  a.exp_avg_ds = ds;
-  a.scalars = scalars;
-  a.index = index;
-  a.hparams = hparams;
-  if (grad_scale.has_value()) a.grad_scale = *grad_scale;
-  if (found_inf.has_value()) a.found_inf = *found_inf;
-  a.flags = flags;
-  a.seed = seed;
+  const StepArgs a = make_step_args(params, grads, ms, ds, scalars, index, hparams,
+                                    grad_scale.value_or(at::Tensor()), found_inf.value_or(at::Tensor()),
+                                    flags, seed);
   check_step_args(a, true, true);
   run_step(a);
 }

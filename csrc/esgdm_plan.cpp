@@ -87,20 +87,10 @@ struct PlanBucket {
 
   StepArgs args(const at::Tensor& hparams, const at::Tensor& grad_scale,
                 const at::Tensor& found_inf, int64_t flags, int64_t seed) const {
-    StepArgs a;
-    a.params = params;
-    a.grads = grads;
-    a.exp_avgs = exp_avgs;
-    a.exp_avg_ds = exp_avg_ds;
+    StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_ds, scalars, index, hparams,
+                                grad_scale, found_inf, flags, seed);
     a.quantized = quantized;
     if (quantized) a.qscales = qscales;
-    a.scalars = scalars;
-    a.index = index;
-    a.hparams = hparams;
-    a.grad_scale = grad_scale;
-    a.found_inf = found_inf;
-    a.flags = flags;
-    a.seed = seed;
     a.ptrs = &ptrs;
     return a;
   }

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from reference import ReferenceESGDM
@@ -121,3 +126,20 @@ def clone_fields(obj):
             value = value.clone()
         setattr(other, name, value)
     return other
+
+
+def outputs_under_avx2(tmp_path, module: str, function: str):
+    """What ``tests/<module>.<function>()`` returns when run in a subprocess with
+    ``ATEN_CPU_CAPABILITY=avx2``: the C++ kernel's AVX2 loops, for comparing with the
+    AVX-512 ones this process runs (the caller checks that it does)."""
+    root = Path(__file__).resolve().parent.parent
+    script = (f"import sys, torch; sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
+              "from esgdm.backends import cpp_impl\n"
+              "assert 'AVX-512' not in cpp_impl._C.build_info()['cpu_isa']\n"
+              f"import {module} as t\n"
+              f"torch.save(t.{function}(), {str(tmp_path / 'avx2.pt')!r})\n")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(tmp_path / "avx2.pt")

@@ -25,6 +25,7 @@ import os
 
 import pytest
 import torch
+from helpers import outputs_under_avx2
 
 from esgdm import backends, rule
 from esgdm.backends import cpp_impl
@@ -910,22 +911,9 @@ def _isa_outputs():
 def test_cpu_loops_on_avx512_and_avx2_store_the_same_bytes(ext, tmp_path):
     """The float loops compiled for AVX-512 (where the CPU and ATen have it) and for AVX2
     (ATEN_CPU_CAPABILITY=avx2, in a subprocess) store the same bytes."""
-    import subprocess
-    import sys
-    from pathlib import Path
     if "AVX-512" not in ext.build_info()["cpu_isa"]:
         pytest.skip("the loops run AVX-512 only on CPUs (and ATen builds) that have it")
-    root = Path(__file__).resolve().parent.parent
-    script = (f"import sys, torch; sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
-              "from esgdm.backends import cpp_impl\n"
-              "assert 'AVX-512' not in cpp_impl._C.build_info()['cpu_isa']\n"
-              "import test_cpp_backend as t\n"
-              f"torch.save(t._isa_outputs(), {str(tmp_path / 'avx2.pt')!r})\n")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    avx2 = torch.load(tmp_path / "avx2.pt")
+    avx2 = outputs_under_avx2(tmp_path, "test_cpp_backend", "_isa_outputs")
     for k, (a, b) in enumerate(zip(_isa_outputs(), avx2)):
         for what, xs, ys in zip(("params", "exp_avgs", "exp_avg_ds", "scalars"), a, b):
             for i, (x, y) in enumerate(zip(xs, ys)):

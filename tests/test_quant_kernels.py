@@ -28,14 +28,10 @@ Nesterov look-ahead differently there): compared within the tolerance above.
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import clone_fields
+from helpers import clone_fields, outputs_under_avx2
 
 from esgdm import quant, rule
 from esgdm.backends import cpp_impl
@@ -439,17 +435,7 @@ def test_cpu_kernel_instruction_sets_agree(tmp_path):
         pytest.skip(str(cpp_impl.LOAD_ERROR))
     if "AVX-512" not in cpp_impl.build_info()["cpu_isa"]:
         pytest.skip("the 8-bit loops run AVX-512 only on CPUs (and ATen builds) that have it")
-    root = Path(__file__).resolve().parent.parent
-    script = (f"import sys, torch; sys.path[:0] = [{str(root)!r}, {str(root / 'tests')!r}]\n"
-              "from esgdm.backends import cpp_impl\n"
-              "assert 'AVX-512' not in cpp_impl.build_info()['cpu_isa']\n"
-              "import test_quant_kernels as t\n"
-              f"torch.save(t._cpu_kernel_outputs(), {str(tmp_path / 'avx2.pt')!r})\n")
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
-    done = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    avx2 = torch.load(tmp_path / "avx2.pt")
+    avx2 = outputs_under_avx2(tmp_path, "test_quant_kernels", "_cpu_kernel_outputs")
     for case, (a, b) in zip(ISA_CASES, zip(_cpu_kernel_outputs(), avx2)):
         for what, xs, ys in zip(("params", "m codes", "D codes", "qscales", "scalars"), a, b):
             for i, (x, y) in enumerate(zip(xs if isinstance(xs, list) else [xs],
