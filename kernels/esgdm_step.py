@@ -96,59 +96,36 @@ import triton
 import triton.language as tl
 
 try:
-    from .esgdm_elements import (  # noqa: F401 - the constants are this module's too (tests, ptx_report)
-        _DSCALE_FLOOR,
-        _QB,
-        DSCALE_FLOOR,
-        FLAG_EXACT,
-        FLAG_STOCHASTIC_ROUNDING,
-        PRECISE,
-        QUANT_BLOCK,
-        QUANT_D_LEVELS,
-        QUANT_D_SCALE,
-        QUANT_HUGE,
-        QUANT_INV_D_LEVELS,
-        QUANT_INV_M_LEVELS,
-        QUANT_M_LEVELS,
-        QUANT_M_SCALE,
-        QUANT_M_ZERO,
-        QUANT_PRESCALE,
-        QUANT_TINY,
-        ROUND_NEAREST,
-        ROUND_STOCHASTIC_BF16,
-        ROUND_STOCHASTIC_FP16,
-        _mix32,
-        _step_block,
-        _step_block8,
-        _update,
-    )
+    from . import esgdm_elements as _elements
 except ImportError:  # loaded as a top-level module (kernels/ itself on sys.path)
-    from esgdm_elements import (  # noqa: F401 - the constants are this module's too (tests, ptx_report)
-        _DSCALE_FLOOR,
-        _QB,
-        DSCALE_FLOOR,
-        FLAG_EXACT,
-        FLAG_STOCHASTIC_ROUNDING,
-        PRECISE,
-        QUANT_BLOCK,
-        QUANT_D_LEVELS,
-        QUANT_D_SCALE,
-        QUANT_HUGE,
-        QUANT_INV_D_LEVELS,
-        QUANT_INV_M_LEVELS,
-        QUANT_M_LEVELS,
-        QUANT_M_SCALE,
-        QUANT_M_ZERO,
-        QUANT_PRESCALE,
-        QUANT_TINY,
-        ROUND_NEAREST,
-        ROUND_STOCHASTIC_BF16,
-        ROUND_STOCHASTIC_FP16,
-        _mix32,
-        _step_block,
-        _step_block8,
-        _update,
-    )
+    import esgdm_elements as _elements  # type: ignore[no-redef]
+
+# The per-element rule's constants and functions, which are this module's too (the kernel
+# below calls them; the tests and ptx_report read the constants here).
+_DSCALE_FLOOR = _elements._DSCALE_FLOOR
+_QB = _elements._QB
+DSCALE_FLOOR = _elements.DSCALE_FLOOR
+FLAG_EXACT = _elements.FLAG_EXACT
+FLAG_STOCHASTIC_ROUNDING = _elements.FLAG_STOCHASTIC_ROUNDING
+PRECISE = _elements.PRECISE
+QUANT_BLOCK = _elements.QUANT_BLOCK
+QUANT_D_LEVELS = _elements.QUANT_D_LEVELS
+QUANT_D_SCALE = _elements.QUANT_D_SCALE
+QUANT_HUGE = _elements.QUANT_HUGE
+QUANT_INV_D_LEVELS = _elements.QUANT_INV_D_LEVELS
+QUANT_INV_M_LEVELS = _elements.QUANT_INV_M_LEVELS
+QUANT_M_LEVELS = _elements.QUANT_M_LEVELS
+QUANT_M_SCALE = _elements.QUANT_M_SCALE
+QUANT_M_ZERO = _elements.QUANT_M_ZERO
+QUANT_PRESCALE = _elements.QUANT_PRESCALE
+QUANT_TINY = _elements.QUANT_TINY
+ROUND_NEAREST = _elements.ROUND_NEAREST
+ROUND_STOCHASTIC_BF16 = _elements.ROUND_STOCHASTIC_BF16
+ROUND_STOCHASTIC_FP16 = _elements.ROUND_STOCHASTIC_FP16
+_mix32 = _elements._mix32
+_step_block = _elements._step_block
+_step_block8 = _elements._step_block8
+_update = _elements._update
 
 #: int64 columns of one row of the address table.
 ROW = 7
