@@ -287,6 +287,28 @@ void for_each_chunk(int64_t total, int64_t chunk, const F& run) {
   });
 }
 
+// Calls f(kDStep, kSR) with std::bool_constant arguments for the step's kind: a D-step
+// or not, stochastic rounding or not (16-bit parameters only), so that each kind runs
+// loops compiled for it.
+template <typename P, typename F>
+ESGDM_ALWAYS_INLINE void with_step_kind(bool d_step, bool sr, const F& f) {
+  if constexpr (kIs16Bit<P>) {
+    if (sr) {
+      if (d_step) {
+        f(std::true_type{}, std::true_type{});
+      } else {
+        f(std::false_type{}, std::true_type{});
+      }
+      return;
+    }
+  }
+  if (d_step) {
+    f(std::true_type{}, std::false_type{});
+  } else {
+    f(std::false_type{}, std::false_type{});
+  }
+}
+
 template <typename P, typename S>
 void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
   using T = MathType<P>;
@@ -323,21 +345,9 @@ void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
   const T scale = a.grad_scale.defined() ? static_cast<T>(*a.grad_scale.data_ptr<float>()) : T(1);
   const Isa isa = loops_isa();
   auto run = [&](int64_t begin, int64_t end) {
-    if constexpr (kIs16Bit<P>) {
-      if (sr) {
-        if (a.d_step) {
-          step_global<true, true>(segs, starts, begin, end, scale, isa);
-        } else {
-          step_global<false, true>(segs, starts, begin, end, scale, isa);
-        }
-        return;
-      }
-    }
-    if (a.d_step) {
-      step_global<true, false>(segs, starts, begin, end, scale, isa);
-    } else {
-      step_global<false, false>(segs, starts, begin, end, scale, isa);
-    }
+    with_step_kind<P>(a.d_step, sr, [&](auto d_step, auto rounding) {
+      step_global<decltype(d_step)::value, decltype(rounding)::value>(segs, starts, begin, end, scale, isa);
+    });
   };
   for_each_chunk(total, kChunk, run);
 }
@@ -533,21 +543,9 @@ void step_typed8(const StepArgs& a, const std::vector<Derived>& derived) {
   const float scale = a.grad_scale.defined() ? *a.grad_scale.data_ptr<float>() : 1.0f;
   const Isa isa = loops_isa();
   auto run = [&](int64_t begin, int64_t end) {
-    if constexpr (kIs16Bit<P>) {
-      if (sr) {
-        if (a.d_step) {
-          step_global8<true, true>(segs, starts, begin, end, scale, isa);
-        } else {
-          step_global8<false, true>(segs, starts, begin, end, scale, isa);
-        }
-        return;
-      }
-    }
-    if (a.d_step) {
-      step_global8<true, false>(segs, starts, begin, end, scale, isa);
-    } else {
-      step_global8<false, false>(segs, starts, begin, end, scale, isa);
-    }
+    with_step_kind<P>(a.d_step, sr, [&](auto d_step, auto rounding) {
+      step_global8<decltype(d_step)::value, decltype(rounding)::value>(segs, starts, begin, end, scale, isa);
+    });
   };
   for_each_chunk(total, kChunkBlocks, run);
 }
