@@ -103,6 +103,35 @@ __device__ __forceinline__ bool tensor_rows(const StepParams& prm, int32_t pos, 
   return ok;
 }
 
+// The tensor holding tile `tile`: the last one with tile_begin <= tile.
+__device__ __forceinline__ int first_tensor(const StepParams& prm, int64_t tile) {
+  int lo = 0, hi = prm.ntensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (prm.metas[mid].tile_begin <= tile) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Tensor t's coefficients and rounding key from its old rows; false (the tensor is then
+// skipped) where its index entry points outside the tables (tensor_rows).
+template <bool kDStep, typename T>
+__device__ __forceinline__ bool tensor_coeffs(const StepParams& prm, const TensorMeta& t, Coeffs<T>* c,
+                                              uint32_t* key) {
+  int32_t slot;
+  const double* row;
+  const double* hp;
+  if (!tensor_rows(prm, t.pos, &slot, &row, &hp)) return false;
+  const Derived r = derive(row, hp, kDStep);
+  *c = make_coeffs<T>(r, prm.exact != 0);
+  *key = rounding_key(prm.seed_mix, slot, r.steps);
+  return true;
+}
+
 template <bool kDStep, typename P, typename S>
 __global__ void __launch_bounds__(kThreads)
     step_kernel(const StepParams prm, int64_t tiles_per_block) {
@@ -120,17 +149,7 @@ __global__ void __launch_bounds__(kThreads)
   const T scale = prm.grad_scale != nullptr ? static_cast<T>(*prm.grad_scale) : T(1);
   const bool sr = sizeof(P) == 2 && prm.stochastic != 0;
 
-  // The tensor holding the first tile: the last one with tile_begin <= tile.
-  int lo = 0, hi = prm.ntensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (metas[mid].tile_begin <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  int k = lo;
+  int k = first_tensor(prm, tile);
   int current = -1;  // the tensor whose coefficients are in c and key
   bool valid = false;
   Coeffs<T> c;
@@ -141,15 +160,7 @@ __global__ void __launch_bounds__(kThreads)
     const TensorMeta& t = metas[k];
     if (k != current) {  // a new tensor: derive its coefficients from the old rows
       current = k;
-      int32_t slot;
-      const double* row;
-      const double* hp;
-      valid = tensor_rows(prm, t.pos, &slot, &row, &hp);
-      if (valid) {
-        const Derived r = derive(row, hp, kDStep);
-        c = make_coeffs<T>(r, prm.exact != 0);
-        key = rounding_key(prm.seed_mix, slot, r.steps);
-      }
+      valid = tensor_coeffs<kDStep>(prm, t, &c, &key);
     }
     if (!valid) continue;
     const int64_t start = (tile - t.tile_begin) * kTile;
@@ -225,16 +236,7 @@ __global__ void __launch_bounds__(kThreads)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  int lo = 0, hi = prm.ntensors - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (metas[mid].tile_begin <= tile) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  int k = lo;
+  int k = first_tensor(prm, tile);
   int current = -1;
   bool valid = false;
   Coeffs<float> c;
@@ -243,17 +245,9 @@ __global__ void __launch_bounds__(kThreads)
   for (; tile < tile_end; ++tile) {
     while (k + 1 < prm.ntensors && metas[k + 1].tile_begin <= tile) ++k;
     const TensorMeta& t = metas[k];
-    if (k != current) {
+    if (k != current) {  // a new tensor: derive its coefficients from the old rows
       current = k;
-      int32_t slot;
-      const double* row;
-      const double* hp;
-      valid = tensor_rows(prm, t.pos, &slot, &row, &hp);
-      if (valid) {
-        const Derived r = derive(row, hp, kDStep);
-        c = make_coeffs<float>(r, prm.exact != 0);
-        key = rounding_key(prm.seed_mix, slot, r.steps);
-      }
+      valid = tensor_coeffs<kDStep>(prm, t, &c, &key);
     }
     if (!valid) continue;
     // This warp's block; the whole warp takes the same branch (the shuffles need it).
