@@ -38,13 +38,32 @@ struct StepArgs {
   at::Tensor found_inf;   // float32, one element; undefined when absent
   int64_t flags = 0;
   int64_t seed = 0;
-  // Set by a StepPlan: the lists' data pointers and sizes (CPU kernel; plain steps).
+  // Set by a StepPlan on a plain step: the lists' data pointers and sizes, which the
+  // kernels read instead of the tensors (TensorMemory); `grads` is then empty (the plan
+  // holds the gradients' memory).
   const TensorPtrs* ptrs = nullptr;
 
   int64_t size() const { return static_cast<int64_t>(params.size()); }
   bool exact() const { return (flags & kFlagExact) != 0; }
   bool stochastic_rounding() const { return (flags & kFlagStochasticRounding) != 0; }
   uint32_t seed32() const { return static_cast<uint32_t>(static_cast<uint64_t>(seed)); }
+};
+
+// Tensor k's memory and size for the kernels: from a StepPlan's tables on a plain step,
+// else from the tensors (untyped data_ptr(): the dtypes were checked once, up front).
+struct TensorMemory {
+  const StepArgs& a;
+  const TensorPtrs* plan;
+
+  explicit TensorMemory(const StepArgs& args) : a(args), plan(args.d_step ? nullptr : args.ptrs) {}
+  int64_t size() const { return a.size(); }
+  int64_t numel(int64_t k) const { return plan ? plan->numels[k] : a.params[k].numel(); }
+  void* param(int64_t k) const { return plan ? plan->params[k] : a.params[k].data_ptr(); }
+  const void* grad(int64_t k) const { return plan ? plan->grads[k] : a.grads[k].data_ptr(); }
+  void* exp_avg(int64_t k) const { return plan ? plan->exp_avgs[k] : a.exp_avgs[k].data_ptr(); }
+  void* exp_avg_d(int64_t k) const { return plan ? plan->exp_avg_ds[k] : a.exp_avg_ds[k].data_ptr(); }
+  void* qscale(int64_t k) const { return plan ? plan->qscales[k] : a.qscales[k].data_ptr(); }
+  void* hvp(int64_t k) const { return a.hvps[k].data_ptr(); }
 };
 
 // The arguments of one step (hvps, d_step, qscales and quantized are the caller's to set

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -127,6 +128,9 @@ namespace {
 // Elements per unit of work handed to a thread.  Large enough that the per-chunk
 // bookkeeping is noise, small enough to balance two threads over a 1M-element tensor.
 constexpr int64_t kChunk = 1 << 16;
+
+// Tensors per unit of work of the loops over tensors (their scalars).
+constexpr int64_t kTensorGrain = 1024;
 
 template <typename P>
 using MathType = std::conditional_t<std::is_same<P, double>::value, double, float>;
@@ -254,17 +258,33 @@ void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, Isa 
   }
 }
 
-// Steps the global index range [begin, end) of the concatenated tensors.
-template <bool kDStep, bool kSR, typename P, typename S, typename T>
-void step_global(const std::vector<Segment<P, S, T>>& segs, const std::vector<int64_t>& starts,
-                 int64_t begin, int64_t end, T scale, Isa isa) {
+// Calls f(k, lo, hi) for each tensor k that the global range [begin, end) of the
+// concatenated tensors overlaps, [lo, hi) its part of that tensor.  starts: n + 1
+// entries, tensor k is [starts[k], starts[k + 1]) (empty tensors included: they are
+// skipped).  Units are elements, or blocks for the 8-bit state.
+template <typename F>
+ESGDM_ALWAYS_INLINE void for_segments(const std::vector<int64_t>& starts, int64_t begin, int64_t end,
+                                      const F& f) {
   // Last tensor starting at or before `begin`.
-  size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-  for (; k < segs.size() && starts[k] < end; ++k) {
+  size_t k = std::upper_bound(starts.begin(), starts.end() - 1, begin) - starts.begin() - 1;
+  for (; k + 1 < starts.size() && starts[k] < end; ++k) {
     const int64_t lo = std::max(begin, starts[k]) - starts[k];
-    const int64_t hi = std::min(end, starts[k] + segs[k].numel) - starts[k];
-    if (lo < hi) step_range<kDStep, kSR>(segs[k], lo, hi, scale, isa);
+    const int64_t hi = std::min(end, starts[k + 1]) - starts[k];
+    if (lo < hi) f(k, lo, hi);
   }
+}
+
+// starts for for_segments: the running sum of each tensor's units (units(k)).
+template <typename F>
+std::vector<int64_t> running_starts(int64_t n, const F& units) {
+  std::vector<int64_t> starts(static_cast<size_t>(n) + 1);
+  int64_t total = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    starts[k] = total;
+    total += units(k);
+  }
+  starts[n] = total;
+  return starts;
 }
 
 // Runs run(begin, end) over [0, total) cut into chunks of `chunk`, on ATen's threads:
@@ -309,36 +329,48 @@ ESGDM_ALWAYS_INLINE void with_step_kind(bool d_step, bool sr, const F& f) {
   }
 }
 
+// The tensors' constants of this step for one worker's chunk: tensor k's coefficients
+// (make_coeffs of its Derived, computed again only where it differs from the previous
+// tensor's: tensors stepped together since their first step share it) and the key of
+// its random numbers (stochastic rounding only).
+template <typename T, bool kSR>
+class TensorConstants {
+ public:
+  TensorConstants(const StepArgs& a, const std::vector<Derived>& derived, uint32_t seed_mix)
+      : derived_(derived), index_(a.index.data_ptr<int32_t>()), exact_(a.exact()), seed_mix_(seed_mix) {}
+
+  const Coeffs<T>& coeffs(int64_t k) {
+    if (last_ < 0 || std::memcmp(&derived_[last_], &derived_[k], sizeof(Derived)) != 0) {
+      coeffs_ = make_coeffs<T>(derived_[k], exact_);
+    }
+    last_ = k;
+    return coeffs_;
+  }
+
+  uint32_t key(int64_t k) const {
+    return kSR ? rounding_key(seed_mix_, index_[2 * k], derived_[k].steps) : 0u;
+  }
+
+ private:
+  const std::vector<Derived>& derived_;
+  const int32_t* index_;
+  bool exact_;
+  uint32_t seed_mix_;
+  int64_t last_ = -1;
+  Coeffs<T> coeffs_{};
+};
+
+// The float-state step.  Each worker builds the segments of the tensors its chunk
+// covers as it reaches them (pointers and coefficients): built up front, one thread
+// wrote them while the others waited, a quarter of a step of 4096 small tensors.
 template <typename P, typename S>
 void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
   using T = MathType<P>;
-  const int32_t* index = a.index.data_ptr<int32_t>();
   const uint32_t seed_mix = mix32(a.seed32());
   const bool sr = kIs16Bit<P> && a.stochastic_rounding();
-
-  std::vector<Segment<P, S, T>> segs;
-  std::vector<int64_t> starts;
-  segs.reserve(a.size());
-  starts.reserve(a.size());
-  int64_t total = 0;
-  const TensorPtrs* ptrs = a.d_step ? nullptr : a.ptrs;
-  for (int64_t i = 0; i < a.size(); ++i) {
-    const int64_t numel = ptrs ? ptrs->numels[i] : a.params[i].numel();
-    if (numel == 0) continue;  // nothing to do, and its data pointer may be null
-    // Untyped data_ptr(): the dtypes were checked once, up front.
-    segs.push_back(Segment<P, S, T>{
-        static_cast<P*>(ptrs ? ptrs->params[i] : a.params[i].data_ptr()),
-        static_cast<const P*>(ptrs ? ptrs->grads[i] : a.grads[i].data_ptr()),
-        static_cast<S*>(ptrs ? ptrs->exp_avgs[i] : a.exp_avgs[i].data_ptr()),
-        static_cast<S*>(ptrs ? ptrs->exp_avg_ds[i] : a.exp_avg_ds[i].data_ptr()),
-        a.d_step ? static_cast<const P*>(a.hvps[i].data_ptr()) : nullptr,
-        numel,
-        make_coeffs<T>(derived[i], a.exact()),
-        rounding_key(seed_mix, index[2 * i], derived[i].steps),
-    });
-    starts.push_back(total);
-    total += numel;
-  }
+  const TensorMemory mem(a);
+  const std::vector<int64_t> starts = running_starts(a.size(), [&](int64_t k) { return mem.numel(k); });
+  const int64_t total = starts.back();
   if (total == 0) return;
 
   // grad_scale as the math type (float32 -> float64 is exact for float64 parameters).
@@ -346,7 +378,22 @@ void step_typed(const StepArgs& a, const std::vector<Derived>& derived) {
   const Isa isa = loops_isa();
   auto run = [&](int64_t begin, int64_t end) {
     with_step_kind<P>(a.d_step, sr, [&](auto d_step, auto rounding) {
-      step_global<decltype(d_step)::value, decltype(rounding)::value>(segs, starts, begin, end, scale, isa);
+      constexpr bool kDStep = decltype(d_step)::value;
+      constexpr bool kSR = decltype(rounding)::value;
+      TensorConstants<T, kSR> constants(a, derived, seed_mix);
+      for_segments(starts, begin, end, [&](int64_t k, int64_t lo, int64_t hi) {
+        const Segment<P, S, T> seg{
+            static_cast<P*>(mem.param(k)),
+            static_cast<const P*>(mem.grad(k)),
+            static_cast<S*>(mem.exp_avg(k)),
+            static_cast<S*>(mem.exp_avg_d(k)),
+            kDStep ? static_cast<const P*>(mem.hvp(k)) : nullptr,
+            starts[k + 1] - starts[k],
+            constants.coeffs(k),
+            constants.key(k),
+        };
+        step_range<kDStep, kSR>(seg, lo, hi, scale, isa);
+      });
     });
   };
   for_each_chunk(total, kChunk, run);
@@ -483,68 +530,57 @@ void step_blocks8_avx512(const Segment8<P>& t, int64_t b_lo, int64_t b_hi, float
 #endif
 
 
-// Steps the global block range [begin, end) of the concatenated tensors.
+// Blocks [b_lo, b_hi) of one tensor, with the loops of the instruction set `isa`.
 template <bool kDStep, bool kSR, typename P>
-void step_global8(const std::vector<Segment8<P>>& segs, const std::vector<int64_t>& starts,
-                  int64_t begin, int64_t end, float scale, Isa isa) {
-  size_t k = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
-  for (; k < segs.size() && starts[k] < end; ++k) {
-    const int64_t lo = std::max(begin, starts[k]) - starts[k];
-    const int64_t hi = std::min(end, starts[k] + segs[k].nblocks) - starts[k];
-    if (lo >= hi) continue;
+ESGDM_ALWAYS_INLINE void step_blocks8_on(const Segment8<P>& t, int64_t b_lo, int64_t b_hi, float scale,
+                                         Isa isa) {
 #if ESGDM_X86_DISPATCH
-    if (isa == Isa::kAvx512) {
-      step_blocks8_avx512<kDStep, kSR>(segs[k], lo, hi, scale);
-      continue;
-    }
-    if (isa == Isa::kAvx2) {
-      step_blocks8_avx2<kDStep, kSR>(segs[k], lo, hi, scale);
-      continue;
-    }
-#endif
-    (void)isa;
-    step_blocks8_baseline<kDStep, kSR>(segs[k], lo, hi, scale);
+  if (isa == Isa::kAvx512) {
+    step_blocks8_avx512<kDStep, kSR>(t, b_lo, b_hi, scale);
+    return;
   }
+  if (isa == Isa::kAvx2) {
+    step_blocks8_avx2<kDStep, kSR>(t, b_lo, b_hi, scale);
+    return;
+  }
+#endif
+  (void)isa;
+  step_blocks8_baseline<kDStep, kSR>(t, b_lo, b_hi, scale);
 }
 
+// The 8-bit step: as step_typed, with blocks as the unit of work.
 template <typename P>
 void step_typed8(const StepArgs& a, const std::vector<Derived>& derived) {
-  const int32_t* index = a.index.data_ptr<int32_t>();
   const uint32_t seed_mix = mix32(a.seed32());
   const bool sr = kIs16Bit<P> && a.stochastic_rounding();
-
-  std::vector<Segment8<P>> segs;
-  std::vector<int64_t> starts;  // in blocks
-  segs.reserve(a.size());
-  starts.reserve(a.size());
-  int64_t total = 0;
-  const TensorPtrs* ptrs = a.d_step ? nullptr : a.ptrs;
-  for (int64_t i = 0; i < a.size(); ++i) {
-    const int64_t numel = ptrs ? ptrs->numels[i] : a.params[i].numel();
-    if (numel == 0) continue;
-    const int64_t nblocks = (numel + kQuantBlock - 1) / kQuantBlock;
-    segs.push_back(Segment8<P>{
-        static_cast<P*>(ptrs ? ptrs->params[i] : a.params[i].data_ptr()),
-        static_cast<const P*>(ptrs ? ptrs->grads[i] : a.grads[i].data_ptr()),
-        static_cast<uint8_t*>(ptrs ? ptrs->exp_avgs[i] : a.exp_avgs[i].data_ptr()),
-        static_cast<uint8_t*>(ptrs ? ptrs->exp_avg_ds[i] : a.exp_avg_ds[i].data_ptr()),
-        a.d_step ? static_cast<const P*>(a.hvps[i].data_ptr()) : nullptr,
-        static_cast<float*>(ptrs ? ptrs->qscales[i] : a.qscales[i].data_ptr()),
-        numel,
-        nblocks,
-        make_coeffs<float>(derived[i], a.exact()),
-        rounding_key(seed_mix, index[2 * i], derived[i].steps),
-    });
-    starts.push_back(total);
-    total += nblocks;
-  }
+  const TensorMemory mem(a);
+  const std::vector<int64_t> starts = running_starts(  // in blocks
+      a.size(), [&](int64_t k) { return (mem.numel(k) + kQuantBlock - 1) / kQuantBlock; });
+  const int64_t total = starts.back();
   if (total == 0) return;
 
   const float scale = a.grad_scale.defined() ? *a.grad_scale.data_ptr<float>() : 1.0f;
   const Isa isa = loops_isa();
   auto run = [&](int64_t begin, int64_t end) {
     with_step_kind<P>(a.d_step, sr, [&](auto d_step, auto rounding) {
-      step_global8<decltype(d_step)::value, decltype(rounding)::value>(segs, starts, begin, end, scale, isa);
+      constexpr bool kDStep = decltype(d_step)::value;
+      constexpr bool kSR = decltype(rounding)::value;
+      TensorConstants<float, kSR> constants(a, derived, seed_mix);
+      for_segments(starts, begin, end, [&](int64_t k, int64_t lo, int64_t hi) {
+        const Segment8<P> seg{
+            static_cast<P*>(mem.param(k)),
+            static_cast<const P*>(mem.grad(k)),
+            static_cast<uint8_t*>(mem.exp_avg(k)),
+            static_cast<uint8_t*>(mem.exp_avg_d(k)),
+            kDStep ? static_cast<const P*>(mem.hvp(k)) : nullptr,
+            static_cast<float*>(mem.qscale(k)),
+            mem.numel(k),
+            starts[k + 1] - starts[k],
+            constants.coeffs(k),
+            constants.key(k),
+        };
+        step_blocks8_on<kDStep, kSR>(seg, lo, hi, scale, isa);
+      });
     });
   };
   for_each_chunk(total, kChunkBlocks, run);
@@ -582,18 +618,22 @@ void step_cpu(const StepArgs& a) {
   const int64_t n_slots = a.scalars.size(0);
   const int64_t n_groups = a.hparams.size(0);
 
-  // Every tensor's scalars from the old rows, before anything is written.
+  // Every tensor's scalars from the old rows, before anything is written (on ATen's
+  // threads, as the write-back below: at thousands of small tensors, serial loops over
+  // the tensors cost as much as the update).
   std::vector<Derived> derived(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) {
-    const int32_t slot = index[2 * i];
-    const int32_t group = index[2 * i + 1];
-    TORCH_CHECK(slot >= 0 && slot < n_slots, "esgdm._C.step: index[", i, ", 0] = ", slot,
-                " is not a row of scalars (", n_slots, " rows)");
-    TORCH_CHECK(group >= 0 && group < n_groups, "esgdm._C.step: index[", i, ", 1] = ", group,
-                " is not a row of hparams (", n_groups, " rows)");
-    derived[i] = derive(scalars + slot * kNumScalarColumns, hparams + group * kNumHparamColumns,
-                        a.d_step);
-  }
+  at::parallel_for(0, n, kTensorGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const int32_t slot = index[2 * i];
+      const int32_t group = index[2 * i + 1];
+      TORCH_CHECK(slot >= 0 && slot < n_slots, "esgdm._C.step: index[", i, ", 0] = ", slot,
+                  " is not a row of scalars (", n_slots, " rows)");
+      TORCH_CHECK(group >= 0 && group < n_groups, "esgdm._C.step: index[", i, ", 1] = ", group,
+                  " is not a row of hparams (", n_groups, " rows)");
+      derived[i] = derive(scalars + slot * kNumScalarColumns, hparams + group * kNumHparamColumns,
+                          a.d_step);
+    }
+  });
 
   switch (a.params[0].scalar_type()) {
     case at::kFloat:
@@ -612,14 +652,16 @@ void step_cpu(const StepArgs& a) {
       TORCH_CHECK(false, "esgdm._C.step: unsupported parameter dtype ", a.params[0].scalar_type());
   }
 
-  // Advance the stepped tensors' rows (not dscale), after the parallel region.
+  // Advance the stepped tensors' rows (not dscale), after the update.
   double* rows = a.scalars.data_ptr<double>();
-  for (int64_t i = 0; i < n; ++i) {
-    double* row = rows + index[2 * i] * kNumScalarColumns;
-    row[kBias] = derived[i].bias;
-    row[kWarm] = derived[i].warm;
-    row[kSteps] = derived[i].steps;
-  }
+  at::parallel_for(0, n, kTensorGrain, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      double* row = rows + index[2 * i] * kNumScalarColumns;
+      row[kBias] = derived[i].bias;
+      row[kWarm] = derived[i].warm;
+      row[kSteps] = derived[i].steps;
+    }
+  });
 }
 
 }  // namespace esgdm

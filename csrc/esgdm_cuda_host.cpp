@@ -89,13 +89,14 @@ cuda::StateType state_type(at::ScalarType t) {
   }
 }
 
-uintptr_t address(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr());
+uintptr_t address(const void* p) {
+  return reinterpret_cast<uintptr_t>(p);
 }
 
 // Everything the table depends on: device, dtypes, kind of step, and each tensor's
 // five addresses (six with 8-bit state: its block scales) and size.
 std::vector<uintptr_t> table_key(const StepArgs& a) {
+  const TensorMemory mem(a);
   std::vector<uintptr_t> key;
   key.reserve(5 + 7 * a.params.size());
   key.push_back(static_cast<uintptr_t>(a.params[0].device().index()));
@@ -103,14 +104,14 @@ std::vector<uintptr_t> table_key(const StepArgs& a) {
   key.push_back(static_cast<uintptr_t>(a.exp_avgs[0].scalar_type()));
   key.push_back(a.d_step ? 1 : 0);
   key.push_back(a.params.size());
-  for (size_t i = 0; i < a.params.size(); ++i) {
-    key.push_back(address(a.params[i]));
-    key.push_back(address(a.grads[i]));
-    key.push_back(address(a.exp_avgs[i]));
-    key.push_back(address(a.exp_avg_ds[i]));
-    key.push_back(a.d_step ? address(a.hvps[i]) : 0);
-    key.push_back(a.quantized ? address(a.qscales[i]) : 0);
-    key.push_back(static_cast<uintptr_t>(a.params[i].numel()));
+  for (int64_t i = 0; i < mem.size(); ++i) {
+    key.push_back(address(mem.param(i)));
+    key.push_back(address(mem.grad(i)));
+    key.push_back(address(mem.exp_avg(i)));
+    key.push_back(address(mem.exp_avg_d(i)));
+    key.push_back(a.d_step ? address(mem.hvp(i)) : 0);
+    key.push_back(a.quantized ? address(mem.qscale(i)) : 0);
+    key.push_back(static_cast<uintptr_t>(mem.numel(i)));
   }
   return key;
 }
@@ -132,16 +133,17 @@ Table build_table(const StepArgs& a, std::vector<uintptr_t> key, uint64_t hash) 
   t.key = std::move(key);
   t.hash = hash;
   t.host.reserve(a.params.size());
-  for (size_t i = 0; i < a.params.size(); ++i) {
-    const int64_t numel = a.params[i].numel();
+  const TensorMemory mem(a);
+  for (int64_t i = 0; i < mem.size(); ++i) {
+    const int64_t numel = mem.numel(i);
     if (numel == 0) continue;  // left out: tile_begin must strictly increase
     cuda::TensorMeta meta{};
-    meta.p = a.params[i].data_ptr();
-    meta.g = a.grads[i].data_ptr();
-    meta.m = a.exp_avgs[i].data_ptr();
-    meta.d = a.exp_avg_ds[i].data_ptr();
-    meta.h = a.d_step ? a.hvps[i].data_ptr() : nullptr;
-    meta.qs = a.quantized ? static_cast<float*>(a.qscales[i].data_ptr()) : nullptr;
+    meta.p = mem.param(i);
+    meta.g = mem.grad(i);
+    meta.m = mem.exp_avg(i);
+    meta.d = mem.exp_avg_d(i);
+    meta.h = a.d_step ? mem.hvp(i) : nullptr;
+    meta.qs = a.quantized ? static_cast<float*>(mem.qscale(i)) : nullptr;
     meta.numel = numel;
     meta.tile_begin = t.ntiles;
     meta.pos = static_cast<int32_t>(i);

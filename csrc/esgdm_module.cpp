@@ -83,7 +83,8 @@ void check_like(const at::Tensor& t, const char* what, size_t i, const at::Tenso
 // every tensor of the lists (a StepPlan checks them once, when it is built).
 void check_step_args(const StepArgs& a, bool tables, bool per_tensor) {
   const size_t n = a.params.size();
-  TORCH_CHECK(a.grads.size() == n, "esgdm._C.step: got ", n, " params but ", a.grads.size(), " grads");
+  const size_t n_grads = a.ptrs ? a.ptrs->grads.size() : a.grads.size();  // (TensorMemory)
+  TORCH_CHECK(n_grads == n, "esgdm._C.step: got ", n, " params but ", n_grads, " grads");
   TORCH_CHECK(a.exp_avgs.size() == n, "esgdm._C.step: got ", n, " params but ",
               a.exp_avgs.size(), " exp_avgs");
   TORCH_CHECK(a.exp_avg_ds.size() == n, "esgdm._C.step: got ", n, " params but ",
@@ -95,7 +96,9 @@ void check_step_args(const StepArgs& a, bool tables, bool per_tensor) {
 
   const at::Tensor& p0 = a.params[0];
   TORCH_CHECK(p0.defined(), "esgdm._C.step: params[0] is undefined");
-  for (size_t i = 0; i < n; ++i) {  // first: nothing else may be asked of such a tensor here
+  // First: nothing else may be asked of such a tensor here.  (A StepPlan's per-step call,
+  // per_tensor false, has checked its parameters' memory and layout itself.)
+  for (size_t i = 0; per_tensor && i < n; ++i) {
     TORCH_CHECK(!a.params[i].defined() ||
                     (!dispatches_to_python(a.params[i]) && a.params[i].unsafeGetTensorImpl()->has_storage()),
                 "esgdm._C.step: params[", i, "] is a tensor subclass without memory of its own (such "

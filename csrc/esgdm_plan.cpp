@@ -49,6 +49,33 @@ inline bool same_values(at::IntArrayRef a, const c10::SmallVector<int64_t, 5>& b
   return true;
 }
 
+// Asks for the heap objects that gather() reads of the tensors ahead of `i`, a chain of
+// dependent loads that after a forward and backward pass are all cache misses: the
+// parameters' TensorImpl 16 ahead, their storage and autograd metadata 8 ahead (from the
+// TensorImpl asked for before), and the gradient's TensorImpl and storage 4 ahead.
+inline void prefetch_ahead(const std::vector<at::Tensor>& params, int64_t i, int64_t end) {
+  if (i + 16 < end) {
+    const char* impl = reinterpret_cast<const char*>(params[i + 16].unsafeGetTensorImpl());
+    __builtin_prefetch(impl);
+    __builtin_prefetch(impl + 64);
+    __builtin_prefetch(impl + 128);
+  }
+  if (i + 8 < end) {
+    const c10::TensorImpl* impl = params[i + 8].unsafeGetTensorImpl();
+    __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
+    __builtin_prefetch(impl->autograd_meta());
+  }
+  if (i + 4 < end) {
+    const at::Tensor& g = params[i + 4].unsafeGetTensorImpl()->grad();
+    if (g.defined()) {
+      const char* gi = reinterpret_cast<const char*>(g.unsafeGetTensorImpl());
+      __builtin_prefetch(gi);
+      __builtin_prefetch(gi + 64);
+      __builtin_prefetch(gi + 128);
+    }
+  }
+}
+
 // What a parameter's memory looked like when the plan was built.
 struct Layout {
   const void* data;
@@ -79,19 +106,24 @@ struct Layout {
 };
 
 struct PlanBucket {
-  std::vector<at::Tensor> params, exp_avgs, exp_avg_ds, qscales, grads, buffers;
+  std::vector<at::Tensor> params, exp_avgs, exp_avg_ds, qscales, buffers;
   std::vector<Layout> layouts;
   TensorPtrs ptrs;  // taken once (grads: by gather)
+  // The gradients' memory, held for the length of one call: tensor i's storage where it
+  // is not the previous tensor's (one entry for gradients that are views of one buffer).
+  std::vector<c10::Storage> held;
   at::Tensor scalars, index;
   bool quantized = false;
 
-  StepArgs args(const at::Tensor& hparams, const at::Tensor& grad_scale,
-                const at::Tensor& found_inf, int64_t flags, int64_t seed) const {
+  // The kernel's arguments: with `ptrs`, the gradients' pointers from the plan's table
+  // (`grads` empty); without, the tensors of `grads`.
+  StepArgs args(at::TensorList grads, const at::Tensor& hparams, const at::Tensor& grad_scale,
+                const at::Tensor& found_inf, int64_t flags, int64_t seed, const TensorPtrs* table) const {
     StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_ds, scalars, index, hparams,
                                 grad_scale, found_inf, flags, seed);
     a.quantized = quantized;
     if (quantized) a.qscales = qscales;
-    a.ptrs = &ptrs;
+    a.ptrs = table;
     return a;
   }
 };
@@ -136,10 +168,8 @@ class StepPlan {
       }
       // Everything but the gradients checked once, as esgdm._C.step checks it (with the
       // parameters standing in for gradients of their own layout).
-      b.grads = b.params;
-      check_step_args(b.args(at::Tensor(), at::Tensor(), at::Tensor(), 0, 0), /*tables=*/false,
-                      /*per_tensor=*/true);
-      b.grads.clear();
+      check_step_args(b.args(b.params, at::Tensor(), at::Tensor(), at::Tensor(), 0, 0, nullptr),
+                      /*tables=*/false, /*per_tensor=*/true);
       for (size_t i = 0; i < b.params.size(); ++i) {
         b.ptrs.params.push_back(b.params[i].data_ptr());
         b.ptrs.exp_avgs.push_back(b.exp_avgs[i].data_ptr());
@@ -178,7 +208,7 @@ class StepPlan {
     std::vector<StepArgs> args;
     args.reserve(buckets_.size());
     for (size_t k = 0; k < buckets_.size(); ++k) {
-      args.push_back(buckets_[k].args(hparams[k], scale, inf, flags, seed));
+      args.push_back(buckets_[k].args({}, hparams[k], scale, inf, flags, seed, &buckets_[k].ptrs));
       check_step_args(args.back(), /*tables=*/true, /*per_tensor=*/false);  // before any write
     }
     for (const StepArgs& a : args) run_step(a);
@@ -212,19 +242,22 @@ class StepPlan {
     return true;
   }
 
-  // Every parameter unchanged and every gradient like its parameter: the gradients and
-  // their pointers taken.  Reads several heap objects per tensor (the parameter, its
-  // storage, its autograd metadata, the gradient and its storage): memory latency, not
-  // arithmetic, so it is spread over ATen's threads (chunks of kGrain tensors).
+  // Every parameter unchanged and every gradient like its parameter: the gradients'
+  // pointers taken and their memory held (PlanBucket::held).  Reads several heap objects
+  // per tensor (the parameter, its storage, its autograd metadata, the gradient and its
+  // storage): memory latency, not arithmetic, so it is spread over ATen's threads
+  // (chunks of kGrain tensors).
   int64_t gather() {
     std::atomic<int64_t> status{kReady};
     for (PlanBucket& b : buckets_) {
       const int64_t n = static_cast<int64_t>(b.params.size());
-      b.grads.resize(b.params.size());
+      b.held.resize(b.params.size());
       b.ptrs.grads.resize(b.params.size());
       at::parallel_for(0, n, kGrain, [&](int64_t lo, int64_t hi) {
         int64_t found = kReady;
+        const c10::StorageImpl* last = nullptr;
         for (int64_t i = lo; i < hi; ++i) {
+          prefetch_ahead(b.params, i, hi);
           if (!b.layouts[i].same(b.params[i])) {
             found = kChanged;
             break;
@@ -235,8 +268,12 @@ class StepPlan {
             found = kGeneral;
             break;
           }
-          b.grads[i] = g;
-          b.ptrs.grads[i] = g.data_ptr();
+          b.ptrs.grads[i] = g.data_ptr();  // (throws, rather than crashes, without storage)
+          const c10::Storage& storage = g.unsafeGetTensorImpl()->unsafe_storage();
+          if (storage.unsafeGetStorageImpl() != last) {  // one reference per buffer, not per view
+            last = storage.unsafeGetStorageImpl();
+            b.held[i] = storage;
+          }
         }
         if (found != kReady) {  // kChanged wins over kGeneral: the buckets must be rebuilt
           int64_t seen = status.load();
@@ -248,10 +285,16 @@ class StepPlan {
     return status.load();
   }
 
+  // Lets go of the gradients' memory (on ATen's threads: gradients of their own
+  // allocation are one atomic decrement each, which at thousands of tensors shows).
   void release() {
     for (PlanBucket& b : buckets_) {
-      b.grads.clear();
-      std::fill(b.ptrs.grads.begin(), b.ptrs.grads.end(), nullptr);
+      at::parallel_for(0, static_cast<int64_t>(b.held.size()), kGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          if (b.held[i]) b.held[i] = c10::Storage();
+          b.ptrs.grads[i] = nullptr;
+        }
+      });
     }
   }
 

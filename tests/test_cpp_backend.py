@@ -346,6 +346,39 @@ def test_several_groups_and_slots_and_empty_tensors(ext):
     assert torch.equal(got.scalars[stepped, rule.STEPS], case.scalars[stepped, rule.STEPS] + 1)
 
 
+@pytest.mark.parametrize("dtype,flags", [(torch.float32, 0), (torch.float64, rule.FLAG_EXACT),
+                                         (torch.bfloat16, rule.FLAG_STOCHASTIC_ROUNDING)],
+                         ids=["float32", "float64-exact", "bfloat16-stochastic"])
+def test_neighbours_with_equal_scalars_each_get_their_own(ext, dtype, flags):
+    """Runs of neighbouring tensors whose scalars rows and group are equal (the kernel
+    derives their coefficients once per run), next to runs that differ only in the group
+    or only in one value of the row: every tensor is stepped with its own numbers, and
+    with its own random bits (its slot) where they round stochastically."""
+    sizes = [1 + (37 * i) % 300 for i in range(60)] + [70001, 3, 5, 2]
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    case = Case(sizes, dtype, state, False, seed=21)
+    # Each group has a twin row that differs only in lr (so only in the step's size).
+    twins = case.hparams.clone()
+    twins[:, 0] *= 1.5
+    case.hparams = torch.cat([case.hparams, twins])
+    run = [i // 3 for i in range(len(sizes))]  # tensors 3r, 3r+1, 3r+2 share a row's values
+    for i, r in enumerate(run):
+        first = int(case.index[3 * r, 0])
+        case.scalars[int(case.index[i, 0])] = case.scalars[first]
+        case.index[i, 1] = case.index[3 * r, 1]
+        if r % 4 == 1 and i % 3 == 2:  # differs from its neighbours only in lr
+            case.index[i, 1] += len(HPARAMS)
+        if r % 4 == 2 and i % 3 == 1:  # only in dscale
+            case.scalars[int(case.index[i, 0]), rule.DSCALE] += 0.25
+    got = _cpu(case, flags=flags, seed=7)
+    if flags & rule.FLAG_STOCHASTIC_ROUNDING:
+        twin = _cpu(case.as_dtype(torch.float32), flags=flags, seed=7)
+        for i, (p, e) in enumerate(zip(got.params, _expected_rounding(twin, got, 7))):
+            assert torch.equal(_bits(p), e.view(torch.int16)), f"params[{i}]"
+        got, case = twin, case.as_dtype(torch.float32)
+    _assert_matches_reference(got, _reference(case, flags=flags & ~rule.FLAG_STOCHASTIC_ROUNDING), False)
+
+
 @pytest.mark.parametrize("d_step", [False, True], ids=["plain", "d_step"])
 def test_scalars_advance_exactly_as_derive_says(ext, d_step):
     case = Case([3, 0, 70000, 9], torch.float64, torch.float64, d_step, seed=5)

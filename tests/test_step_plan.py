@@ -55,6 +55,21 @@ class _FixedHvp:
                 for b, idx, _ in work]
 
 
+def _spy_on_plan(opt) -> list[bool]:
+    """The list, filled as the optimizer steps, of whether each call of ``plan_step``
+    stepped (True) or left the step to the general path (False)."""
+    used: list[bool] = []
+    real = opt._store.plan_step
+
+    def spy(*a):
+        stepped = real(*a)
+        used.append(stepped)
+        return stepped
+
+    opt._store.plan_step = spy
+    return used
+
+
 def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None, device="cpu", **kw):
     monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
     params = _params(dtype, device=device)
@@ -65,15 +80,7 @@ def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None,
     opt = esgdm.ESGDM(spec, lr=0.1, update_d_every=3, d_warmup=2, backend="cpu" if device == "cpu" else "cuda",
                       seed=3, **kw)
     fixed = _FixedHvp(opt, params)
-    used = []
-    real = opt._store.plan_step
-
-    def spy(*a):
-        stepped = real(*a)
-        used.append(stepped)
-        return stepped
-
-    opt._store.plan_step = spy  # type: ignore[method-assign]
+    used = _spy_on_plan(opt)
     for step in range(steps):
         fixed.step = step
         for p, g in zip(params, _grads(params, step)):
@@ -287,6 +294,51 @@ def test_plan_keeps_no_gradient_alive():
     params[5].grad = None
     gc.collect()
     assert ref() is None
+
+
+def _views_of_one_buffer(seed=0):
+    """Parameters and gradients as views of one parameter buffer and one gradient buffer
+    (as trainers that keep contiguous buffers have them)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(torch.Size(s).numel()) for s in SHAPES]
+    data = torch.randn(sum(sizes), generator=g)
+    grads = torch.randn(sum(sizes), generator=g)
+    params, at = [], 0
+    for s, n in zip(SHAPES, sizes):
+        p = torch.nn.Parameter(data[at:at + n].view(s))
+        p.grad = grads[at:at + n].view(s)
+        params.append(p)
+        at += n
+    return params, grads
+
+
+def test_gradients_that_are_views_of_one_buffer(monkeypatch):
+    """The plan steps them (holding the buffer once) with the general path's numbers,
+    and lets go of the buffer after the call."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    results = []
+    for use_plan in (True, False):
+        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+        params, grads = _views_of_one_buffer()
+        opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend="cpu", seed=1)
+        _FixedHvp(opt, params)
+        opt.step()  # a D-step: the general path, which builds the plan
+        used = _spy_on_plan(opt)
+        for step in range(3):
+            grads.copy_(torch.cat([g.flatten() for g in _grads(params, step)]))
+            opt.step()
+        assert used == [use_plan] * 3
+        results.append(_state(params, opt))
+        if use_plan:
+            buffer = StorageWeakRef(grads.untyped_storage())
+            for p in params:
+                p.grad = None
+            del grads
+            gc.collect()
+            assert buffer.expired()
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
 
 
 # ------------------------------------------------- esgdm::step_flat_ on the C++ kernel
