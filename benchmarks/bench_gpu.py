@@ -83,11 +83,15 @@ def _make(name: str, params, lr_tensor: bool = False):
     return opt
 
 
-def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat")):
+def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat"), evict_bytes=0):
     """Median wall time of one eager plain step (ms) and its host share, per tensor
     count, optimizer and memory layout (``separate``: each tensor its own allocation;
     ``flat``: views of one buffer, see :func:`_params`).  The optimizers of one count
-    are timed interleaved, round by round."""
+    are timed interleaved, round by round.  With ``evict_bytes``, a buffer of that size
+    is written before every step, outside the timing, as a forward and backward pass
+    would: each step then starts with the tensors' metadata and memory out of the caches
+    (and is timed alone, synchronised)."""
+    junk = torch.empty(evict_bytes, dtype=torch.uint8, device=device) if evict_bytes else None
     rows = []
     names = gpu_backends(device) + ["AdamW(fused)", "AdamW(foreach)"]
     for count in counts:
@@ -103,13 +107,21 @@ def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat"
         for _ in range(repeats):
             for _name, _layout, opt, _kept, walls, hosts in runs:
                 t0 = time.perf_counter()
-                host = 0.0
+                host = wall = 0.0
                 for _ in range(steps):
+                    if junk is not None:
+                        junk.add_(1)
+                        sync(device)
                     h0 = time.perf_counter()
                     opt.step()
                     host += time.perf_counter() - h0
+                    if junk is not None:
+                        sync(device)
+                        wall += time.perf_counter() - h0
                 sync(device)
-                walls.append((time.perf_counter() - t0) / steps * 1e3)
+                if junk is None:
+                    wall = time.perf_counter() - t0
+                walls.append(wall / steps * 1e3)
                 hosts.append(host / steps * 1e3)
         for name, layout, _opt, _kept, walls, hosts in runs:
             rows.append((count, name, layout, statistics.median(walls), statistics.median(hosts)))
@@ -312,6 +324,9 @@ def main(argv=None) -> None:
     ap.add_argument("--train-steps", type=int, default=None,
                     help="training steps per timed round of the train rows (default 20, 3 with --quick; "
                          "a multiple of 10 covers whole D-step periods)")
+    ap.add_argument("--evict-mib", type=int, default=0,
+                    help="host rows: write a buffer of this many MiB before every step (outside the "
+                         "timing), so that steps start from cold caches as after a forward and backward")
     ap.add_argument("--markdown", help="write the tables to this path")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -323,9 +338,10 @@ def main(argv=None) -> None:
            f"torch {torch.__version__}"]
     if "host" in only:
         counts = (1, 64, 256) if quick else (1, 64, 1024, 4096)
-        rows = host_time(device, counts, numel, repeats, steps)
+        rows = host_time(device, counts, numel, repeats, steps, evict_bytes=args.evict_mib << 20)
         base = {(name, layout): wall for count, name, layout, wall, _ in rows if count == 1}
-        out.append(f"### Plain step against tensor count ({numel} fp32 elements in all, eager)\n\n" + table(
+        caches = f", caches written over ({args.evict_mib} MiB) before every step" if args.evict_mib else ""
+        out.append(f"### Plain step against tensor count ({numel} fp32 elements in all, eager{caches})\n\n" + table(
             ["tensors", "optimizer", "memory", "ms per step", "host ms per call", "vs 1 tensor"], rows,
             lambda r: [str(r[0]), r[1], r[2], f"{r[3]:.4f}", f"{r[4]:.4f}", f"{r[3] / base[r[1], r[2]]:.2f}x"]))
     if "tables" in only:

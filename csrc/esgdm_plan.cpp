@@ -35,6 +35,13 @@
 
 #include "esgdm_common.h"
 
+// A hint to load a cache line ahead of its use (rw 1: it will be written).
+#if defined(__GNUC__) || defined(__clang__)
+#define ESGDM_PREFETCH(p, rw) __builtin_prefetch((p), (rw))
+#else
+#define ESGDM_PREFETCH(p, rw) ((void)(p))
+#endif
+
 namespace esgdm {
 
 namespace {
@@ -52,27 +59,31 @@ inline bool same_values(at::IntArrayRef a, const c10::SmallVector<int64_t, 5>& b
 // Asks for the heap objects that gather() reads of the tensors ahead of `i`, a chain of
 // dependent loads that after a forward and backward pass are all cache misses: the
 // parameters' TensorImpl 16 ahead, their storage and autograd metadata 8 ahead (from the
-// TensorImpl asked for before), and the gradient's TensorImpl and storage 4 ahead.
+// TensorImpl asked for before), the gradient's TensorImpl 4 ahead and its storage 2 ahead.
 inline void prefetch_ahead(const std::vector<at::Tensor>& params, int64_t i, int64_t end) {
   if (i + 16 < end) {
     const char* impl = reinterpret_cast<const char*>(params[i + 16].unsafeGetTensorImpl());
-    __builtin_prefetch(impl);
-    __builtin_prefetch(impl + 64);
-    __builtin_prefetch(impl + 128);
+    ESGDM_PREFETCH(impl, 0);
+    ESGDM_PREFETCH(impl + 64, 0);
+    ESGDM_PREFETCH(impl + 128, 0);
   }
   if (i + 8 < end) {
     const c10::TensorImpl* impl = params[i + 8].unsafeGetTensorImpl();
-    __builtin_prefetch(impl->unsafe_storage().unsafeGetStorageImpl());
-    __builtin_prefetch(impl->autograd_meta());
+    ESGDM_PREFETCH(impl->unsafe_storage().unsafeGetStorageImpl(), 0);
+    ESGDM_PREFETCH(impl->autograd_meta(), 0);
   }
   if (i + 4 < end) {
     const at::Tensor& g = params[i + 4].unsafeGetTensorImpl()->grad();
     if (g.defined()) {
       const char* gi = reinterpret_cast<const char*>(g.unsafeGetTensorImpl());
-      __builtin_prefetch(gi);
-      __builtin_prefetch(gi + 64);
-      __builtin_prefetch(gi + 128);
+      ESGDM_PREFETCH(gi, 0);
+      ESGDM_PREFETCH(gi + 64, 0);
+      ESGDM_PREFETCH(gi + 128, 0);
     }
+  }
+  if (i + 2 < end) {
+    const at::Tensor& g = params[i + 2].unsafeGetTensorImpl()->grad();
+    if (g.defined()) ESGDM_PREFETCH(g.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl(), 0);
   }
 }
 
@@ -291,6 +302,8 @@ class StepPlan {
     for (PlanBucket& b : buckets_) {
       at::parallel_for(0, static_cast<int64_t>(b.held.size()), kGrain, [&](int64_t lo, int64_t hi) {
         for (int64_t i = lo; i < hi; ++i) {
+          // (the storages' lines left the caches during the step: ask for them ahead)
+          if (i + 16 < hi && b.held[i + 16]) ESGDM_PREFETCH(b.held[i + 16].unsafeGetStorageImpl(), 1);
           if (b.held[i]) b.held[i] = c10::Storage();
           b.ptrs.grads[i] = nullptr;
         }

@@ -184,9 +184,12 @@ def test_bench_gpu_tables_smoke():
         assert re.search(rf"\| 256 \| {re.escape(label)} \| \d", out), out
 
 
-def test_bench_gpu_host_smoke():
-    """bench_gpu.py's host table runs on a CPU: every optimizer, both memory layouts."""
-    out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "host"], 240)
+@pytest.mark.parametrize("evict", [[], ["--evict-mib", "8"]], ids=["warm", "evicted"])
+def test_bench_gpu_host_smoke(evict):
+    """bench_gpu.py's host table runs on a CPU: every optimizer, both memory layouts,
+    with and without the caches written over before every step."""
+    out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "host", *evict], 240)
+    assert ("caches written over (8 MiB)" in out) == bool(evict), out
     for name in ("cpu", "torch", "AdamW(fused)", "AdamW(foreach)"):
         for layout in ("separate", "flat"):
             assert re.search(rf"\| 256 \| {re.escape(name)} \| {layout} \|", out), out
