@@ -70,10 +70,12 @@ def shard_signs(seed: int, step: int, key: int, p: Any) -> Tensor:
 
 class SignVectors:
     """The Rademacher vectors of one finite-difference probe, added to the parameters
-    where they are drawn (``esgdm._C.add_signs_``: one pass, no sign tensor) when every
-    tensor is a contiguous CPU tensor of a whole parameter and the extension has it;
-    else drawn as tensors (:meth:`Curvature.signs`) and added by ``torch._foreach_add_``.
-    Both add the same signs with the same rounding (tests/test_finite_difference.py)."""
+    where they are drawn when every tensor is a contiguous tensor of a whole parameter,
+    all on the CPU (``esgdm._C.add_signs_``) or all on one GPU (the Triton kernel of
+    ``esgdm.kernels.esgdm_signs``): one pass, no sign tensor.  Else drawn as tensors
+    (:meth:`Curvature.signs`) and added by ``torch._foreach_add_``.  Both add the same
+    signs with the same rounding as ``torch._foreach_add_`` on that device
+    (tests/test_finite_difference.py, tests/test_triton_signs.py)."""
 
     def __init__(self, curvature: Curvature, opt: ESGDM, params: list[Tensor]):
         self.curvature, self.opt, self.params = curvature, opt, params
@@ -83,16 +85,21 @@ class SignVectors:
 
     def fused(self, shards: list[Tensor]) -> bool:
         """Whether :meth:`add_to` draws the signs in its pass over ``shards``."""
-        frontend = _add_signs_op()
-        return frontend is not None and not any_dtensor(self.params) and all(
-            s.device.type == "cpu" and s.dtype in _ADD_SIGNS_DTYPES and s.is_contiguous() and not s.is_neg()
-            for s in shards)
+        return self._fused_op(shards) is not None
+
+    def _fused_op(self, shards: list[Tensor]) -> Callable[..., None] | None:
+        op = _add_signs_op(shards)
+        if op is None or any_dtensor(self.params) or not all(
+                s.dtype in _ADD_SIGNS_DTYPES and s.is_contiguous() and not s.is_neg() for s in shards):
+            return None
+        return op
 
     def add_to(self, shards: list[Tensor], alpha: float, backups: list[Tensor] | None = None) -> None:
         """``shards += alpha * v``; with ``backups`` (only where :meth:`fused`), each shard
         is first copied there, in the same pass."""
-        if self.fused(shards):
-            _add_signs_op()(shards, self.keys, [0] * len(shards), alpha, backups)
+        op = self._fused_op(shards)
+        if op is not None:
+            op(shards, self.keys, [0] * len(shards), alpha, backups)
             return
         if backups is not None:
             raise ValueError("SignVectors.add_to: backups only where fused()")
@@ -101,21 +108,32 @@ class SignVectors:
         torch._foreach_add_(shards, [local(v) for v in self.drawn], alpha=alpha)
 
 
-#: What esgdm._C.add_signs_ steps.
+#: What the fused sign adds step.
 _ADD_SIGNS_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-def _add_signs_op():
-    """esgdm._C.add_signs_ where the extension has it, else None."""
-    try:
-        from esgdm.backends.cpp_impl import _C
-    except Exception:  # noqa: BLE001 - an optimisation only
+def _add_signs_op(shards: list[Tensor]) -> Callable[..., None] | None:
+    """The op that draws the signs as it adds them to ``shards``, where one can:
+    ``esgdm._C.add_signs_`` for CPU tensors, ``esgdm.kernels.esgdm_signs.add_signs_``
+    (Triton) for tensors on one CUDA device; else None."""
+    if not USE_ADD_SIGNS or not shards:
         return None
-    return getattr(_C, "add_signs_", None) if USE_ADD_SIGNS else None
+    devices = {s.device for s in shards}
+    kind = next(iter(devices)).type
+    if len(devices) > 1 or kind not in ("cpu", "cuda"):
+        return None
+    try:  # an optimisation only: any failure means the signs are drawn as tensors
+        if kind == "cpu":
+            from esgdm.backends.cpp_impl import _C
+            return getattr(_C, "add_signs_", None)
+        from esgdm.kernels import esgdm_signs
+        return None if esgdm_signs.INTERPRET else esgdm_signs.add_signs_
+    except Exception:  # noqa: BLE001
+        return None
 
 
-#: Whether finite-difference probes may draw their signs in esgdm._C.add_signs_ (the
-#: tests compare both ways).
+#: Whether finite-difference probes may draw their signs as they add them (the tests
+#: compare both ways).
 USE_ADD_SIGNS = True
 
 

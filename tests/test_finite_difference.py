@@ -941,7 +941,7 @@ def test_a_refused_fused_add_leaves_the_parameters_alone(monkeypatch):
 
     def refuse(*args, **kwargs):
         raise RuntimeError("add_signs_ refused")
-    monkeypatch.setattr(curvature_module, "_add_signs_op", lambda: refuse)
+    monkeypatch.setattr(curvature_module, "_add_signs_op", lambda shards: refuse)
     with pytest.raises(RuntimeError, match="add_signs_ refused"):
         opt.step(closure)
     for a, p in zip(before, model.parameters()):
