@@ -33,7 +33,7 @@ if has tests; then
     build=
   fi
   timeout 170 $py -m pytest -q -m gpu -p no:cacheprovider tests/test_triton_backend.py \
-      tests/test_device_step.py -k "triton or torch" 2>&1 | tail -15 | tee -a "$log" | tail -3 | sed 's/^/triton+torch GPU tests: /' | tee -a "$out/gpu.txt"
+      tests/test_triton_signs.py tests/test_device_step.py -k "triton or torch or signs" 2>&1 | tail -15 | tee -a "$log" | tail -3 | sed 's/^/triton+torch GPU tests: /' | tee -a "$out/gpu.txt"
   if [ -n "$build" ]; then
     wait "$build" && echo "build: ok ($((SECONDS - start)) s since start)" | tee -a "$out/gpu.txt" \
       || { echo "build FAILED" | tee -a "$out/gpu.txt"; tail -40 "$out/build.log" | tee -a "$log"; }
