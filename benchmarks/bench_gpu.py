@@ -93,19 +93,24 @@ def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat"
     (and is timed alone, synchronised)."""
     junk = torch.empty(evict_bytes, dtype=torch.uint8, device=device) if evict_bytes else None
     rows = []
-    names = gpu_backends(device) + ["AdamW(fused)", "AdamW(foreach)"]
+    # "<kernel> (no plan)": the same kernel through the front-end's general path (what
+    # D-steps, the "triton" and "torch" backends and any unusual step take), timed with
+    # esgdm.store.USE_PLAN off around its rounds only.
+    names = gpu_backends(device)
+    names += [f"{n} (no plan)" for n in names if n in ("cpu", "cuda")] + ["AdamW(fused)", "AdamW(foreach)"]
     for count in counts:
         runs = []
         for layout in layouts:
             for name in names:
                 params = _params(count, numel, device, flat=layout == "flat")
-                opt = _make(name, params, lr_tensor=True)
+                opt = _make(name.removesuffix(" (no plan)"), params, lr_tensor=True)
                 for _ in range(3):
                     opt.step()
                 runs.append((name, layout, opt, params, [], []))
         sync(device)
         for _ in range(repeats):
-            for _name, _layout, opt, _kept, walls, hosts in runs:
+            for name, _layout, opt, _kept, walls, hosts in runs:
+                esgdm.store.USE_PLAN = not name.endswith("(no plan)")
                 t0 = time.perf_counter()
                 host = wall = 0.0
                 for _ in range(steps):
@@ -123,6 +128,7 @@ def host_time(device, counts, numel, repeats, steps, layouts=("separate", "flat"
                     wall = time.perf_counter() - t0
                 walls.append(wall / steps * 1e3)
                 hosts.append(host / steps * 1e3)
+            esgdm.store.USE_PLAN = True
         for name, layout, _opt, _kept, walls, hosts in runs:
             rows.append((count, name, layout, statistics.median(walls), statistics.median(hosts)))
         del runs

@@ -53,6 +53,7 @@ class TensorSeq {
   }
   int64_t size() const { return n_; }
   const at::Tensor& operator[](int64_t i) const { return THPVariable_Unpack(items_[i]); }
+  PyObject* item(int64_t i) const { return items_[i]; }
 
  private:
   pybind11::object fast_;  // a list or tuple holding the items (a new one for other sequences)
@@ -60,23 +61,50 @@ class TensorSeq {
   int64_t n_ = 0;
 };
 
+// h with tensor t's memory and layout folded in.
+uint64_t mix_layout(uint64_t h, const at::Tensor& t) {
+  const bool strided = t.defined() && t.layout() == at::kStrided;
+  h = mix(h, reinterpret_cast<uintptr_t>(strided ? t.data_ptr() : nullptr));
+  if (!t.defined()) return h;
+  h = mix(h, static_cast<uint64_t>(t.scalar_type()));
+  h = mix(h, static_cast<uint64_t>(t.device().type()) * 1024 + static_cast<uint64_t>(t.device().index() + 1));
+  h = mix(h, static_cast<uint64_t>(t.layout()) * 2 + (t.is_neg() ? 1 : 0));
+  for (int64_t k = 0; k < t.dim(); ++k) {
+    h = mix(h, static_cast<uint64_t>(t.size(k)));
+    if (strided) h = mix(h, static_cast<uint64_t>(t.stride(k)));
+  }
+  return h;
+}
+
 int64_t layout_key(const pybind11::handle& seq) {
   const TensorSeq tensors(seq, "esgdm._C.layout_key");
   uint64_t h = static_cast<uint64_t>(tensors.size());
-  for (int64_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    const bool strided = t.defined() && t.layout() == at::kStrided;
-    h = mix(h, reinterpret_cast<uintptr_t>(strided ? t.data_ptr() : nullptr));
-    if (!t.defined()) continue;
-    h = mix(h, static_cast<uint64_t>(t.scalar_type()));
-    h = mix(h, static_cast<uint64_t>(t.device().type()) * 1024 + static_cast<uint64_t>(t.device().index() + 1));
-    h = mix(h, static_cast<uint64_t>(t.layout()) * 2 + (t.is_neg() ? 1 : 0));
-    for (int64_t k = 0; k < t.dim(); ++k) {
-      h = mix(h, static_cast<uint64_t>(t.size(k)));
-      if (strided) h = mix(h, static_cast<uint64_t>(t.stride(k)));
+  for (int64_t i = 0; i < tensors.size(); ++i) h = mix_layout(h, tensors[i]);
+  return static_cast<int64_t>(h >> 1);
+}
+
+// esgdm._C.params_key(groups): layout_key over the parameters of every group (a list of
+// lists), with each parameter's identity (its Python object) and each group's length
+// folded in; None if a parameter is a tensor subclass that dispatches to Python (a
+// DTensor: its memory is its local shard's).  One call instead of a tuple of ids per
+// group, a list of all parameters and layout_key over it: what the optimizer compares
+// on every step to know that its buckets still describe the parameters.
+pybind11::object params_key(const pybind11::handle& groups) {
+  const pybind11::object fast =
+      pybind11::reinterpret_steal<pybind11::object>(PySequence_Fast(groups.ptr(), "esgdm._C.params_key"));
+  if (!fast) throw pybind11::error_already_set();
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast.ptr());
+  uint64_t h = static_cast<uint64_t>(n);
+  for (Py_ssize_t g = 0; g < n; ++g) {
+    const TensorSeq params(PySequence_Fast_GET_ITEM(fast.ptr(), g), "esgdm._C.params_key");
+    h = mix(h, static_cast<uint64_t>(params.size()));
+    for (int64_t i = 0; i < params.size(); ++i) {
+      if (dispatches_to_python(params[i])) return pybind11::none();
+      h = mix(h, reinterpret_cast<uintptr_t>(params.item(i)));
+      h = mix_layout(h, params[i]);
     }
   }
-  return static_cast<int64_t>(h >> 1);
+  return pybind11::int_(static_cast<int64_t>(h >> 1));
 }
 
 // Whether kernels may read `g` as the gradient of `p` (up to strides): a plain strided
@@ -202,6 +230,10 @@ void register_frontend(pybind11::module& m) {
   m.def("layout_key", &layout_key, py::arg("tensors"),
         "layout_key(tensors) -> int: changes when any tensor's data pointer, sizes, strides, "
         "dtype or device changes.");
+  m.def("params_key", &params_key, py::arg("groups"),
+        "params_key(groups) -> int or None: changes when a group's parameters (objects, order, "
+        "count) or any parameter's data pointer, sizes, strides, dtype or device change; None "
+        "if a parameter is a tensor subclass that dispatches to Python (a DTensor).");
   m.def("data_ptrs", &data_ptrs, py::arg("lists"),
         "data_ptrs(lists) -> int64 tensor [len(lists) + 1, n]: the data pointers of each list's "
         "tensors, one row per list, then the sizes (numel) of the first list's.");

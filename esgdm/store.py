@@ -105,6 +105,7 @@ class BucketStore:
     def __init__(self) -> None:
         self.buckets: list[Bucket] = []
         self.signature: tuple | None = None  # the layout the buckets were built for
+        self.params_key: int | None = None  # esgdm._C.params_key when they were last current
         self.meta_signature: tuple | None = None  # the same in metadata (compiled steps)
         self.any_dtensor = False
         self.backend_choice: dict[tuple, tuple] = {}  # bucket key -> (backend, its note or None)
@@ -245,6 +246,13 @@ class BucketStore:
         """The (device, dtype) buckets of ``opt``'s parameters, rebuilt (moving the state
         along) when the parameters changed.  Raises before changing anything when state
         cannot follow."""
+        # The usual case in one C++ call: the same parameter objects in the same groups,
+        # with the same memory and layout, as when the buckets were last found current.
+        fast = None
+        if _FRONTEND is not None and hasattr(_FRONTEND, "params_key") and not ops.is_compiling():
+            fast = _FRONTEND.params_key([g["params"] for g in opt.param_groups])
+            if fast is not None and fast == self.params_key and self.buckets:
+                return self.buckets
         params = all_params(opt.param_groups)
         self.any_dtensor = any_dtensor(params)
         if ops.is_compiling():
@@ -256,6 +264,7 @@ class BucketStore:
         else:
             layout = self._layout(opt)
             if layout == self.signature:
+                self.params_key = fast
                 return self.buckets
             if self.signature is None and self.buckets and self._meta_layout(opt) == self.meta_signature:
                 self.signature = layout  # built inside a compiled step: same parameters
@@ -287,6 +296,7 @@ class BucketStore:
         for key in [k for k in opt.state if isinstance(k, Tensor) and id(k) in ours]:
             del opt.state[key]
         self.buckets, self.signature, self.backend_choice = new, layout, chosen
+        self.params_key = fast
         self.plan = None
         self.meta_signature = self._meta_layout(opt)
         self.param_keys = {id(p): k for k, p in enumerate(params)}

@@ -190,7 +190,7 @@ def test_bench_gpu_host_smoke(evict):
     with and without the caches written over before every step."""
     out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "host", *evict], 240)
     assert ("caches written over (8 MiB)" in out) == bool(evict), out
-    for name in ("cpu", "torch", "AdamW(fused)", "AdamW(foreach)"):
+    for name in ("cpu", "torch", "cpu (no plan)", "AdamW(fused)", "AdamW(foreach)"):
         for layout in ("separate", "flat"):
             assert re.search(rf"\| 256 \| {re.escape(name)} \| {layout} \|", out), out
 

@@ -103,6 +103,55 @@ def test_layout_change_is_followed(numel):
     assert torch.equal(results[0], results[1])
 
 
+def test_swapped_parameter_object_is_stepped_on_the_general_path():
+    """A parameter object replaced in its group's list by another of the same shape and
+    dtype (the general path, which compares one key of objects and layouts per step):
+    the new one is stepped with fresh state, the old one no more."""
+    torch.manual_seed(0)
+    a, b, c = (torch.randn(5, requires_grad=True) for _ in range(3))
+    opt = esgdm.ESGDM([a, b], backend="torch", seed=1)
+    _steps(opt, [a, b], 2)
+    opt.param_groups[0]["params"][1] = c
+    before_b, before_c = b.detach().clone(), c.detach().clone()
+    _steps(opt, [a, c], 1)
+    assert torch.equal(b, before_b) and not torch.equal(c, before_c)
+    assert b not in opt.state and "exp_avg" in opt.state[c]
+
+
+def test_params_key_sees_objects_groups_and_layouts():
+    """esgdm._C.params_key: equal for the same objects and layouts, different when an
+    object, the grouping, a data pointer, the strides or the dtype change; None for a
+    tensor subclass that dispatches to Python."""
+    from esgdm.backends import cpp_impl
+
+    if cpp_impl._C is None or not hasattr(cpp_impl._C, "params_key"):
+        pytest.skip("esgdm._C (with params_key) is not built")
+    key = cpp_impl._C.params_key
+    a, b = torch.zeros(4, 6), torch.zeros(6)
+    base = key([[a, b]])
+    assert key([[a, b]]) == base
+    assert key([[a.detach(), b]]) != base              # another object, the same memory
+    assert key([[a.clone(), b]]) != base               # another object and memory
+    assert key([[a], [b]]) != base                     # other groups
+    assert key([[b, a]]) != base                       # other order
+    a.data = a.data.t().contiguous().t()               # same object, other strides
+    relaid = key([[a, b]])
+    assert relaid != base
+    a.data = a.data.double()
+    assert key([[a, b]]) not in (base, relaid)         # other dtype
+
+    class Wrapper(torch.Tensor):
+        @staticmethod
+        def __new__(cls, inner):
+            return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype)
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            raise NotImplementedError
+
+    assert key([[b, Wrapper(b)]]) is None
+
+
 def test_zero_element_parameter_with_odd_strides_steps():
     p = torch.zeros(2, 0, 1, requires_grad=True)
     q = torch.randn(3, requires_grad=True)
