@@ -31,6 +31,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+#: --triton-no-launch: the "triton" backend's host work on CPU tensors, its kernel launch
+#: replaced by a no-op (the interpreter mode lets the backend take CPU tensors; it must be
+#: chosen before esgdm's kernels are imported).
+TRITON_NO_LAUNCH = "--triton-no-launch" in sys.argv[1:]
+if TRITON_NO_LAUNCH:
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import esgdm  # noqa: E402
 from esgdm import backends  # noqa: E402
 
@@ -41,8 +48,17 @@ def sync(device: torch.device) -> None:
 
 
 def gpu_backends(device: torch.device) -> list[str]:
+    if TRITON_NO_LAUNCH:
+        return ["triton", "cpu"]
     names = ["triton", "cuda", "torch"] if device.type == "cuda" else ["cpu", "torch"]
     return [n for n in names if backends.get(n).why_not(device, torch.float32) is None]
+
+
+def _no_launch() -> None:
+    """Replaces the Triton step kernel's launch by a no-op (--triton-no-launch)."""
+    from esgdm.kernels import esgdm_step
+
+    esgdm_step.launch = lambda *args, **kwargs: None
 
 
 def _params(count: int, numel: int, device: torch.device, flat: bool = False) -> list[torch.Tensor]:
@@ -333,8 +349,16 @@ def main(argv=None) -> None:
     ap.add_argument("--evict-mib", type=int, default=0,
                     help="host rows: write a buffer of this many MiB before every step (outside the "
                          "timing), so that steps start from cold caches as after a forward and backward")
+    ap.add_argument("--triton-no-launch", action="store_true",
+                    help="host rows on a CPU: the 'triton' backend's host work per plain step (front-end, "
+                         "checks, launcher tables) with its kernel launch replaced by a no-op, next to the "
+                         "'cpu' backend; in Triton's interpreter mode, set before esgdm is imported")
     ap.add_argument("--markdown", help="write the tables to this path")
     args = ap.parse_args(argv)
+    if args.triton_no_launch:
+        if args.device != "cpu" or not TRITON_NO_LAUNCH:
+            ap.error("--triton-no-launch runs on --device cpu, given on the command line")
+        _no_launch()
     device = torch.device(args.device)
     only = set(args.only.split(","))
     quick = args.quick

@@ -195,6 +195,14 @@ def test_bench_gpu_host_smoke(evict):
             assert re.search(rf"\| 256 \| {re.escape(name)} \| {layout} \|", out), out
 
 
+def test_bench_gpu_triton_host_smoke():
+    """--triton-no-launch: the triton backend's host rows on a CPU (its launch a no-op)."""
+    out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "host",
+                "--triton-no-launch"], 240)
+    for layout in ("separate", "flat"):
+        assert re.search(rf"\| 256 \| triton \| {layout} \| \d", out), out
+
+
 @pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
     _run(["benchmarks/bench_train.py", "--smoke", "--device", "cpu", "--threads", "1",
