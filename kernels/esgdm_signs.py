@@ -13,7 +13,9 @@ rounded once as CUDA's ``torch._foreach_add_(t, v, alpha=alpha)`` rounds it: com
 in float32 (float64 for float64 tensors) with ``alpha`` in that type, then stored in the
 tensor's dtype.  Programs and tables as in :mod:`esgdm.kernels.esgdm_step`: a block table
 (tensor, block) per layout, and an address table ``int64 [n, ROW]`` (tensor, backup,
-numel, key, start) built per call (once per D-step).
+numel, key, start) built per call (once per D-step).  A full block whose tensor and backup
+are 16-byte aligned loads and stores 128 bits at a time; tails and unaligned views take
+the masked path.
 
 Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors (tests); the interpreter
 converts float32 to bfloat16 by truncation, so bfloat16 is compared on a GPU only.
@@ -61,21 +63,32 @@ def add_signs_kernel(blocks_ptr, table_ptr, alpha_ptr, t_ref, ROW_: tl.constexpr
     t = tl.load(blocks_ptr + 2 * pid)
     chunk = tl.load(blocks_ptr + 2 * pid + 1)
     row = table_ptr + t * ROW_
+    t_addr = tl.load(row + 0)
+    b_addr = tl.load(row + 1)  # 0 without backups
     numel = tl.load(row + 2)
     key = (tl.load(row + 3) & 0xFFFFFFFF).to(tl.uint32)
     first = tl.load(row + 4)
     start = chunk.to(tl.int64) * BLOCK_  # 64-bit: tensors may exceed 2**31 elements
     offs = tl.arange(0, BLOCK_)
-    mask = offs < numel - start
-    ptr = tl.load(row + 0).to(t_ref.dtype) + start + offs
-    old = tl.load(ptr, mask=mask)
-    if BACKUP:
-        tl.store(tl.load(row + 1).to(t_ref.dtype) + start + offs, old, mask=mask)
     index = ((first + start + offs) & 0xFFFFFFFF).to(tl.uint32)  # the element's low 32 bits
     h = _mix32(index ^ key)
     alpha = tl.load(alpha_ptr)  # in the math type
     v = tl.where((h >> 31) != 0, -alpha, alpha)  # alpha * (+-1), exactly
-    tl.store(ptr, (old.to(alpha.dtype) + v).to(old.dtype), mask=mask)
+    if (((t_addr | b_addr) & 15) == 0) & (numel - start >= BLOCK_):
+        # A full block, 16-byte aligned: the compiler is told, and the accesses are
+        # 128-bit without a mask (the pointers made here, so the hints apply here only).
+        ptr = tl.multiple_of(t_addr.to(t_ref.dtype), 16) + start + offs
+        old = tl.load(ptr)
+        if BACKUP:
+            tl.store(tl.multiple_of(b_addr.to(t_ref.dtype), 16) + start + offs, old)
+        tl.store(ptr, (old.to(alpha.dtype) + v).to(old.dtype))
+    else:  # a tail, or an unaligned view
+        mask = offs < numel - start
+        ptr = t_addr.to(t_ref.dtype) + start + offs
+        old = tl.load(ptr, mask=mask)
+        if BACKUP:
+            tl.store(b_addr.to(t_ref.dtype) + start + offs, old, mask=mask)
+        tl.store(ptr, (old.to(alpha.dtype) + v).to(old.dtype), mask=mask)
 
 
 def _check(tensors: Sequence[torch.Tensor], keys: Sequence[int], starts: Sequence[int],

@@ -36,6 +36,8 @@ def _inputs(dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     ts = [(torch.randn(s, generator=g, dtype=torch.float64) * 10).to(dtype).to(device) for s in SHAPES]
     ts[4][:4] = torch.tensor([float("inf"), float("nan"), -0.0, 6e4], dtype=torch.float64).to(dtype)
+    # A contiguous view one element into its buffer: unaligned, the masked path throughout.
+    ts.append((torch.randn(2049, generator=g, dtype=torch.float64) * 10).to(dtype).to(device)[1:])
     return ts
 
 
@@ -81,7 +83,7 @@ def test_kernel_adds_the_drawn_signs(device, dtype, alpha):
         pytest.skip("the interpreter converts float32 to bfloat16 by truncation")
     ts = _inputs(dtype, device)
     keys = [stream_key(5, 17, k) for k in range(len(ts))]
-    starts = [0, 64, 2**32 - 3, 0, 2**31, 7]  # (the index wraps at 2**32, as rademacher's)
+    starts = [0, 64, 2**32 - 3, 0, 2**31, 7, 5]  # (the index wraps at 2**32, as rademacher's)
     want = _expected(ts, keys, starts, alpha)
     got, backups = [t.clone() for t in ts], [torch.full_like(t, 7) for t in ts]
     S.add_signs_(got, keys, starts, alpha, backups)
@@ -224,9 +226,11 @@ json.dump(out, open(sys.argv[1], "w"))
 @pytest.mark.slow
 def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     """Compiled ahead of time for sm_90 (no GPU needed): every dtype, with and without
-    backups; the sign's hash is 32-bit integer products."""
+    backups; the sign's hash is 32-bit integer products; aligned full blocks load and
+    store 128 bits at a time."""
     import json
     import os
+    import re
     import subprocess
     import sys
 
@@ -241,3 +245,6 @@ def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     for name, text in ptx.items():
         assert "mul.lo.s32" in text or "mul.lo.u32" in text, name  # the hash's wrapping products
         assert ("st.global" in text) and ("ld.global" in text), name
+        # the aligned full blocks' accesses are 128-bit
+        assert re.search(r"ld\.global(\.\w+)*\.v[24]\.b(32|64)", text), name
+        assert re.search(r"st\.global(\.\w+)*\.v[24]\.b(32|64)", text), name
