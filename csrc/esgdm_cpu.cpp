@@ -232,29 +232,26 @@ void step_range(const Segment<P, S, T>& t, int64_t lo, int64_t hi, T scale, Isa 
   const P* h = kDStep ? t.h + lo : nullptr;
   const int64_t n = hi - lo;
   const uint32_t first = static_cast<uint32_t>(static_cast<uint64_t>(lo));  // low 32 bits
+  // kUnit: the loops compiled for scale 1 (no grad_scale), on the instruction set `isa`.
+  auto run = [&](auto unit) {
+    constexpr bool kUnit = decltype(unit)::value;
 #if ESGDM_X86_DISPATCH
-  if (isa == Isa::kAvx512) {
-    if (scale == T(1)) {
-      step_loop_avx512<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
-    } else {
-      step_loop_avx512<kDStep, kSR, false>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    if (isa == Isa::kAvx512) {
+      step_loop_avx512<kDStep, kSR, kUnit>(p, g, m, d, h, n, first, t.c, scale, t.key);
+      return;
     }
-    return;
-  }
-  if (isa == Isa::kAvx2) {
-    if (scale == T(1)) {
-      step_loop_avx2<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
-    } else {
-      step_loop_avx2<kDStep, kSR, false>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    if (isa == Isa::kAvx2) {
+      step_loop_avx2<kDStep, kSR, kUnit>(p, g, m, d, h, n, first, t.c, scale, t.key);
+      return;
     }
-    return;
-  }
 #endif
-  (void)isa;
+    (void)isa;
+    step_loop_baseline<kDStep, kSR, kUnit>(p, g, m, d, h, n, first, t.c, scale, t.key);
+  };
   if (scale == T(1)) {
-    step_loop_baseline<kDStep, kSR, true>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    run(std::true_type{});
   } else {
-    step_loop_baseline<kDStep, kSR, false>(p, g, m, d, h, n, first, t.c, scale, t.key);
+    run(std::false_type{});
   }
 }
 
