@@ -133,15 +133,10 @@ def add_signs_(tensors: Sequence[torch.Tensor], keys: Sequence[int], starts: Seq
         table[:, START_COL] = [int(starts[i]) for i in which]
         blocks = _step.block_table(numels, BLOCK, device)
         alpha_t = torch.tensor([alpha], dtype=MATH_DTYPES[dtype]).to(device)
-        args = (blocks, torch.from_numpy(table).to(device), alpha_t, tensors[which[0]])
-        grid = (blocks.shape[0],)
-        if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):  # Triton launches on the current device
-                add_signs_kernel[grid](*args, ROW_=ROW, BLOCK_=BLOCK, BACKUP=backups is not None,
-                                       num_warps=NUM_WARPS)
-        else:
-            add_signs_kernel[grid](*args, ROW_=ROW, BLOCK_=BLOCK, BACKUP=backups is not None,
-                                   num_warps=NUM_WARPS)
+        with _step.on_device(device):
+            add_signs_kernel[(blocks.shape[0],)](blocks, torch.from_numpy(table).to(device), alpha_t,
+                                                 tensors[which[0]], ROW_=ROW, BLOCK_=BLOCK,
+                                                 BACKUP=backups is not None, num_warps=NUM_WARPS)
 
 
 __all__ = ["BLOCK", "INTERPRET", "MATH_DTYPES", "ROW", "add_signs_", "add_signs_kernel"]

@@ -86,6 +86,7 @@ result a GPU's conversion gives).
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import chain
@@ -576,13 +577,17 @@ def fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars: torch.Tensor,
     device = p_ref.device
     _check_device(device)
     entry = _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block, num_warps, device, qscales)
-    args = (entry.blocks, entry.table, entry.tickets, p_ref, exp_avgs[0], index, scalars, hparams,
-            grad_scale, found_inf, hvps is not None, flags, seed, entry.block, entry.num_warps, hints)
+    with on_device(device):
+        launch(entry.blocks, entry.table, entry.tickets, p_ref, exp_avgs[0], index, scalars, hparams,
+               grad_scale, found_inf, hvps is not None, flags, seed, entry.block, entry.num_warps, hints)
+
+
+def on_device(device: torch.device):
+    """A context in which Triton launches on ``device``: Triton launches on the current
+    CUDA device, so another one is made current for the launch."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
-        with torch.cuda.device(device):  # Triton launches on the current device
-            launch(*args)
-    else:
-        launch(*args)
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def clear_caches() -> None:
@@ -594,4 +599,4 @@ def clear_caches() -> None:
 __all__ = ["CONFIGS", "DSCALE_FLOOR", "DTYPES", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING", "INTERPRET",
            "QUANT_BLOCK", "ROW", "SMALL_CONFIG", "STATE_DTYPES", "address_table_host", "block_table",
            "block_table_host", "choose_config", "clear_caches", "esgdm_step_kernel", "fused_step", "lanes",
-           "launch"]
+           "launch", "on_device"]
