@@ -19,8 +19,16 @@
 //   * checks the per-step arguments of every bucket, then runs every bucket's kernel and
 //     returns 0.  Nothing is written unless it returns 0.
 //
+// Buckets of a kernel that C++ cannot launch (the Triton backend: a Python launch) are
+// the plan's too, as "launch buckets": the plan checks and gathers their gradients like
+// the others, writes the gradients' addresses into the bucket's address table (the
+// launcher's int64 [n, width] table; uploaded only when an address changed) and leaves
+// the launch to the caller, which then calls release().
+//
 // Calls from several threads take turns (the gathered gradients are the plan's, for the
-// length of one call), and no gradient is held after a call returns.
+// length of one call); no gradient is held after a call returns, except, on a step with
+// launch buckets, until release() (the caller orders such step-launch-release sequences
+// across its threads).
 
 #include <torch/extension.h>
 
@@ -29,6 +37,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <mutex>
 #include <optional>
 #include <vector>
@@ -125,6 +134,13 @@ struct PlanBucket {
   std::vector<c10::Storage> held;
   at::Tensor scalars, index;
   bool quantized = false;
+  // A launch bucket's address table (its launcher's, on the device), a host copy of it,
+  // the columns that hold each gradient's address, and the addresses the table holds.
+  at::Tensor table, host;
+  std::vector<int64_t> grad_columns;
+  std::vector<const void*> uploaded;
+
+  bool launched() const { return table.defined(); }
 
   // The kernel's arguments: with `ptrs`, the gradients' pointers from the plan's table
   // (`grads` empty); without, the tensors of `grads`.
@@ -146,10 +162,14 @@ std::vector<at::Tensor> tensors(const pybind11::handle& seq) {
 class StepPlan {
  public:
   // groups: each param group's list of parameters, in order; buckets: one tuple per
-  // bucket (params, exp_avgs, exp_avg_ds, qscales or None, scalars, index, buffers), the
-  // index the bucket's full table (every tensor stepped), buffers the flat state buffers
-  // the state views are views of: held, so that the pointers taken from the views stay
-  // valid even if a view is pointed elsewhere (``opt.state[p]["exp_avg"].data = t``).
+  // bucket (params, exp_avgs, exp_avg_ds, qscales or None, scalars, index, buffers,
+  // launch or None), the index the bucket's full table (every tensor stepped), buffers
+  // the flat state buffers the state views are views of: held, so that the pointers
+  // taken from the views stay valid even if a view is pointed elsewhere
+  // (``opt.state[p]["exp_avg"].data = t``).  launch: None for a bucket the plan's
+  // kernels step, else (table, host, grad_columns) of a launch bucket: its launcher's
+  // int64 [n, width] address table, a CPU tensor with the same values, and the columns
+  // to write each tensor's gradient address into.
   StepPlan(const pybind11::list& groups, const pybind11::list& buckets) {
     for (const pybind11::handle& g : groups) {
       std::vector<pybind11::object> ids;
@@ -160,8 +180,8 @@ class StepPlan {
     }
     for (const pybind11::handle& item : buckets) {
       auto t = pybind11::cast<pybind11::tuple>(item);
-      TORCH_CHECK(t.size() == 7, "StepPlan: a bucket is (params, exp_avgs, exp_avg_ds, qscales, "
-                  "scalars, index, buffers)");
+      TORCH_CHECK(t.size() == 8, "StepPlan: a bucket is (params, exp_avgs, exp_avg_ds, qscales, "
+                  "scalars, index, buffers, launch)");
       PlanBucket b;
       b.params = tensors(t[0]);
       b.exp_avgs = tensors(t[1]);
@@ -193,6 +213,7 @@ class StepPlan {
         check_table(b.scalars, "scalars", at::kDouble, kNumScalarColumns, -1, device);
         check_table(b.index, "index", at::kInt, 2, static_cast<int64_t>(b.params.size()), device);
       }
+      if (!t[7].is_none()) add_launch(b, pybind11::cast<pybind11::tuple>(t[7]));
       buckets_.push_back(std::move(b));
     }
   }
@@ -210,9 +231,12 @@ class StepPlan {
     const at::Tensor inf = found_inf.value_or(at::Tensor());
     pybind11::gil_scoped_release no_gil;  // (before waiting for the lock: no deadlock)
     std::lock_guard<std::mutex> lock(mutex_);
-    struct Release {  // the gradients are never held past the call, whatever happens
+    struct Release {  // the gradients are not held past the call (but see launches_)
       StepPlan* plan;
-      ~Release() { plan->release(); }
+      bool keep = false;
+      ~Release() {
+        if (!keep) plan->release();
+      }
     } release_at_exit{this};
     const int64_t status = gather();
     if (status != kReady) return status;
@@ -222,9 +246,33 @@ class StepPlan {
       args.push_back(buckets_[k].args({}, hparams[k], scale, inf, flags, seed, &buckets_[k].ptrs));
       check_step_args(args.back(), /*tables=*/true, /*per_tensor=*/false);  // before any write
     }
-    for (const StepArgs& a : args) run_step(a);
+    for (size_t k = 0; k < buckets_.size(); ++k) {
+      if (buckets_[k].launched()) {
+        refresh_table(buckets_[k]);
+      } else {
+        run_step(args[k]);
+      }
+    }
+    release_at_exit.keep = launches_ > 0;  // the caller launches, then calls release()
     return kReady;
   }
+
+  // Lets go of the gradients' memory (after a step with launch buckets: once they are
+  // launched; otherwise the step itself calls it).
+  void release() {
+    for (PlanBucket& b : buckets_) {
+      at::parallel_for(0, static_cast<int64_t>(b.held.size()), kGrain, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) {
+          // (the storages' lines left the caches during the step: ask for them ahead)
+          if (i + 16 < hi && b.held[i + 16]) ESGDM_PREFETCH(b.held[i + 16].unsafeGetStorageImpl(), 1);
+          if (b.held[i]) b.held[i] = c10::Storage();
+          b.ptrs.grads[i] = nullptr;
+        }
+      });
+    }
+  }
+
+  int64_t launches() const { return launches_; }
 
   int64_t size() const {
     int64_t n = 0;
@@ -296,23 +344,55 @@ class StepPlan {
     return status.load();
   }
 
-  // Lets go of the gradients' memory (on ATen's threads: gradients of their own
-  // allocation are one atomic decrement each, which at thousands of tensors shows).
-  void release() {
-    for (PlanBucket& b : buckets_) {
-      at::parallel_for(0, static_cast<int64_t>(b.held.size()), kGrain, [&](int64_t lo, int64_t hi) {
-        for (int64_t i = lo; i < hi; ++i) {
-          // (the storages' lines left the caches during the step: ask for them ahead)
-          if (i + 16 < hi && b.held[i + 16]) ESGDM_PREFETCH(b.held[i + 16].unsafeGetStorageImpl(), 1);
-          if (b.held[i]) b.held[i] = c10::Storage();
-          b.ptrs.grads[i] = nullptr;
-        }
-      });
+  // A launch bucket's table (see the constructor): checked once.
+  void add_launch(PlanBucket& b, const pybind11::tuple& launch) {
+    TORCH_CHECK(launch.size() == 3, "StepPlan: a launch is (table, host, grad_columns)");
+    b.table = pybind11::cast<at::Tensor>(launch[0]);
+    b.host = pybind11::cast<at::Tensor>(launch[1]);
+    b.grad_columns = pybind11::cast<std::vector<int64_t>>(launch[2]);
+    const int64_t n = static_cast<int64_t>(b.params.size());
+    TORCH_CHECK(!b.params.empty(), "StepPlan: a launch bucket without tensors");
+    TORCH_CHECK(b.table.scalar_type() == at::kLong && b.table.dim() == 2 && b.table.size(0) == n &&
+                    b.table.is_contiguous() && b.table.device() == b.params[0].device(),
+                "StepPlan: a launch table must be a contiguous int64 [", n, ", width] tensor on ",
+                b.params[0].device());
+    TORCH_CHECK(b.host.scalar_type() == at::kLong && b.host.sizes() == b.table.sizes() &&
+                    b.host.is_contiguous() && b.host.is_cpu(),
+                "StepPlan: a launch table's host copy must be a contiguous int64 CPU tensor of its shape");
+    for (int64_t c : b.grad_columns) {
+      TORCH_CHECK(c >= 0 && c < b.table.size(1), "StepPlan: gradient column ", c, " is not a column of the ",
+                  "launch table");
     }
+    b.uploaded.assign(b.params.size(), nullptr);  // (what the table holds is unknown: upload)
+    ++launches_;
+  }
+
+  // Writes the gathered gradients' addresses into a launch bucket's table where they
+  // differ from what it holds: usually they do not (the caching allocators hand the same
+  // blocks back), and nothing is copied.
+  static void refresh_table(PlanBucket& b) {
+    if (b.uploaded == b.ptrs.grads) return;
+    const int64_t width = b.host.size(1);
+    int64_t* rows = b.host.data_ptr<int64_t>();
+    for (size_t i = 0; i < b.ptrs.grads.size(); ++i) {
+      const auto address = static_cast<int64_t>(reinterpret_cast<uintptr_t>(b.ptrs.grads[i]));
+      for (int64_t c : b.grad_columns) rows[static_cast<int64_t>(i) * width + c] = address;
+    }
+    if (b.table.is_cuda()) {
+      // From a fresh pinned buffer: an earlier copy may still be reading the last one
+      // (the caching host allocator keeps a buffer until the copies that read it are done).
+      at::Tensor pinned = at::empty(b.host.sizes(), b.host.options().pinned_memory(true));
+      pinned.copy_(b.host);
+      b.table.copy_(pinned, /*non_blocking=*/true);  // ordered after the earlier launches
+    } else if (!b.table.is_same(b.host)) {
+      b.table.copy_(b.host);
+    }
+    b.uploaded = b.ptrs.grads;
   }
 
   std::vector<std::vector<pybind11::object>> groups_;
   std::vector<PlanBucket> buckets_;
+  int64_t launches_ = 0;  // launch buckets
   std::mutex mutex_;  // one step at a time: the gradients gathered are the plan's
 };
 
@@ -330,7 +410,11 @@ void register_plan(pybind11::module& m) {
            "step(groups, hparams, grad_scale, found_inf, flags, seed) -> 0 (stepped), 1 (a "
            "parameter changed) or 2 (a gradient missing or not laid out like its parameter: "
            "take the general path); nothing is written unless 0. groups: each param group's "
-           "list of parameters; hparams: one table per bucket.")
+           "list of parameters; hparams: one table per bucket.  With launch buckets, 0 means "
+           "their tables are ready: launch them, then call release().")
+      .def("release", &StepPlan::release, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "release(): lets go of the gradients a step with launch buckets held for their launch.")
+      .def_property_readonly("launches", &StepPlan::launches, "how many buckets the caller launches")
       .def("__len__", &StepPlan::size);
 }
 

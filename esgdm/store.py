@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import operator
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +66,8 @@ def _frontend_helpers():
 
 _FRONTEND = _frontend_helpers()
 
-#: The backends whose buckets a StepPlan can step (esgdm._C's kernels).
+#: The backends whose buckets a StepPlan steps itself (esgdm._C's kernels; others may
+#: hand it a launcher, Backend.plain_step_launcher).
 _PLAN_KERNELS = ("cpu", "cuda")
 #: Whether plain steps may take the StepPlan short cut where esgdm._C has it (the tests
 #: compare both paths).
@@ -115,6 +117,8 @@ class BucketStore:
         self.watch = _Watch()
         self.state_obj: Any = None  # the opt.state object whose edits flag self.watch
         self.plan: Any = None  # esgdm._C.StepPlan of the current buckets (plan_step)
+        self.plan_launchers: list[tuple[int, Any]] = []  # (bucket index, launcher) the plan leaves to us
+        self.plan_lock = threading.Lock()  # a plan step with launches: one thread at a time
         self.plan_for: tuple | None = None  # the (signature, backend_choice) it was built for
 
     # ---------------------------------------------------------------- state views
@@ -326,9 +330,11 @@ class BucketStore:
         """A plain step through the C++ :class:`esgdm._C.StepPlan`, when every bucket has
         one: the parameters unchanged (same objects, groups, memory and layout) and every
         gradient present and laid out like its parameter, which the plan checks in one
-        C++ pass, then each bucket on its kernel.  False, with no parameter or state
-        written, when the general path must step (it also builds the plan,
-        :meth:`make_plan`)."""
+        C++ pass, then each bucket on its kernel (the compiled ones run inside the plan;
+        a launch bucket's launcher, :meth:`esgdm.backends.Backend.plain_step_launcher`,
+        is called once the plan has written its gradients' addresses).  False, with no
+        parameter or state written, when the general path must step (it also builds the
+        plan, :meth:`make_plan`)."""
         plan = self.plan
         if plan is None or not USE_PLAN or self.plan_for != (id(self.signature), id(self.backend_choice)) \
                 or ops.is_compiling() or any(g.get("maximize", False) for g in opt.param_groups):
@@ -337,8 +343,22 @@ class BucketStore:
         # that follows finds the state edits applied and nothing else changed)
         self.sync_user_state(opt, self.buckets)
         hparams = self.device_hparams(opt, self.buckets)
-        status = plan.step([g["params"] for g in opt.param_groups], [hparams[b.device] for b in self.buckets],
-                           grad_scale, found_inf, opt._flags(), seed32(opt.seed))
+        tables = [hparams[b.device] for b in self.buckets]
+        groups = [g["params"] for g in opt.param_groups]
+        flags, seed = opt._flags(), seed32(opt.seed)
+        if not self.plan_launchers:
+            status = plan.step(groups, tables, grad_scale, found_inf, flags, seed)
+        else:
+            # The plan holds the gathered gradients, and its tables describe them, until
+            # release(): one thread's step, launches and release at a time.
+            with self.plan_lock:
+                status = plan.step(groups, tables, grad_scale, found_inf, flags, seed)
+                if status == 0:
+                    try:
+                        for k, launcher in self.plan_launchers:
+                            launcher(tables[k], grad_scale, found_inf, flags, seed)
+                    finally:
+                        plan.release()
         if status != 0:
             if status == 1:  # a parameter changed: the general path re-syncs the buckets
                 self.plan, self.plan_for = None, None  # (and make_plan builds a new plan)
@@ -349,28 +369,41 @@ class BucketStore:
         return True
 
     def make_plan(self, opt: ESGDM) -> None:
-        """Builds the StepPlan of the current buckets if every one is stepped by a
-        compiled kernel as plain dense real tensors (else :meth:`plan_step` keeps to the
-        general path)."""
+        """Builds the StepPlan of the current buckets if every one is stepped as plain
+        dense real tensors by a compiled kernel or by a backend with a
+        :meth:`~esgdm.backends.Backend.plain_step_launcher` (else :meth:`plan_step` keeps
+        to the general path)."""
         key = (id(self.signature), id(self.backend_choice))
         if (not USE_PLAN or _FRONTEND is None or not hasattr(_FRONTEND, "StepPlan") or self.plan_for == key
                 or ops.is_compiling() or self.signature is None):
             return
-        self.plan, self.plan_for = None, key
+        self.plan, self.plan_for, self.plan_launchers = None, key, []
         if self.any_dtensor or not self.buckets:
             return
-        for b in self.buckets:
-            backend, note = self.backend_choice[b.key]
-            if (backend is not backends.get(backend.name) or backend.name not in _PLAN_KERNELS
-                    or note is not None or b.any_complex or b.any_dtensor or not b.all_dense):
-                return
         groups = [g["params"] for g in opt.param_groups]
         if not all(type(g) is list for g in groups):
             return
+        launches: list[tuple | None] = []
+        launchers = []
+        for k, b in enumerate(self.buckets):
+            backend, note = self.backend_choice[b.key]
+            if (backend is not backends.get(backend.name) or note is not None or b.any_complex
+                    or b.any_dtensor or not b.all_dense):
+                return
+            if backend.name in _PLAN_KERNELS:
+                launches.append(None)
+                continue
+            launcher = backend.plain_step_launcher(b.tensors, b.exp_avg_views, b.exp_avg_d_views,
+                                                   b.qscale_views, b.scalars, b.index(None))
+            if launcher is None:
+                return
+            launches.append((launcher.table, launcher.host, list(launcher.grad_columns)))
+            launchers.append((k, launcher))
         self.plan = _FRONTEND.StepPlan(groups, [
             (b.tensors, b.exp_avg_views, b.exp_avg_d_views, b.qscale_views, b.scalars, b.index(None),
-             [b.exp_avg, b.exp_avg_d] + ([b.qscale] if b.quantized else []))
-            for b in self.buckets])
+             [b.exp_avg, b.exp_avg_d] + ([b.qscale] if b.quantized else []), launch)
+            for b, launch in zip(self.buckets, launches)])
+        self.plan_launchers = launchers
 
     # ---------------------------------------------------------- hyper-parameters
 

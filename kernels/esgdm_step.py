@@ -475,29 +475,61 @@ def _addresses(params, grads, exp_avgs, exp_avg_ds, hvps, block: int | None,
     entry = _ADDRESSES.get(key)
     if entry is not None and _same(entry.ptrs, ptrs) and _same(entry.numels, numels):
         return entry
-    on_gpu = device.type == "cuda"
     host = torch.from_numpy(address_table_host(ptrs, numels, d_step, quant))
-    if on_gpu:
-        pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-        pinned.copy_(host)
-        host = pinned  # a fresh buffer each refresh: an earlier copy may still read the old one
     if entry is not None and _same(entry.numels, numels):
-        if on_gpu:
+        if device.type == "cuda":
+            host = _pinned(host)
             entry.table.copy_(host, non_blocking=True)  # stream-ordered after earlier launches
         else:
             entry.table = host
         entry.ptrs, entry.host = ptrs, host
         _ADDRESSES.move_to_end(key)
         return entry
-    table = host.to(device, non_blocking=True) if on_gpu else host
-    numels = tuple(int(x) for x in numels)  # (a new entry: its block table is cached by sizes)
-    config = choose_config(numels, params[0].dtype) if block is None else CONFIGS[params[0].dtype]
+    return _cache_put(_ADDRESSES, key, _new_entry(ptrs, numels, host, params[0].dtype, block, num_warps,
+                                                  device))
+
+
+def _pinned(host: torch.Tensor) -> torch.Tensor:
+    """A fresh pinned copy of ``host`` to upload from (an earlier copy may still read the
+    last one)."""
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    return pinned.copy_(host)
+
+
+def _new_entry(ptrs, numels, host: torch.Tensor, dtype: torch.dtype, block: int | None,
+               num_warps: int | None, device) -> _Addresses:
+    """A bucket's tables for one layout: ``host`` (:func:`address_table_host`) on the
+    device, the block table, the tickets and the launch configuration."""
+    if device.type == "cuda":
+        host = _pinned(host)
+        table = host.to(device, non_blocking=True)
+    else:
+        table = host
+    numels = tuple(int(x) for x in numels)  # (the block table is cached by sizes)
+    config = choose_config(numels, dtype) if block is None else CONFIGS[dtype]
     block = config["BLOCK"] if block is None else block
     num_warps = config["num_warps"] if num_warps is None else num_warps
     blocks = block_table(numels, block, device)
-    tickets = torch.zeros(len(params), dtype=torch.int32, device=device)
-    return _cache_put(_ADDRESSES, key, _Addresses(ptrs, numels, table, host, blocks, tickets, block,
-                                                  num_warps))
+    tickets = torch.zeros(len(numels), dtype=torch.int32, device=device)
+    return _Addresses(ptrs, numels, table, host, blocks, tickets, block, num_warps)
+
+
+def plain_step_tables(params, exp_avgs, exp_avg_ds, qscales=None) -> tuple[_Addresses, torch.Tensor]:
+    """A bucket's own tables for plain steps whose gradients' addresses somebody else
+    writes into the table (``esgdm._C.StepPlan``, columns :data:`G_COL` and
+    :data:`H_COL`), and a CPU copy of the table to write them into.  Not cached here:
+    :func:`fused_step`'s tables for the same bucket compare what they hold with the
+    gradients of each call, and must not be written behind their back.  The gradient
+    columns hold 0 until then."""
+    lists = (params, params, exp_avgs, exp_avg_ds) + (() if qscales is None else (qscales,))
+    ptrs, numels = _pointers(lists)
+    host = address_table_host(ptrs, numels, False, qscales is not None)
+    host[:, [G_COL, H_COL]] = 0
+    device = params[0].device
+    _check_device(device)
+    entry = _new_entry(None, numels, torch.from_numpy(host), params[0].dtype, None, None, device)
+    # (on a CPU, in the interpreter, the table is its own host copy)
+    return entry, entry.table if device.type == "cpu" else torch.from_numpy(host)
 
 
 def launch(blocks: torch.Tensor, table: torch.Tensor, tickets: torch.Tensor, p_ref: torch.Tensor,
@@ -599,4 +631,4 @@ def clear_caches() -> None:
 __all__ = ["CONFIGS", "DSCALE_FLOOR", "DTYPES", "FLAG_EXACT", "FLAG_STOCHASTIC_ROUNDING", "INTERPRET",
            "QUANT_BLOCK", "ROW", "SMALL_CONFIG", "STATE_DTYPES", "address_table_host", "block_table",
            "block_table_host", "choose_config", "clear_caches", "esgdm_step_kernel", "fused_step", "lanes",
-           "launch", "on_device"]
+           "launch", "on_device", "plain_step_tables"]

@@ -70,15 +70,16 @@ def _spy_on_plan(opt) -> list[bool]:
     return used
 
 
-def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None, device="cpu", **kw):
+def _run(monkeypatch, use_plan, dtype, steps=7, groups=False, scaler_scale=None, device="cpu", backend=None,
+         **kw):
     monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
     params = _params(dtype, device=device)
     if groups:
         spec = [{"params": params[:3]}, {"params": params[3:], "lr": 0.03, "weight_decay": 0.1}]
     else:
         spec = params
-    opt = esgdm.ESGDM(spec, lr=0.1, update_d_every=3, d_warmup=2, backend="cpu" if device == "cpu" else "cuda",
-                      seed=3, **kw)
+    backend = backend or ("cpu" if device == "cpu" else "cuda")
+    opt = esgdm.ESGDM(spec, lr=0.1, update_d_every=3, d_warmup=2, backend=backend, seed=3, **kw)
     fixed = _FixedHvp(opt, params)
     used = _spy_on_plan(opt)
     for step in range(steps):
@@ -141,6 +142,101 @@ def test_plan_matches_general_path_on_the_cuda_kernel(monkeypatch, dtype, kw):
         assert a.dtype == b.dtype and torch.equal(a, b)
 
 
+def _triton_steps_cpu_tensors() -> bool:
+    return esgdm.backends.get("triton").why_not(torch.device("cpu"), torch.float32) is None
+
+
+requires_triton_interpreter = pytest.mark.skipif(
+    not _triton_steps_cpu_tensors(), reason="the triton backend steps CPU tensors only in Triton's interpreter")
+
+
+@requires_triton_interpreter
+@pytest.mark.parametrize("dtype,kw", [c for c in CASES if c[0] != torch.float64])
+def test_plan_launches_the_triton_kernel_like_the_general_path(monkeypatch, dtype, kw):
+    """A bucket of the "triton" backend: the plan checks and gathers, writes the
+    gradients' addresses into the launcher's own table, and the launch steps it with the
+    general path's bits (groups, GradScaler with a skipped step)."""
+    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=True, scaler_scale=64.0, backend="triton", **kw)
+    p_ref, opt_ref, used_ref = _run(monkeypatch, False, dtype, groups=True, scaler_scale=64.0, backend="triton",
+                                    **kw)
+    # plain steps 2, 3 and 6 (step 4's inf makes step 5 the D-step again)
+    assert used == [True] * 3 and used_ref == [False] * 3
+    assert len(opt_plan._store.plan_launchers) == len(opt_plan._store.buckets)  # (8-bit state: two)
+    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype,kw", CASES[:5])
+def test_plan_launches_the_triton_kernel_like_the_general_path_on_cuda(monkeypatch, dtype, kw):
+    """The same on a GPU: the launch table's gradient columns uploaded from pinned memory."""
+    if esgdm.backends.get("triton").why_not(torch.device("cuda"), dtype) is not None:
+        pytest.skip("the triton backend cannot run here")
+    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=True, scaler_scale=64.0, device="cuda",
+                                  backend="triton", **kw)
+    p_ref, opt_ref, _ = _run(monkeypatch, False, dtype, groups=True, scaler_scale=64.0, device="cuda",
+                             backend="triton", **kw)
+    assert used == [True] * 3 and opt_plan._store.plan_launchers
+    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@requires_triton_interpreter
+def test_plan_launch_table_follows_moved_and_reused_gradients(monkeypatch):
+    """The launch table is uploaded only when a gradient's address changed: gradients
+    written in place (the same addresses every step), then gradients in new memory
+    while the old stays alive (every address new), then back to the first memory."""
+    results = []
+    for use_plan in (True, False):
+        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+        params, grads = _views_of_one_buffer()
+        opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend="triton", seed=1)
+        _FixedHvp(opt, params)
+        opt.step()  # a D-step: the general path, which builds the plan
+        used = _spy_on_plan(opt)
+        other = torch.empty_like(grads)
+        for step in range(6):
+            flat = torch.cat([g.flatten() for g in _grads(params, step)])
+            buffer = other if step in (2, 3) else grads
+            buffer.copy_(flat)
+            at = 0
+            for p in params:
+                p.grad = buffer[at:at + p.numel()].view(p.shape)
+                at += p.numel()
+            opt.step()
+        assert used == [use_plan] * 6
+        results.append(_state(params, opt))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@requires_triton_interpreter
+def test_plan_with_a_launch_lets_go_of_the_gradients_even_when_the_launch_fails(monkeypatch):
+    from esgdm.kernels import esgdm_step
+
+    params, opt = _ready(backend="triton")
+    assert opt._store.plan is not None and opt._store.plan.launches == 1
+    ref = weakref.ref(params[5].grad)
+    opt.step()  # through the plan
+    params[5].grad = None
+    gc.collect()
+    assert ref() is None
+
+    params[5].grad = torch.ones_like(params[5])
+    ref = weakref.ref(params[5].grad)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("launch failed")
+    monkeypatch.setattr(esgdm_step, "launch", fail)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        opt.step()
+    params[5].grad = None
+    gc.collect()
+    assert ref() is None
+    assert not opt._store.plan_lock.locked()
+
+
 def test_plan_with_grad_scaler_and_skipped_step(monkeypatch):
     p_plan, opt_plan, used = _run(monkeypatch, True, torch.float32, scaler_scale=1024.0)
     p_ref, opt_ref, _ = _run(monkeypatch, False, torch.float32, scaler_scale=1024.0)
@@ -150,10 +246,10 @@ def test_plan_with_grad_scaler_and_skipped_step(monkeypatch):
     assert opt_plan.steps == opt_ref.steps == 6  # step 4 found an inf
 
 
-def _ready(dtype=torch.float32, **kw):
+def _ready(dtype=torch.float32, backend="cpu", **kw):
     """An optimizer whose next plain step can take the plan."""
     params = _params(dtype)
-    opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend="cpu", seed=1, **kw)
+    opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend=backend, seed=1, **kw)
     fixed = _FixedHvp(opt, params)
     for step in range(2):
         fixed.step = step
@@ -398,30 +494,36 @@ def test_step_flat_on_the_cpu_kernel_refuses_bad_input(bad, match):
     assert all(torch.equal(x, y) for x, y in zip(before, params + [m, d, scalars]))
 
 
-def test_plan_steps_from_two_threads_take_turns():
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=requires_triton_interpreter)])
+def test_plan_steps_from_two_threads_take_turns(backend):
     """StepPlan.step holds the gradients it gathered for the length of one call: calls
     from two threads take turns (each a whole step), as many steps as calls, the same
-    result as the same calls made one after the other."""
+    result as the same calls made one after the other.  With a launch bucket ("triton"),
+    through the store: its step, launch and release are one turn."""
     import threading
 
     results = []
     for threads in (1, 2):
-        params, opt = _ready()
+        params, opt = _ready(backend=backend)
         store = opt._store
         hparams = store.device_hparams(opt, store.buckets)
         args = ([g["params"] for g in opt.param_groups], [hparams[b.device] for b in store.buckets],
                 None, None, opt._flags(), 7)
         statuses = []
 
-        def run(k, plan=store.plan, args=args, statuses=statuses):
+        def run(k, plan=store.plan, args=args, statuses=statuses, opt=opt):
             for _ in range(k):
-                statuses.append(plan.step(*args))
-        workers = [threading.Thread(target=run, args=(40 // threads,)) for _ in range(threads)]
+                if backend == "cpu":
+                    statuses.append(plan.step(*args))
+                else:
+                    statuses.append(0 if opt._store.plan_step(opt, None, None) else -1)
+        calls = 40 if backend == "cpu" else 6
+        workers = [threading.Thread(target=run, args=(calls // threads,)) for _ in range(threads)]
         for w in workers:
             w.start()
         for w in workers:
             w.join()
-        assert statuses == [0] * 40
+        assert statuses == [0] * calls
         results.append([p.detach().clone() for p in params] + [store.buckets[0].scalars.clone()])
     for a, b in zip(*results):
         assert torch.equal(a, b)

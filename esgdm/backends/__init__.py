@@ -34,6 +34,7 @@ import importlib
 import os
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -87,6 +88,20 @@ class Backend:
         """Steps one bucket in place (see the module docstring).  ``qscales`` is passed
         only with 8-bit (uint8) state: each tensor's block scales (:mod:`esgdm.quant`)."""
         raise NotImplementedError
+
+    def plain_step_launcher(self, params: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                            exp_avg_ds: Sequence[Tensor], qscales: Sequence[Tensor] | None,
+                            scalars: Tensor, index: Tensor) -> Any:
+        """Optional: the plain steps of one bucket (every tensor stepped) for the
+        optimizer's C++ step plan (``esgdm._C.StepPlan``), which checks and gathers the
+        gradients in one C++ pass and writes their addresses into the launcher's address
+        table.  An object with ``table`` (int64 ``[n, width]`` on the device), ``host`` (a
+        CPU tensor with the same values), ``grad_columns`` (the columns that hold each
+        tensor's gradient address; on a plain step ``hvps`` is never read) and
+        ``__call__(hparams, grad_scale, found_inf, flags, seed)``, which launches the
+        bucket's plain step over that table.  None (the default): the bucket's plain steps
+        take the general path, :meth:`step`."""
+        return None
 
     def describe(self) -> str:
         """A line for ``python -m esgdm.info`` (build details, versions)."""

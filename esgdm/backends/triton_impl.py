@@ -76,6 +76,11 @@ class TritonBackend(BuiltinBackend):
         esgdm_step.fused_step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                               grad_scale, found_inf, flags, seed, qscales=qscales)
 
+    def plain_step_launcher(self, params, exp_avgs, exp_avg_ds, qscales, scalars, index):
+        """The bucket's plain steps as one launch over its own address table, whose
+        gradient columns the step plan fills (:meth:`esgdm.backends.Backend.plain_step_launcher`)."""
+        return PlainStepLauncher(params, exp_avgs, exp_avg_ds, qscales, scalars, index)
+
     def describe(self) -> str:
         error = _triton_error()
         if error is not None:
@@ -89,6 +94,30 @@ class TritonBackend(BuiltinBackend):
         return (f"Triton {triton.__version__}, {mode}; one fused kernel per bucket "
                 f"(elements and per-tensor scalars), BLOCK={config['BLOCK']}, "
                 f"num_warps={config['num_warps']}")
+
+
+class PlainStepLauncher:
+    """One bucket's plain step for ``esgdm._C.StepPlan``: the plan checks the gradients
+    and writes their addresses into :attr:`table`; a call launches the kernel over it,
+    with the configuration :func:`~esgdm.kernels.esgdm_step.fused_step` would choose (the
+    same launch, bit for bit)."""
+
+    def __init__(self, params, exp_avgs, exp_avg_ds, qscales, scalars, index):
+        from esgdm.kernels import esgdm_step
+
+        self._kernels = esgdm_step
+        self._tables, self.host = esgdm_step.plain_step_tables(params, exp_avgs, exp_avg_ds, qscales)
+        self.table = self._tables.table
+        self.grad_columns = (esgdm_step.G_COL, esgdm_step.H_COL)
+        self._device = params[0].device
+        self._refs = (params[0], exp_avgs[0])  # (only their dtypes are read)
+        self._scalars, self._index = scalars, index
+
+    def __call__(self, hparams, grad_scale, found_inf, flags: int, seed: int) -> None:
+        k, t = self._kernels, self._tables
+        with k.on_device(self._device):
+            k.launch(t.blocks, t.table, t.tickets, *self._refs, self._index, self._scalars, hparams,
+                     grad_scale, found_inf, False, flags, seed, t.block, t.num_warps)
 
 
 BACKEND = TritonBackend()
