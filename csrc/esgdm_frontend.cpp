@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "esgdm_common.h"
+#include "esgdm_python.h"
 
 namespace esgdm {
 
@@ -35,31 +36,6 @@ inline uint64_t mix(uint64_t h, uint64_t v) {
   // boost::hash_combine's mixing step, widened to 64 bits.
   return h ^ (v + 0x9E3779B97F4A7C15ull + (h << 6) + (h >> 2));
 }
-
-// A list or tuple of tensors read in place: THPVariable_Unpack gives each item's
-// at::Tensor without a std::vector<at::Tensor> being built (pybind's conversion of a
-// list costs about 40 ns per tensor, as much as a Python loop over the tensors).
-class TensorSeq {
- public:
-  TensorSeq(const pybind11::handle& seq, const char* what)
-      : fast_(pybind11::reinterpret_steal<pybind11::object>(PySequence_Fast(seq.ptr(), what))) {
-    if (!fast_) throw pybind11::error_already_set();
-    items_ = PySequence_Fast_ITEMS(fast_.ptr());
-    n_ = static_cast<int64_t>(PySequence_Fast_GET_SIZE(fast_.ptr()));
-    for (int64_t i = 0; i < n_; ++i) {
-      TORCH_CHECK_TYPE(THPVariable_Check(items_[i]), what, ": item ", i, " is a ",
-                       Py_TYPE(items_[i])->tp_name, ", not a tensor");
-    }
-  }
-  int64_t size() const { return n_; }
-  const at::Tensor& operator[](int64_t i) const { return THPVariable_Unpack(items_[i]); }
-  PyObject* item(int64_t i) const { return items_[i]; }
-
- private:
-  pybind11::object fast_;  // a list or tuple holding the items (a new one for other sequences)
-  PyObject** items_ = nullptr;
-  int64_t n_ = 0;
-};
 
 // h with tensor t's memory and layout folded in.
 uint64_t mix_layout(uint64_t h, const at::Tensor& t) {

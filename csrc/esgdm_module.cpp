@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "esgdm_common.h"
+#include "esgdm_python.h"
 #if defined(ESGDM_WITH_CUDA)
 #include "esgdm_cuda.h"
 #endif
@@ -162,19 +163,25 @@ namespace {
 
 // esgdm._C.step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
 //               grad_scale, found_inf, flags, seed, qscales=None)
-void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-          const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_ds,
-          const std::optional<std::vector<at::Tensor>>& hvps, const at::Tensor& scalars,
+// The lists are borrowed (esgdm_python.h) and the GIL released while the step runs.
+void step(const pybind11::handle& params, const pybind11::handle& grads, const pybind11::handle& exp_avgs,
+          const pybind11::handle& exp_avg_ds, const pybind11::handle& hvps, const at::Tensor& scalars,
           const at::Tensor& index, const at::Tensor& hparams,
           const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-          int64_t flags, int64_t seed, const std::optional<std::vector<at::Tensor>>& qscales) {
-  StepArgs a = make_step_args(params, grads, exp_avgs, exp_avg_ds, scalars, index, hparams,
+          int64_t flags, int64_t seed, const pybind11::handle& qscales) {
+  const BorrowedTensors p(params, "params"), g(grads, "grads"), m(exp_avgs, "exp_avgs"),
+      d(exp_avg_ds, "exp_avg_ds");
+  std::optional<BorrowedTensors> h, q;
+  if (!hvps.is_none()) h.emplace(hvps, "hvps");
+  if (!qscales.is_none()) q.emplace(qscales, "qscales");
+  pybind11::gil_scoped_release no_gil;
+  StepArgs a = make_step_args(p.tensors(), g.tensors(), m.tensors(), d.tensors(), scalars, index, hparams,
                               grad_scale.value_or(at::Tensor()), found_inf.value_or(at::Tensor()),
                               flags, seed);
-  a.d_step = hvps.has_value();
-  if (a.d_step) a.hvps = *hvps;
-  a.quantized = qscales.has_value();
-  if (a.quantized) a.qscales = *qscales;
+  a.d_step = h.has_value();
+  if (a.d_step) a.hvps = h->tensors();
+  a.quantized = q.has_value();
+  if (a.quantized) a.qscales = q->tensors();
   check_step_args(a, true, true);
   run_step(a);
 }
@@ -185,12 +192,12 @@ void step(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& 
 // (esgdm::step_flat_, the operator torch.compile'd steps call): the state views are cut
 // here and every tensor checked as step() checks it, in C++ (done in Python, per tensor,
 // that cost a compiled step more than the kernel did).
-void step_flat(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-               const at::Tensor& exp_avg, const at::Tensor& exp_avg_d,
-               const std::vector<int64_t>& offsets, const at::Tensor& scalars,
-               const at::Tensor& index, const at::Tensor& hparams,
-               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
-               int64_t flags, int64_t seed) {
+void step_flat_lists(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                     const at::Tensor& exp_avg, const at::Tensor& exp_avg_d,
+                     const std::vector<int64_t>& offsets, const at::Tensor& scalars,
+                     const at::Tensor& index, const at::Tensor& hparams,
+                     const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                     int64_t flags, int64_t seed) {
   const size_t n = params.size();
   TORCH_CHECK(offsets.size() == n, "esgdm._C.step_flat: got ", n, " params but ", offsets.size(), " offsets");
   // First, before anything else is asked of them (this runs without the GIL): no tensor
@@ -235,6 +242,17 @@ void step_flat(const std::vector<at::Tensor>& params, const std::vector<at::Tens
                                     flags, seed);
   check_step_args(a, true, true);
   run_step(a);
+}
+
+void step_flat(const pybind11::handle& params, const pybind11::handle& grads, const at::Tensor& exp_avg,
+               const at::Tensor& exp_avg_d, const std::vector<int64_t>& offsets, const at::Tensor& scalars,
+               const at::Tensor& index, const at::Tensor& hparams,
+               const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+               int64_t flags, int64_t seed) {
+  const BorrowedTensors p(params, "params"), g(grads, "grads");
+  pybind11::gil_scoped_release no_gil;
+  step_flat_lists(p.tensors(), g.tensors(), exp_avg, exp_avg_d, offsets, scalars, index, hparams, grad_scale,
+                  found_inf, flags, seed);
 }
 
 }  // namespace
@@ -302,7 +320,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &esgdm::step, py::arg("params"), py::arg("grads"), py::arg("exp_avgs"),
         py::arg("exp_avg_ds"), py::arg("hvps"), py::arg("scalars"), py::arg("index"),
         py::arg("hparams"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("flags"),
-        py::arg("seed"), py::arg("qscales") = py::none(), py::call_guard<py::gil_scoped_release>(),
+        py::arg("seed"), py::arg("qscales") = py::none(),
         "step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams, grad_scale, "
         "found_inf, flags, seed, qscales=None) -> None\n\n"
         "One ESGD-M step of one bucket in place, as esgdm.rule says, on the parameters' device "
@@ -315,7 +333,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_flat", &esgdm::step_flat, py::arg("params"), py::arg("grads"), py::arg("exp_avg"),
         py::arg("exp_avg_d"), py::arg("offsets"), py::arg("scalars"), py::arg("index"),
         py::arg("hparams"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("flags"),
-        py::arg("seed"), py::call_guard<py::gil_scoped_release>(),
+        py::arg("seed"),
         "step_flat(params, grads, exp_avg, exp_avg_d, offsets, scalars, index, hparams, grad_scale, "
         "found_inf, flags, seed) -> None\n\n"
         "step() of a plain step (float state), the state of parameter i being the view of the flat "

@@ -35,7 +35,7 @@ DEFAULT_ARCH_LIST = "7.5;8.0;9.0+PTX"
 
 SOURCES_CPP = ["esgdm_module.cpp", "esgdm_cpu.cpp", "esgdm_frontend.cpp", "esgdm_plan.cpp"]
 SOURCES_CUDA = ["esgdm_cuda.cu", "esgdm_cuda_host.cpp"]
-HEADERS = ["esgdm_update.h", "esgdm_common.h", "esgdm_cuda.h"]
+HEADERS = ["esgdm_update.h", "esgdm_common.h", "esgdm_cuda.h", "esgdm_python.h"]
 
 
 def _say(msg: str) -> None:

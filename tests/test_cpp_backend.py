@@ -22,6 +22,7 @@ copy of the parameters.
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -693,6 +694,34 @@ def test_bad_arguments_raise_naming_the_problem(ext, break_it, message):
     break_it(args)
     with pytest.raises(RuntimeError, match=message):
         ext.step(*args)
+
+
+def test_an_item_that_is_not_a_tensor_is_named(ext):
+    args = _good_args()
+    args[1][1] = 0.5
+    with pytest.raises(TypeError, match=r"grads\[1\] is a float, not a tensor"):
+        ext.step(*args)
+
+
+def test_the_lists_are_read_without_taking_or_dropping_references(ext):
+    """The lists are borrowed: every tensor's reference counts (C++ and Python) are what
+    they were after calls that step, that refuse a tensor's layout and that refuse a
+    non-tensor item; a tuple or any iterable does as well as a list."""
+    args = _good_args()
+    tensors = [t for k in (0, 1, 2, 3, 4) for t in args[k]]
+    before = [(t._use_count(), sys.getrefcount(t)) for t in tensors]
+    ext.step(*args)
+    ext.step(*[tuple(a) if isinstance(a, list) else a for a in args])
+    ext.step(*[iter(a) if isinstance(a, list) else a for a in args])
+    bad = list(args)
+    bad[1] = [args[1][0], torch.randn(5)]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] has shape \[5\]"):
+        ext.step(*bad)
+    bad[1] = [args[1][0], "g"]
+    with pytest.raises(TypeError, match="is a str, not a tensor"):
+        ext.step(*bad)
+    del bad
+    assert [(t._use_count(), sys.getrefcount(t)) for t in tensors] == before
 
 
 def test_mismatched_strides_raise(ext):
