@@ -25,6 +25,9 @@ struct TensorPtrs {
 
 struct StepArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_ds;
+  // The dtype of exp_avgs and exp_avg_ds (from exp_avgs[0]; set by the caller when the
+  // state comes as pointers only, see ptrs).
+  at::ScalarType state_dtype = at::ScalarType::Undefined;
   at::TensorList hvps;  // empty unless d_step
   bool d_step = false;
   // uint8 state (exp_avgs/exp_avg_ds codes): each tensor's float32 [n_blocks, 2] block
@@ -38,10 +41,14 @@ struct StepArgs {
   at::Tensor found_inf;   // float32, one element; undefined when absent
   int64_t flags = 0;
   int64_t seed = 0;
-  // Set by a StepPlan on a plain step: the lists' data pointers and sizes, which the
-  // kernels read instead of the tensors (TensorMemory); `grads` is then empty (the plan
-  // holds the gradients' memory).
+  // Set on a plain step by a StepPlan or by esgdm._C.step_flat: the lists' data pointers
+  // and sizes, which the kernels read instead of the tensors (TensorMemory).  A plan's
+  // `grads` is then empty (the plan holds the gradients' memory); step_flat's
+  // `exp_avgs`/`exp_avg_ds` are (its state is one flat buffer per list, cut by offsets,
+  // laid out like the parameters: state_from_ptrs()).
   const TensorPtrs* ptrs = nullptr;
+
+  bool state_from_ptrs() const { return ptrs != nullptr && exp_avgs.empty() && !params.empty(); }
 
   int64_t size() const { return static_cast<int64_t>(params.size()); }
   bool exact() const { return (flags & kFlagExact) != 0; }
@@ -78,6 +85,7 @@ inline StepArgs make_step_args(at::TensorList params, at::TensorList grads, at::
   a.grads = grads;
   a.exp_avgs = exp_avgs;
   a.exp_avg_ds = exp_avg_ds;
+  if (!exp_avgs.empty() && exp_avgs[0].defined()) a.state_dtype = exp_avgs[0].scalar_type();
   a.scalars = scalars;
   a.index = index;
   a.hparams = hparams;

@@ -585,7 +585,7 @@ void step_typed8(const StepArgs& a, const std::vector<Derived>& derived) {
 
 template <typename P>
 void step_param(const StepArgs& a, const std::vector<Derived>& derived) {
-  const at::ScalarType state = a.exp_avgs[0].scalar_type();
+  const at::ScalarType state = a.state_dtype;
   if constexpr (std::is_same<P, double>::value) {
     TORCH_CHECK(state == at::kDouble, "esgdm._C.step: state of float64 parameters must be float64, got ", state);
     step_typed<double, double>(a, derived);

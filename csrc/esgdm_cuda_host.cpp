@@ -101,7 +101,7 @@ std::vector<uintptr_t> table_key(const StepArgs& a) {
   key.reserve(5 + 7 * a.params.size());
   key.push_back(static_cast<uintptr_t>(a.params[0].device().index()));
   key.push_back(static_cast<uintptr_t>(a.params[0].scalar_type()));
-  key.push_back(static_cast<uintptr_t>(a.exp_avgs[0].scalar_type()));
+  key.push_back(static_cast<uintptr_t>(a.state_dtype));
   key.push_back(a.d_step ? 1 : 0);
   key.push_back(a.params.size());
   for (int64_t i = 0; i < mem.size(); ++i) {
@@ -229,7 +229,7 @@ void step_cuda(const StepArgs& a) {
   prm.stochastic = a.stochastic_rounding() ? 1 : 0;
   prm.d_step = a.d_step ? 1 : 0;
 
-  cuda::launch_step(param_type(a.params[0].scalar_type()), state_type(a.exp_avgs[0].scalar_type()),
+  cuda::launch_step(param_type(a.params[0].scalar_type()), state_type(a.state_dtype),
                     prm, device.index(), stream.stream());
   cuda::launch_advance(prm, stream.stream());  // after: the step reads the old rows
 }

@@ -84,12 +84,15 @@ void check_like(const at::Tensor& t, const char* what, size_t i, const at::Tenso
 // every tensor of the lists (a StepPlan checks them once, when it is built).
 void check_step_args(const StepArgs& a, bool tables, bool per_tensor) {
   const size_t n = a.params.size();
+  const bool state_ptrs = a.state_from_ptrs();
   const size_t n_grads = a.ptrs ? a.ptrs->grads.size() : a.grads.size();  // (TensorMemory)
+  const size_t n_m = state_ptrs ? a.ptrs->exp_avgs.size() : a.exp_avgs.size();
+  const size_t n_d = state_ptrs ? a.ptrs->exp_avg_ds.size() : a.exp_avg_ds.size();
   TORCH_CHECK(n_grads == n, "esgdm._C.step: got ", n, " params but ", n_grads, " grads");
-  TORCH_CHECK(a.exp_avgs.size() == n, "esgdm._C.step: got ", n, " params but ",
-              a.exp_avgs.size(), " exp_avgs");
-  TORCH_CHECK(a.exp_avg_ds.size() == n, "esgdm._C.step: got ", n, " params but ",
-              a.exp_avg_ds.size(), " exp_avg_ds");
+  TORCH_CHECK(n_m == n, "esgdm._C.step: got ", n, " params but ", n_m, " exp_avgs");
+  TORCH_CHECK(n_d == n, "esgdm._C.step: got ", n, " params but ", n_d, " exp_avg_ds");
+  TORCH_CHECK(!state_ptrs || (!a.d_step && !a.quantized && a.ptrs->numels.size() == n),
+              "esgdm._C.step: state as pointers is for plain steps of float state");
   if (a.d_step) {
     TORCH_CHECK(a.hvps.size() == n, "esgdm._C.step: got ", n, " params but ", a.hvps.size(), " hvps");
   }
@@ -120,8 +123,8 @@ void check_step_args(const StepArgs& a, bool tables, bool per_tensor) {
   }
   if (!per_tensor) return;
 
-  TORCH_CHECK(a.exp_avgs[0].defined(), "esgdm._C.step: exp_avgs[0] is undefined");
-  const at::ScalarType state = a.exp_avgs[0].scalar_type();
+  TORCH_CHECK(state_ptrs || a.exp_avgs[0].defined(), "esgdm._C.step: exp_avgs[0] is undefined");
+  const at::ScalarType state = a.state_dtype;
   TORCH_CHECK(supported_state_dtype(dtype, state), "esgdm._C.step: exp_avgs[0] has dtype ", state,
               "; state for ", dtype, " parameters must be ",
               dtype == at::kDouble ? "float64" : "float32, bfloat16 or uint8 (with qscales)");
@@ -142,8 +145,10 @@ void check_step_args(const StepArgs& a, bool tables, bool per_tensor) {
     TORCH_CHECK(p.is_non_overlapping_and_dense(), "esgdm._C.step: params[", i, "] (shape ",
                 p.sizes(), ", strides ", p.strides(), ") is not dense; step a dense copy instead");
     check_like(a.grads[i], "grads", i, p, dtype);
-    check_like(a.exp_avgs[i], "exp_avgs", i, p, state);
-    check_like(a.exp_avg_ds[i], "exp_avg_ds", i, p, state);
+    if (!state_ptrs) {  // (else cut from one buffer like p: esgdm._C.step_flat checked the extents)
+      check_like(a.exp_avgs[i], "exp_avgs", i, p, state);
+      check_like(a.exp_avg_ds[i], "exp_avg_ds", i, p, state);
+    }
     if (a.d_step) check_like(a.hvps[i], "hvps", i, p, dtype);
     if (a.quantized) {
       const at::Tensor& q = a.qscales[i];
@@ -218,9 +223,16 @@ void step_flat_lists(const std::vector<at::Tensor>& params, const std::vector<at
   }
   TORCH_CHECK(exp_avg.scalar_type() == exp_avg_d.scalar_type() && exp_avg.numel() == exp_avg_d.numel(),
               "esgdm._C.step_flat: exp_avg and exp_avg_d differ in dtype or size");
-  std::vector<at::Tensor> ms, ds;
-  ms.reserve(n);
-  ds.reserve(n);
+  // The state's pointers, not views: cutting 2n views cost more than the kernel on small
+  // tensors.  Parameter i is dense (checked below), so its state spans exactly numel
+  // elements from offsets[i], which must lie inside the flat buffers.
+  if (n > 0) {
+    TORCH_CHECK(exp_avg.device() == params[0].device() && exp_avg_d.device() == params[0].device(),
+                "esgdm._C.step_flat: exp_avg and exp_avg_d are on ", exp_avg.device(), ", the parameters on ",
+                params[0].device());
+  }
+  TensorPtrs ptrs;
+  const auto elem = static_cast<int64_t>(exp_avg.element_size());
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK(p.defined() && p.layout() == at::kStrided, "esgdm._C.step_flat: params[", i,
@@ -234,13 +246,19 @@ void step_flat_lists(const std::vector<at::Tensor>& params, const std::vector<at
     TORCH_CHECK(offsets[i] >= 0 && offsets[i] + extent <= exp_avg.numel(), "esgdm._C.step_flat: offsets[",
                 i, "] = ", offsets[i], " puts the state of a parameter of shape ", p.sizes(),
                 " outside the flat buffers of ", exp_avg.numel(), " elements");
-    ms.push_back(exp_avg.as_strided(p.sizes(), p.strides(), exp_avg.storage_offset() + offsets[i]));
-    ds.push_back(exp_avg_d.as_strided(p.sizes(), p.strides(), exp_avg_d.storage_offset() + offsets[i]));
+    ptrs.params.push_back(p.data_ptr());
+    ptrs.grads.push_back(nullptr);  // (once the gradients are checked)
+    ptrs.exp_avgs.push_back(static_cast<char*>(exp_avg.data_ptr()) + offsets[i] * elem);
+    ptrs.exp_avg_ds.push_back(static_cast<char*>(exp_avg_d.data_ptr()) + offsets[i] * elem);
+    ptrs.numels.push_back(p.numel());
   }
-  const StepArgs a = make_step_args(params, grads, ms, ds, scalars, index, hparams,
-                                    grad_scale.value_or(at::Tensor()), found_inf.value_or(at::Tensor()),
-                                    flags, seed);
+  StepArgs a = make_step_args(params, grads, {}, {}, scalars, index, hparams,
+                              grad_scale.value_or(at::Tensor()), found_inf.value_or(at::Tensor()), flags, seed);
+  a.state_dtype = exp_avg.scalar_type();
+  a.ptrs = &ptrs;
+  TORCH_CHECK(grads.size() == n, "esgdm._C.step_flat: got ", n, " params but ", grads.size(), " grads");
   check_step_args(a, true, true);
+  for (size_t i = 0; i < n; ++i) ptrs.grads[i] = grads[i].data_ptr();
   run_step(a);
 }
 

@@ -474,6 +474,76 @@ def test_step_flat_on_the_cpu_kernel_matches_step_on_views():
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
+def test_step_flat_state_pointers_match_views_for_any_dense_layout(dtype, state_dtype):
+    """esgdm._C.step_flat reads each parameter's state at its offset with the
+    parameter's own (dense) layout, as the views would: transposed and permuted
+    parameters, empty ones, and offsets with gaps, against esgdm._C.step on the views."""
+    g = torch.Generator().manual_seed(5)
+    base = [torch.randn(5, 7, generator=g).t(), torch.randn(3, 4, 2, generator=g).permute(2, 0, 1),
+            torch.randn(9, generator=g), torch.randn(0, 3, generator=g), torch.randn(2, 6, generator=g)]
+    params = [p.to(dtype) for p in base]
+    grads = [torch.empty_strided(p.shape, p.stride(), dtype=dtype).copy_(torch.randn(p.shape, generator=g))
+             for p in params]
+    offsets, total = [], 3
+    for p in params:
+        offsets.append(total)
+        total += p.numel() + 5
+    m = (torch.randn(total, generator=g) * 0.1).to(state_dtype)
+    d = (torch.rand(total, generator=g) * 0.01).to(state_dtype)
+    n = len(params)
+    scalars = torch.tensor([[0.9 ** 3, 0.5, 3.0, 0.05]] * n, dtype=torch.float64)
+    index = torch.tensor([[i, 0] for i in range(n)], dtype=torch.int32)
+    hparams = torch.tensor([[0.1, 0.9, 0.999, 0.99, 1e-4, 0.01]], dtype=torch.float64)
+    flat = [t.clone() for t in (*params, m, d, scalars)]
+    views = [t.clone() for t in (*params, m, d, scalars)]
+    ext = cpp_impl._C
+    ext.step_flat(flat[:n], grads, flat[n], flat[n + 1], offsets, flat[n + 2], index, hparams, None, None, 0, 9)
+    ext.step(views[:n], grads, esgdm.ops.state_views(views[:n], views[n], offsets),
+             esgdm.ops.state_views(views[:n], views[n + 1], offsets), None, views[n + 2], index, hparams,
+             None, None, 0, 9)
+    for x, y in zip(flat, views):
+        assert torch.equal(x, y)
+    assert not torch.equal(flat[n], m)  # (it stepped)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ("negative_offset", r"offsets\[2\] = -1 puts the state"),
+    ("past_the_end", r"offsets\[4\] = 40 puts the state of a parameter of shape \[4\] outside the flat buffers of 43"),
+    ("strided_param", r"params\[1\] .* is not dense"),
+    ("state_dtype", "exp_avgs\\[0\\] has dtype Half; state"),
+    ("uint8_state", "uint8 state needs its block scales"),
+    ("grads_len", "got 5 params but 4 grads"),
+    ("grad_dtype", r"grads\[3\] has dtype Double"),
+])
+def test_step_flat_checks_in_cpp_before_any_write(bad, match):
+    """What esgdm._C.step_flat refuses itself (the operator's Python checks aside), with
+    nothing written."""
+    params, grads, m, d, offsets, scalars, index, hparams = _flat_inputs([(7, 5), (300,), (1,), (0,), (4,)])
+    m, d = m[:43].clone(), d[:43].clone()
+    offsets = [0, 36, 0, 0, 36]  # (within 43 elements: states may overlap here, bits aside)
+    if bad == "negative_offset":
+        offsets[2] = -1
+    elif bad == "past_the_end":
+        offsets[4] = 40
+    elif bad == "strided_param":
+        params[1], grads[1] = torch.randn(8)[::2], torch.randn(4)
+    elif bad in ("state_dtype", "uint8_state"):
+        kind = torch.float16 if bad == "state_dtype" else torch.uint8
+        m, d = m.to(kind), d.to(kind)
+    elif bad == "grads_len":
+        grads = grads[:4]
+    else:
+        grads[3] = grads[3].double()
+    if bad != "strided_param":
+        params[1], grads[1] = params[1][:6], grads[1][:6]  # (to fit the 43 elements)
+    before = [t.clone() for t in params + [m, d, scalars]]
+    with pytest.raises(RuntimeError, match=match):
+        cpp_impl._C.step_flat(params, grads, m, d, offsets, scalars, index, hparams, None, None, 0, 5)
+    assert all(torch.equal(x, y) for x, y in zip(before, params + [m, d, scalars]))
+
+
 @pytest.mark.parametrize("bad,match", [
     ("offset", r"offsets\[1\] = 1000 puts the state of a parameter of shape \[300\] outside"),
     ("grad_shape", r"grads\[1\] has shape \[299\]"),
