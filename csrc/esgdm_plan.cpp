@@ -246,19 +246,19 @@ class StepPlan {
       args.push_back(buckets_[k].args({}, hparams[k], scale, inf, flags, seed, &buckets_[k].ptrs));
       check_step_args(args.back(), /*tables=*/true, /*per_tensor=*/false);  // before any write
     }
+    for (PlanBucket& b : buckets_) {  // (first: an upload that fails has written nothing)
+      if (b.launched()) refresh_table(b);
+    }
     for (size_t k = 0; k < buckets_.size(); ++k) {
-      if (buckets_[k].launched()) {
-        refresh_table(buckets_[k]);
-      } else {
-        run_step(args[k]);
-      }
+      if (!buckets_[k].launched()) run_step(args[k]);
     }
     release_at_exit.keep = launches_ > 0;  // the caller launches, then calls release()
     return kReady;
   }
 
   // Lets go of the gradients' memory (after a step with launch buckets: once they are
-  // launched; otherwise the step itself calls it).
+  // launched; otherwise the step itself calls it).  On ATen's threads: gradients of their
+  // own allocation are one atomic decrement each, which at thousands of tensors shows.
   void release() {
     for (PlanBucket& b : buckets_) {
       at::parallel_for(0, static_cast<int64_t>(b.held.size()), kGrain, [&](int64_t lo, int64_t hi) {
