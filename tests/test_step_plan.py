@@ -115,31 +115,43 @@ CASES = [
 ]
 
 
+def _plan_against_general_path(monkeypatch, dtype, kw, **run) -> tuple:
+    """Runs :func:`_run` through the plan and through the general path alone, asserts
+    the same bits, and returns the planned run's optimizer and its plan_step outcomes."""
+    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, **run, **kw)
+    p_ref, opt_ref, used_ref = _run(monkeypatch, False, dtype, **run, **kw)
+    assert not any(used_ref) and len(used_ref) == len(used)
+    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    return opt_plan, used
+
+
+# steps 0, 1 (warm-up) and 4 are D-steps (general path, which builds the plan); the plain
+# steps 2, 3, 5 and 6 take the plan.  With a GradScaler, step 4 finds an inf and does not
+# count, so step 5 is the D-step: plain steps 2, 3 and 6.
+PLAIN_STEPS, PLAIN_STEPS_WITH_SKIP = 4, 3
+
+
 @pytest.mark.parametrize("dtype,kw", CASES)
 @pytest.mark.parametrize("groups", [False, True])
 def test_plan_matches_general_path(monkeypatch, dtype, kw, groups):
-    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=groups, **kw)
-    p_ref, opt_ref, used_ref = _run(monkeypatch, False, dtype, groups=groups, **kw)
-    assert not any(used_ref)
-    # steps 0, 1 (warm-up) and 4 are D-steps (general path, which builds the plan); the
-    # plain steps 2, 3, 5 and 6 take the plan
-    assert used == [True] * 4
-    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    _, used = _plan_against_general_path(monkeypatch, dtype, kw, groups=groups)
+    assert used == [True] * PLAIN_STEPS
 
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("dtype,kw", CASES[:5])
-def test_plan_matches_general_path_on_the_cuda_kernel(monkeypatch, dtype, kw):
-    """The same on CUDA tensors with the "cuda" backend, GradScaler included."""
-    if esgdm.backends.get("cuda").why_not(torch.device("cuda"), dtype) is not None:
-        pytest.skip("the cuda backend cannot run here")
-    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=True, scaler_scale=256.0, device="cuda", **kw)
-    p_ref, opt_ref, _ = _run(monkeypatch, False, dtype, groups=True, scaler_scale=256.0, device="cuda", **kw)
-    assert used == [True] * 4
-    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+def test_plan_matches_general_path_on_a_gpu(monkeypatch, dtype, kw, backend):
+    """The same on CUDA tensors, GradScaler included: the "cuda" kernel run by the plan,
+    and the "triton" kernel launched over the table the plan writes (from pinned memory)."""
+    if esgdm.backends.get(backend).why_not(torch.device("cuda"), dtype) is not None:
+        pytest.skip(f"the {backend} backend cannot run here")
+    opt, used = _plan_against_general_path(monkeypatch, dtype, kw, groups=True, scaler_scale=256.0, device="cuda",
+                                           backend=backend)
+    assert used == [True] * PLAIN_STEPS_WITH_SKIP
+    assert len(opt._store.plan_launchers) == (len(opt._store.buckets) if backend == "triton" else 0)
 
 
 def _triton_steps_cpu_tensors() -> bool:
@@ -156,30 +168,10 @@ def test_plan_launches_the_triton_kernel_like_the_general_path(monkeypatch, dtyp
     """A bucket of the "triton" backend: the plan checks and gathers, writes the
     gradients' addresses into the launcher's own table, and the launch steps it with the
     general path's bits (groups, GradScaler with a skipped step)."""
-    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=True, scaler_scale=64.0, backend="triton", **kw)
-    p_ref, opt_ref, used_ref = _run(monkeypatch, False, dtype, groups=True, scaler_scale=64.0, backend="triton",
-                                    **kw)
-    # plain steps 2, 3 and 6 (step 4's inf makes step 5 the D-step again)
-    assert used == [True] * 3 and used_ref == [False] * 3
-    assert len(opt_plan._store.plan_launchers) == len(opt_plan._store.buckets)  # (8-bit state: two)
-    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-
-
-@pytest.mark.gpu
-@requires_cuda
-@pytest.mark.parametrize("dtype,kw", CASES[:5])
-def test_plan_launches_the_triton_kernel_like_the_general_path_on_cuda(monkeypatch, dtype, kw):
-    """The same on a GPU: the launch table's gradient columns uploaded from pinned memory."""
-    if esgdm.backends.get("triton").why_not(torch.device("cuda"), dtype) is not None:
-        pytest.skip("the triton backend cannot run here")
-    p_plan, opt_plan, used = _run(monkeypatch, True, dtype, groups=True, scaler_scale=64.0, device="cuda",
-                                  backend="triton", **kw)
-    p_ref, opt_ref, _ = _run(monkeypatch, False, dtype, groups=True, scaler_scale=64.0, device="cuda",
-                             backend="triton", **kw)
-    assert used == [True] * 3 and opt_plan._store.plan_launchers
-    for a, b in zip(_state(p_plan, opt_plan), _state(p_ref, opt_ref)):
-        assert a.dtype == b.dtype and torch.equal(a, b)
+    opt, used = _plan_against_general_path(monkeypatch, dtype, kw, groups=True, scaler_scale=64.0,
+                                           backend="triton")
+    assert used == [True] * PLAIN_STEPS_WITH_SKIP
+    assert len(opt._store.plan_launchers) == len(opt._store.buckets)  # (8-bit state: two buckets)
 
 
 @requires_triton_interpreter
@@ -189,12 +181,7 @@ def test_plan_launch_table_follows_moved_and_reused_gradients(monkeypatch):
     while the old stays alive (every address new), then back to the first memory."""
     results = []
     for use_plan in (True, False):
-        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
-        params, grads = _views_of_one_buffer()
-        opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend="triton", seed=1)
-        _FixedHvp(opt, params)
-        opt.step()  # a D-step: the general path, which builds the plan
-        used = _spy_on_plan(opt)
+        params, grads, opt, used = _views_of_one_buffer_stepped_once(monkeypatch, use_plan, "triton")
         other = torch.empty_like(grads)
         for step in range(6):
             flat = torch.cat([g.flatten() for g in _grads(params, step)])
@@ -408,6 +395,17 @@ def _views_of_one_buffer(seed=0):
     return params, grads
 
 
+def _views_of_one_buffer_stepped_once(monkeypatch, use_plan: bool, backend: str) -> tuple:
+    """:func:`_views_of_one_buffer` after a first step (a D-step: the general path, which
+    builds the plan), with the spy on later plan_step calls: (params, grads, opt, used)."""
+    monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
+    params, grads = _views_of_one_buffer()
+    opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend=backend, seed=1)
+    _FixedHvp(opt, params)
+    opt.step()
+    return params, grads, opt, _spy_on_plan(opt)
+
+
 def test_gradients_that_are_views_of_one_buffer(monkeypatch):
     """The plan steps them (holding the buffer once) with the general path's numbers,
     and lets go of the buffer after the call."""
@@ -415,12 +413,7 @@ def test_gradients_that_are_views_of_one_buffer(monkeypatch):
 
     results = []
     for use_plan in (True, False):
-        monkeypatch.setattr(store_mod, "USE_PLAN", use_plan)
-        params, grads = _views_of_one_buffer()
-        opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend="cpu", seed=1)
-        _FixedHvp(opt, params)
-        opt.step()  # a D-step: the general path, which builds the plan
-        used = _spy_on_plan(opt)
+        params, grads, opt, used = _views_of_one_buffer_stepped_once(monkeypatch, use_plan, "cpu")
         for step in range(3):
             grads.copy_(torch.cat([g.flatten() for g in _grads(params, step)]))
             opt.step()
