@@ -66,9 +66,6 @@ def _frontend_helpers():
 
 _FRONTEND = _frontend_helpers()
 
-#: The backends whose buckets a StepPlan steps itself (esgdm._C's kernels; others may
-#: hand it a launcher, Backend.plain_step_launcher).
-_PLAN_KERNELS = ("cpu", "cuda")
 #: Whether plain steps may take the StepPlan short cut where esgdm._C has it (the tests
 #: compare both paths).
 USE_PLAN = True
@@ -390,7 +387,7 @@ class BucketStore:
             if (backend is not backends.get(backend.name) or note is not None or b.any_complex
                     or b.any_dtensor or not b.all_dense):
                 return
-            if backend.name in _PLAN_KERNELS:
+            if backend.steps_in_plan:  # (not a backend registered under a built-in name)
                 launches.append(None)
                 continue
             launcher = backend.plain_step_launcher(b.tensors, b.exp_avg_views, b.exp_avg_d_views,

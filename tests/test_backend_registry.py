@@ -126,3 +126,25 @@ def test_devices_without_a_fused_kernel_get_the_portable_backend(device_type):
     assert backends.get("torch").why_not(device, torch.float32) is None
     backend, _ = backends.resolve("auto", device, torch.float32)
     assert backend.name == "torch"
+
+
+def test_a_backend_registered_under_a_built_in_name_steps_every_step():
+    """Registering a backend as "cpu" replaces the compiled one for plain steps too: the
+    optimizer's C++ step plan (which runs the compiled kernels itself) must not step its
+    buckets behind the registered backend's back."""
+    saved = (backends._loaded.get("cpu"), dict(backends._generation))
+    mine = Recording()
+    mine.name = "cpu"
+    backends.register(mine)
+    try:
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 9))
+        opt = esgdm.ESGDM([p], lr=0.5, backend="cpu", d_warmup=1, update_d_every=100, seed=3)
+        _train(opt, p, 4)
+        assert mine.calls == 4
+        assert esgdm.backends.get("cpu") is mine and opt._store.plan is None
+    finally:
+        backends._loaded["cpu"] = saved[0]
+        if saved[0] is None:
+            backends._loaded.pop("cpu")
+        backends._generation.clear()
+        backends._generation.update(saved[1])

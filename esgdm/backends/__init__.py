@@ -63,6 +63,9 @@ class Backend:
     #: The state dtypes this backend keeps (a registered backend may add ``torch.uint8``
     #: and take the ``qscales`` of 8-bit state, see :mod:`esgdm.quant`).
     state_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float64)
+    #: Whether the optimizer's C++ step plan (``esgdm._C.StepPlan``) runs this backend's
+    #: kernel itself on plain steps: esgdm._C's own compiled kernels only.
+    steps_in_plan: bool = False
 
     def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """``None`` if this backend can step ``dtype`` parameters on ``device``,

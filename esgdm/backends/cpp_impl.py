@@ -103,6 +103,8 @@ def _step(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
 
 
 class _CompiledBackend(BuiltinBackend):
+    steps_in_plan = True  # (esgdm._C.StepPlan calls the same kernels)
+
     def unavailable(self, device: torch.device) -> str | None:
         return LOAD_ERROR if _C is None else None
 
