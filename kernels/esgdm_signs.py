@@ -124,10 +124,13 @@ def add_signs_(tensors: Sequence[torch.Tensor], keys: Sequence[int], starts: Seq
             by_dtype.setdefault(t.dtype, []).append(i)
     for dtype, which in by_dtype.items():
         device = tensors[which[0]].device
-        numels = tuple(tensors[i].numel() for i in which)
+        lists = ([tensors[i] for i in which],) + (() if backups is None else ([backups[i] for i in which],))
+        ptrs, sizes = _step._pointers(lists)  # (one C++ call where the extension has it)
+        addresses = np.asarray(ptrs, dtype=np.uint64).view(np.int64).reshape(len(lists), len(which))
+        numels = tuple(int(x) for x in sizes)
         table = np.empty((len(which), ROW), dtype=np.int64)
-        table[:, T_COL] = [tensors[i].data_ptr() for i in which]
-        table[:, BACKUP_COL] = [backups[i].data_ptr() for i in which] if backups is not None else 0
+        table[:, T_COL] = addresses[0]
+        table[:, BACKUP_COL] = addresses[1] if backups is not None else 0
         table[:, NUMEL_COL] = numels
         table[:, KEY_COL] = [int(keys[i]) & 0xFFFFFFFF for i in which]
         table[:, START_COL] = [int(starts[i]) for i in which]
