@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from esgdm import quant
+from esgdm import quant, traced
 from esgdm.dtypes import state_dtype_for
 from esgdm.rule import BIAS, DSCALE, SCALAR_COLUMNS, STEPS, WARM, curvature_scale
 
@@ -192,9 +192,32 @@ class Bucket:
         self.exp_avg_views = [self.view(self.exp_avg, i) for i in range(len(self.params))]
         self.exp_avg_d_views = [self.view(self.exp_avg_d, i) for i in range(len(self.params))]
         self._index_cache: dict[tuple | None, Tensor] = {}
+        #: Its number in :mod:`esgdm.traced` ("" when built inside a traced step): a traced
+        #: step asks the layout questions below through it, one guard for all entries.
+        self.serial = "" if _compiling() else traced.number(self)
 
     def __len__(self) -> int:
         return len(self.params)
+
+    # The layout questions of a traced step (esgdm.store asks them through esgdm.traced;
+    # idx: the active tensors, None: all).  The shapes and strides are plain tuples of ints.
+
+    def _select(self, values: Sequence, idx: Sequence[int] | None) -> list:
+        return list(values) if idx is None else [values[i] for i in idx]
+
+    def shapes_are(self, idx: Sequence[int] | None, shapes: Sequence[tuple[int, ...]]) -> bool:
+        """Whether tensors ``idx`` have ``shapes``."""
+        return [tuple(s) for s in self._select(self.shapes, idx)] == list(shapes)
+
+    def strides_are(self, idx: Sequence[int] | None, strides: Sequence[tuple[int, ...]]) -> bool:
+        """Whether the state of tensors ``idx`` has ``strides``."""
+        return self._select(self.strides, idx) == list(strides)
+
+    def offsets_of(self, idx: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
+        """Offsets of tensors ``idx`` in the flat buffers, and (8-bit state) their first
+        rows of ``qscale``."""
+        starts = self.qscale_starts
+        return self._select(self.offsets, idx), None if starts is None else self._select(starts, idx)
 
     @property
     def key(self) -> tuple[torch.device, torch.dtype, torch.dtype]:

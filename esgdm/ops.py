@@ -355,7 +355,7 @@ def step_flat_impl(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, in
         check_step_args(params, grads, [exp_avg] * len(params), [exp_avg_d] * len(params), None, scalars,
                         index, hparams, grad_scale, found_inf, kernel, per_tensor=False)
         _check_index(index, scalars.shape[0], hparams.shape[0])
-        flat_kernel(params, grads, exp_avg, exp_avg_d, [int(o) for o in offsets], scalars, index, hparams,
+        flat_kernel(params, grads, exp_avg, exp_avg_d, offsets, scalars, index, hparams,  # (ints: pybind reads them)
                     grad_scale, found_inf, int(flags), int(seed))
         return
     exp_avgs = state_views(params, exp_avg, offsets)

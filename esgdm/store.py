@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from esgdm import backends, checkpoint, ops
+from esgdm import backends, checkpoint, ops, traced
 from esgdm.buckets import Bucket, any_dtensor, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
 from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_QSCALE, KEY_STEP, KEY_WARM
 from esgdm.hyperparams import check_group
@@ -106,6 +106,8 @@ class BucketStore:
         self.signature: tuple | None = None  # the layout the buckets were built for
         self.params_key: int | None = None  # esgdm._C.params_key when they were last current
         self.meta_signature: tuple | None = None  # the same in metadata (compiled steps)
+        self.built_params: list[Tensor] = []  # the parameters the buckets were built for
+        self.serial = ""  # this build's number in esgdm.traced ("": none, or built while traced)
         self.any_dtensor = False
         self.backend_choice: dict[tuple, tuple] = {}  # bucket key -> (backend, its note or None)
         self.param_keys: dict[int, int] = {}  # id(p) -> p's index in optimizer order
@@ -239,9 +241,13 @@ class BucketStore:
     def _meta_layout(opt: ESGDM) -> tuple:
         """The parameters and their metadata (what a compiled step can compare)."""
         ids = tuple(tuple(map(id, group["params"])) for group in opt.param_groups)
-        params = [local(p) for p in all_params(opt.param_groups)]
-        return (ids, tuple(tuple(p.stride()) for p in params), tuple(tuple(p.shape) for p in params),
-                tuple(p.dtype for p in params), tuple(str(p.device) for p in params))
+        return (ids, *_meta_of(all_params(opt.param_groups)))
+
+    def _built_for(self, ids: tuple) -> bool:
+        """Whether the buckets were built for the parameters ``ids`` (by group) as they
+        are now.  The store holds those parameters, so equal ids are the same objects."""
+        return self.meta_signature is not None and ids == self.meta_signature[0] \
+            and _meta_of(self.built_params) == self.meta_signature[1:]
 
     def sync(self, opt: ESGDM) -> list[Bucket]:
         """The (device, dtype) buckets of ``opt``'s parameters, rebuilt (moving the state
@@ -257,10 +263,15 @@ class BucketStore:
         params = all_params(opt.param_groups)
         self.any_dtensor = any_dtensor(params)
         if ops.is_compiling():
-            # Addresses cannot be traced: compare metadata (which Dynamo guards on too).
-            meta = self._meta_layout(opt)
-            if self.buckets and meta == self.meta_signature:
-                return self.buckets
+            # Addresses cannot be traced: compare metadata, once, when the step is traced
+            # (esgdm.traced): the guards are then one per parameter (its identity, from
+            # id()) and one on the build's serial number, not one per entry compared.
+            if self.buckets and self.serial:
+                ids = tuple(tuple(map(id, group["params"])) for group in opt.param_groups)
+                if traced.ask(self.serial, "_built_for", ids):
+                    return self.buckets
+            elif self.buckets and self._meta_layout(opt) == self.meta_signature:
+                return self.buckets  # (built inside a traced step: compared entry by entry)
             layout = None
         else:
             layout = self._layout(opt)
@@ -269,6 +280,9 @@ class BucketStore:
                 return self.buckets
             if self.signature is None and self.buckets and self._meta_layout(opt) == self.meta_signature:
                 self.signature = layout  # built inside a compiled step: same parameters
+                self.serial = traced.number(self)  # (numbered here, outside the trace)
+                for built in self.buckets:
+                    built.serial = built.serial or traced.number(built)
                 return self.buckets
         old = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         for p in params:
@@ -300,6 +314,8 @@ class BucketStore:
         self.params_key = fast
         self.plan = None
         self.meta_signature = self._meta_layout(opt)
+        self.built_params = params
+        self.serial = "" if ops.is_compiling() else traced.number(self)
         self.param_keys = {id(p): k for k, p in enumerate(params)}
         self.hparam_tables_for = None
         for b in new:
@@ -333,8 +349,10 @@ class BucketStore:
         parameter or state written, when the general path must step (it also builds the
         plan, :meth:`make_plan`)."""
         plan = self.plan
-        if plan is None or not USE_PLAN or self.plan_for != (id(self.signature), id(self.backend_choice)) \
-                or ops.is_compiling() or any(g.get("maximize", False) for g in opt.param_groups):
+        # (is_compiling first: torch 2.11's Dynamo cannot trace id() of a tuple)
+        if ops.is_compiling() or plan is None or not USE_PLAN \
+                or self.plan_for != (id(self.signature), id(self.backend_choice)) \
+                or any(g.get("maximize", False) for g in opt.param_groups):
             return False
         # (both O(1) unless something changed; if the parameters did, the general path
         # that follows finds the state edits applied and nothing else changed)
@@ -370,9 +388,11 @@ class BucketStore:
         dense real tensors by a compiled kernel or by a backend with a
         :meth:`~esgdm.backends.Backend.plain_step_launcher` (else :meth:`plan_step` keeps
         to the general path)."""
+        if ops.is_compiling():  # (first: torch 2.11's Dynamo cannot trace id() of a tuple)
+            return
         key = (id(self.signature), id(self.backend_choice))
         if (not USE_PLAN or _FRONTEND is None or not hasattr(_FRONTEND, "StepPlan") or self.plan_for == key
-                or ops.is_compiling() or self.signature is None):
+                or self.signature is None):
             return
         self.plan, self.plan_for, self.plan_launchers = None, key, []
         if self.any_dtensor or not self.buckets:
@@ -472,13 +492,15 @@ class BucketStore:
         bucket ``b``'s tensors ``idx``, None: all) is a plain strided tensor with its
         parameter's dtype, device and shape: what the kernels may read as such (any
         strides: :meth:`match_layout` copies what is not laid out like the state)."""
-        shapes = b.shapes if idx is None else [b.shapes[i] for i in idx]
         if ops.is_compiling():
             # No attrgetter maps, nor is_neg(), under Dynamo; the compiled operator's
             # dispatcher resolves negated views (and its implementation checks again).
             ok = all(isinstance(t, Tensor) and t.layout == torch.strided and t.dtype == b.dtype
-                     and t.device == b.device and t.shape == s for t, s in zip(tensors, shapes))
+                     and t.device == b.device for t in tensors)
+            if ok:
+                ok = _bucket_says(b, "shapes_are", idx, tuple(tuple(t.shape) for t in tensors))
         else:  # list-wise, at C speed
+            shapes = b.shapes if idx is None else [b.shapes[i] for i in idx]
             on_device = _ON_DEVICE_TYPE.get(b.device.type)
             try:
                 ok = (set(map(_layout_of, tensors)) <= _STRIDED and set(map(_dtype_of, tensors)) <= {b.dtype}
@@ -522,9 +544,12 @@ class BucketStore:
     def match_layout(b: Bucket, idx: list[int] | None, tensors: list[Tensor]) -> list[Tensor]:
         """``tensors`` (checked: their parameters' shapes) with the strides of their
         parameters' state (copied where not)."""
-        want = b.strides if idx is None else [b.strides[i] for i in idx]
-        if list(map(Tensor.stride, tensors)) == list(want):
+        if ops.is_compiling():
+            if _bucket_says(b, "strides_are", idx, tuple(tuple(t.stride()) for t in tensors)):
+                return tensors
+        elif list(map(Tensor.stride, tensors)) == (b.strides if idx is None else [b.strides[i] for i in idx]):
             return tensors  # the usual case, checked at C speed
+        want = b.strides if idx is None else [b.strides[i] for i in idx]
         out = []
         for k, (t, st) in enumerate(zip(tensors, want)):
             p = b.tensors[k if idx is None else idx[k]]
@@ -556,10 +581,7 @@ class BucketStore:
             # The flat buffers and offsets, not the views: functionalization copies the
             # whole buffer (and every later view) once per mutated view of it.
             # (params are dense, their state laid out like them: Bucket.strides.)
-            offsets = b.offsets if full else [b.offsets[i] for i in idx]
-            starts = b.qscale_starts
-            if starts is not None and not full:
-                starts = [starts[i] for i in idx]
+            offsets, starts = _bucket_says(b, "offsets_of", idx)
             ops.step_flat_(params, grads, b.exp_avg, b.exp_avg_d, offsets, hvps, b.scalars, b.index(idx),
                            hparams, grad_scale, found_inf, flags, seed, kernel,
                            b.qscale if b.quantized else None, starts)
@@ -573,6 +595,23 @@ class BucketStore:
             p.copy_(work)
         if hvps is not None and b.any_dtensor and not flags & FLAG_EXACT:
             _global_curvature_scale(b, idx, exp_avg_ds, found_inf)
+
+
+def _bucket_says(b: Bucket, question: str, idx: list[int] | None, *args: Any) -> Any:
+    """Bucket ``b``'s answer to a layout question (:class:`esgdm.buckets.Bucket`) in a
+    traced step: asked once, when the step is traced (:mod:`esgdm.traced`), so that the
+    per-tensor entries it compares are not guards on every call."""
+    key = None if idx is None else tuple(idx)
+    if b.serial:
+        return traced.ask(b.serial, question, key, *args)
+    return getattr(b, question)(key, *args)  # (built inside a traced step: read entry by entry)
+
+
+def _meta_of(params: list[Tensor]) -> tuple:
+    """Strides, shapes, dtypes and devices of ``params`` (their local shards)."""
+    params = [local(p) for p in params]
+    return (tuple(tuple(p.stride()) for p in params), tuple(tuple(p.shape) for p in params),
+            tuple(p.dtype for p in params), tuple(str(p.device) for p in params))
 
 
 def _describe(param_groups: list[dict], p: Tensor) -> str:

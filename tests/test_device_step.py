@@ -268,6 +268,108 @@ def test_compiled_step_on_many_tensors_copies_no_state(state_dtype):
     assert allocated[32] <= 4 * allocated[8] + 32 * numel, allocated
 
 
+def _guard_lines(step) -> list[str]:
+    """The guards Dynamo builds while ``step()`` runs, one line each (its guards log)."""
+    import logging
+
+    import torch._dynamo.guards as dynamo_guards
+
+    log = getattr(dynamo_guards, "guards_log", None)
+    if log is None:
+        pytest.skip("this torch has no guards log to read")
+    lines: list[str] = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            lines.extend(record.getMessage().splitlines())
+
+    handler = _Collect()
+    torch._logging.set_logs(guards=True)
+    log.addHandler(handler)
+    try:
+        step()
+    finally:
+        log.removeHandler(handler)
+        torch._logging.set_logs()
+    return lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("state_dtype", [None, torch.uint8])
+def test_compiled_step_guards_no_layout_entries(state_dtype):
+    """Every Python value a traced step reads is a guard checked on each call.  The
+    buckets' per-tensor shapes, strides and offsets, and the metadata of the parameters
+    they were built for, were compared entry by entry: about 25 guards per tensor, more
+    than half of a compiled step's guards.  They are constants of the build, read
+    through one serial number (esgdm.traced); the step still equals the eager one."""
+    numel = 5000 if state_dtype == torch.uint8 else 100
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        ps, opt = _many_tensors(6, numel, state_dtype)
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+
+        def steps():
+            for t in range(3):
+                g = torch.Generator().manual_seed(t)
+                for p in ps:  # noqa: B023 (called in this iteration)
+                    p.grad = torch.randn(p.shape, generator=g)
+                step()  # noqa: B023
+
+        lines = _guard_lines(steps) if compiled else steps()
+        results.append([p.detach().clone() for p in ps])
+    assert lines, "no guards were logged: the step was not compiled"
+    per_entry = [ln for ln in lines if re.search(r"meta_signature|\.(shapes|strides|offsets|qscale_starts)\[", ln)]
+    assert not per_entry, per_entry[:5]
+    assert any("_store.serial" in ln for ln in lines)  # what guards the build instead
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_compiled_step_follows_rebuilt_buckets(fullgraph):
+    """The trace holds the buckets' layout as constants, guarded by the build's serial
+    number and each parameter's identity: whatever rebuilds the buckets (new memory
+    for a parameter, found by an eager step; a new param group; a parameter object
+    replaced) makes the next compiled call trace again, and every step equals eager.
+    With ``fullgraph=True`` the rebuilding step is eager (building buckets is not
+    traceable) and every later plain step compiles whole: a serial number that changed
+    between traces must stay a constant of the trace."""
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        net = _mlp()
+        x, y = _data()
+        opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend="cpu", seed=3, d_warmup=1, update_d_every=10**9)
+        step = torch.compile(opt.step, fullgraph=fullgraph) if compiled else opt.step
+        extra = torch.nn.Parameter(torch.full((5,), 0.5))
+
+        def loss_of(net=net, x=x, y=y, extra=extra):
+            return torch.nn.functional.cross_entropy(net(x), y) + (extra * extra).sum()
+
+        for t in range(14):
+            opt.zero_grad(set_to_none=True)
+            loss_of().backward(create_graph=opt.should_create_graph())
+            if t == 4:  # new memory for a parameter: the eager step rebuilds the buckets
+                net[0].weight.data = net[0].weight.data.clone()
+            if t == 7:
+                opt.add_param_group({"params": [extra], "lr": 0.1})
+            if t == 9:  # a parameter object replaced by a fresh one (its state starts anew)
+                old = net[2].bias
+                net[2].bias = torch.nn.Parameter(old.detach().clone())
+                net[2].bias.grad = old.grad
+                opt.param_groups[0]["params"][3] = net[2].bias
+            if t in (0, 4, 11) or (fullgraph and t in (7, 9)):
+                opt.step()  # eager: the D-step, the rebuilding steps, and one after traced rebuilds
+            else:
+                step()
+        results.append([p.detach().clone() for p in [*net.parameters(), extra]]
+                       + [opt.state[p]["exp_avg"].clone() for p in [*net.parameters(), extra]])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------ GPU twins
 
 
