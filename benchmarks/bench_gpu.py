@@ -356,6 +356,9 @@ def main(argv=None) -> None:
                     help="host rows on a CPU: the 'triton' backend's host work per plain step (front-end, "
                          "checks, launcher tables) with its kernel launch replaced by a no-op, next to the "
                          "'cpu' backend; in Triton's interpreter mode, set before esgdm is imported")
+    ap.add_argument("--compile-tensors", type=int, default=148,
+                    help="compile rows: the number of parameter tensors (default 148, GPT-2's count); "
+                         "tracing takes longer the more there are")
     ap.add_argument("--markdown", help="write the tables to this path")
     args = ap.parse_args(argv)
     if args.triton_no_launch:
@@ -388,8 +391,9 @@ def main(argv=None) -> None:
         out.append("### GPU kernels launched per step (148 tensors)\n\n" + table(
             ["optimizer", "step", "kernels"], rows, lambda r: [r[0], r[1], str(r[2])]))
     if "compile" in only:
-        rows = compiled_vs_eager(device, numel * (1 if quick else 16), 148, repeats, steps)
-        out.append("### Eager against torch.compile(opt.step), plain step, 148 tensors\n\n" + table(
+        count = args.compile_tensors
+        rows = compiled_vs_eager(device, numel * (1 if quick else 16), count, repeats, steps)
+        out.append(f"### Eager against torch.compile(opt.step), plain step, {count} tensors\n\n" + table(
             ["backend", "step", "ms"], rows, lambda r: [r[0], r[1], f"{r[2]:.4f}"]))
     if "train" in only:
         rows = train_step_times(device, repeats, args.train_steps or (20 if not quick else 3), quick=quick)

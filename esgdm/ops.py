@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from esgdm import backends, dtypes, quant
-from esgdm.buckets import index_bounds, is_dense, note_index_bounds, same_layout
+from esgdm.buckets import index_bounds, is_dense, note_index_bounds, own_state_views, same_layout
 from esgdm.rule import FLAG_EXACT, HPARAM_COLUMNS, SCALAR_COLUMNS, update_dscale
 
 NAMESPACE = "esgdm"
@@ -125,7 +125,7 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
                     exp_avg_ds: Sequence[Tensor], hvps: Sequence[Tensor] | None, scalars: Tensor,
                     index: Tensor, hparams: Tensor, grad_scale: Tensor | None,
                     found_inf: Tensor | None, kernel: str, per_tensor: bool = True,
-                    qscales: Sequence[Tensor] | None = None) -> None:
+                    qscales: Sequence[Tensor] | None = None, state_checked: bool = False) -> None:
     """Raises ValueError naming the first argument that breaks the operator's contract.
 
     The common case (everything fine) is checked list-wise, a few attribute reads per
@@ -136,7 +136,9 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     ``per_tensor=False`` checks the lists' lengths and the tables only: the optimizer's
     own calls, whose tensors its buckets laid out and checked when they were built,
     whose gradients and Hessian-vector products it has just checked, and whose index
-    tables it built.
+    tables it built.  ``state_checked=True`` leaves out the per-tensor checks of
+    ``exp_avgs``/``exp_avg_ds`` alone: views a bucket cut from its own buffers
+    (:func:`esgdm.buckets.own_state_views`), laid out like the parameters by construction.
     """
     n = len(params)
     lengths = {"grads": len(grads), "exp_avgs": len(exp_avgs), "exp_avg_ds": len(exp_avg_ds)}
@@ -176,8 +178,9 @@ def check_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs:
     if state_dtype not in allowed:
         _fail(f"exp_avgs[0] has dtype {state_dtype}; state for {dtype} parameters must be "
               f"{' or '.join(str(d) for d in allowed)}")
-    lists = {"params": (params, dtype), "grads": (grads, dtype), "exp_avgs": (exp_avgs, state_dtype),
-             "exp_avg_ds": (exp_avg_ds, state_dtype)}
+    lists = {"params": (params, dtype), "grads": (grads, dtype)}
+    if not state_checked:
+        lists.update(exp_avgs=(exp_avgs, state_dtype), exp_avg_ds=(exp_avg_ds, state_dtype))
     if hvps is not None:
         lists["hvps"] = (hvps, dtype)
     try:
@@ -289,10 +292,12 @@ def _check_index(index: Tensor, n_slots: int, n_groups: int) -> None:
 
 
 def step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-              grad_scale, found_inf, flags, seed, kernel, qscales=None, _checked: bool = False) -> None:
+              grad_scale, found_inf, flags, seed, kernel, qscales=None, _checked: bool = False,
+              _state_checked: bool = False) -> None:
     """The operator's implementation on every device (see the module docstring)."""
     check_step_args(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-                    grad_scale, found_inf, kernel, per_tensor=not _checked, qscales=qscales)
+                    grad_scale, found_inf, kernel, per_tensor=not _checked, qscales=qscales,
+                    state_checked=_state_checked)
     if not params:
         return
     backend = backends.get(kernel)
@@ -358,11 +363,15 @@ def step_flat_impl(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, in
         flat_kernel(params, grads, exp_avg, exp_avg_d, offsets, scalars, index, hparams,  # (ints: pybind reads them)
                     grad_scale, found_inf, int(flags), int(seed))
         return
-    exp_avgs = state_views(params, exp_avg, offsets)
-    exp_avg_ds = state_views(params, exp_avg_d, offsets)
+    # (the buffers of a bucket laid out as the bucket's tensors: its own views, checked)
+    own = own_state_views(params, exp_avg, exp_avg_d, offsets) if qscale is None else None
+    if own is None:
+        exp_avgs, exp_avg_ds = state_views(params, exp_avg, offsets), state_views(params, exp_avg_d, offsets)
+    else:
+        exp_avgs, exp_avg_ds = own
     qscales = None if qscale is None else qscale_views(params, qscale, block_offsets)
     step_impl(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
-              grad_scale, found_inf, flags, seed, kernel, qscales)
+              grad_scale, found_inf, flags, seed, kernel, qscales, _state_checked=own is not None)
 
 
 def _step_flat_fake(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, index, hparams,

@@ -467,6 +467,45 @@ def test_step_flat_on_the_cpu_kernel_matches_step_on_views():
         assert torch.equal(x, y)
 
 
+def test_step_flat_uses_a_buckets_own_views_only_for_its_own_layout():
+    """esgdm::step_flat_ on the "torch" backend (what a compiled step calls) steps a
+    bucket's buffers through the views the bucket holds, instead of cutting them anew,
+    only when the offsets and the parameters' layouts are the bucket's; other offsets
+    (here the tensors packed in reverse order) are cut and stepped as given."""
+    params = _params(torch.float32)
+    opt = esgdm.ESGDM(params, lr=0.1, update_d_every=100, d_warmup=1, backend="torch", seed=1)
+    fixed = _FixedHvp(opt, params)
+    for step in range(2):  # a D-step, then a plain one
+        fixed.step = step
+        for p, g in zip(params, _grads(params, step)):
+            p.grad = g
+        opt.step()
+    b = opt._store.buckets[0]
+    hparams = opt._store.hparam_tables[b.device]
+    assert esgdm.buckets.own_state_views(b.tensors, b.exp_avg, b.exp_avg_d, b.offsets) == \
+        (b.exp_avg_views, b.exp_avg_d_views)
+    reverse, total = [0] * len(b), 0
+    for i in reversed(range(len(b))):
+        reverse[i] = total
+        total += -(-b.tensors[i].numel() // 4) * 4
+    assert total <= b.exp_avg.numel() and reverse != b.offsets
+    for offsets in (list(b.offsets), reverse):
+        grads = [torch.randn_like(t) for t in b.tensors]
+        work = [t.detach().clone() for t in b.tensors]
+        m, d, scalars = b.exp_avg.clone(), b.exp_avg_d.clone(), b.scalars.clone()
+        # the reference: the same step on copies, through views cut here
+        torch.ops.esgdm.step_(work, grads, esgdm.ops.state_views(work, m, offsets),
+                              esgdm.ops.state_views(work, d, offsets), None, scalars, b.index(None),
+                              hparams, None, None, 0, 5, "torch")
+        with torch.no_grad():
+            torch.ops.esgdm.step_flat_(b.tensors, grads, b.exp_avg, b.exp_avg_d, offsets, None, b.scalars,
+                                       b.index(None), hparams, None, None, 0, 5, "torch")
+        for x, y in zip(list(b.tensors) + [b.exp_avg, b.exp_avg_d, b.scalars], work + [m, d, scalars]):
+            assert torch.equal(x, y)
+    assert esgdm.buckets.own_state_views(b.tensors, b.exp_avg, b.exp_avg_d, reverse) is None
+    assert esgdm.buckets.own_state_views(b.tensors, b.exp_avg.clone(), b.exp_avg_d, b.offsets) is None
+
+
 @pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                                (torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)])
 def test_step_flat_state_pointers_match_views_for_any_dense_layout(dtype, state_dtype):
