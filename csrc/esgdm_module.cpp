@@ -197,9 +197,9 @@ void step(const pybind11::handle& params, const pybind11::handle& grads, const p
 // (esgdm::step_flat_, the operator torch.compile'd steps call): the state views are cut
 // here and every tensor checked as step() checks it, in C++ (done in Python, per tensor,
 // that cost a compiled step more than the kernel did).
-void step_flat_lists(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+void step_flat_lists(at::TensorList params, at::TensorList grads,
                      const at::Tensor& exp_avg, const at::Tensor& exp_avg_d,
-                     const std::vector<int64_t>& offsets, const at::Tensor& scalars,
+                     c10::ArrayRef<int64_t> offsets, const at::Tensor& scalars,
                      const at::Tensor& index, const at::Tensor& hparams,
                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
                      int64_t flags, int64_t seed) {
@@ -207,9 +207,10 @@ void step_flat_lists(const std::vector<at::Tensor>& params, const std::vector<at
   TORCH_CHECK(offsets.size() == n, "esgdm._C.step_flat: got ", n, " params but ", offsets.size(), " offsets");
   // First, before anything else is asked of them (this runs without the GIL): no tensor
   // subclass that dispatches to Python (check_step_args says the same of every list).
-  for (const std::vector<at::Tensor>* list : {&params, &grads}) {
-    for (size_t i = 0; i < list->size(); ++i) {
-      TORCH_CHECK(!dispatches_to_python((*list)[i]), "esgdm._C.step_flat: ", list == &params ? "params" : "grads",
+  for (const bool is_params : {true, false}) {
+    const at::TensorList list = is_params ? params : grads;
+    for (size_t i = 0; i < list.size(); ++i) {
+      TORCH_CHECK(!dispatches_to_python(list[i]), "esgdm._C.step_flat: ", is_params ? "params" : "grads",
                   "[", i, "] is a tensor subclass without memory of its own (such as a DTensor): the "
                   "kernels step plain tensors");
     }
@@ -273,7 +274,53 @@ void step_flat(const pybind11::handle& params, const pybind11::handle& grads, co
                   found_inf, flags, seed);
 }
 
+// esgdm::step_flat_cpu_ (schema in TORCH_LIBRARY_FRAGMENT below): esgdm._C.step_flat as a
+// dispatcher operator with a C++ kernel, what a torch.compile'd plain step of the "cpu"
+// backend calls.  Through esgdm::step_flat_ (a Python kernel) every call converted both
+// tensor lists to Python objects and back: more host time than the kernel on small
+// models.  Here nothing is Python's, so the index table's values are checked here too
+// (the kernels address scalars and hparams with them; on a CPU, reading them is cheap).
+void step_flat_cpu_op(at::TensorList params, at::TensorList grads, const at::Tensor& exp_avg,
+                      const at::Tensor& exp_avg_d, c10::SymIntArrayRef offsets, const at::Tensor& scalars,
+                      const at::Tensor& index, const at::Tensor& hparams,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                      int64_t flags, int64_t seed) {
+  std::vector<int64_t> offs;
+  offs.reserve(offsets.size());
+  for (const c10::SymInt& o : offsets) offs.push_back(o.expect_int());
+  const auto n = static_cast<int64_t>(params.size());
+  if (n > 0) {
+    const at::Device device = params[0].device();
+    TORCH_CHECK(device.is_cpu(), "esgdm::step_flat_cpu_: the parameters are on ", device,
+                "; this operator steps CPU tensors (esgdm::step_flat_ takes any backend)");
+    check_table(scalars, "scalars", at::kDouble, kNumScalarColumns, -1, device);
+    check_table(index, "index", at::kInt, 2, n, device);
+    check_table(hparams, "hparams", at::kDouble, kNumHparamColumns, -1, device);
+    const int32_t* rows = index.data_ptr<int32_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK(rows[2 * i] >= 0 && rows[2 * i] < scalars.size(0), "esgdm::step_flat_cpu_: index[", i,
+                  ", 0] = ", rows[2 * i], " is not a row of scalars (", scalars.size(0), " rows)");
+      TORCH_CHECK(rows[2 * i + 1] >= 0 && rows[2 * i + 1] < hparams.size(0), "esgdm::step_flat_cpu_: index[", i,
+                  ", 1] = ", rows[2 * i + 1], " is not a row of hparams (", hparams.size(0), " rows)");
+    }
+  }
+  step_flat_lists(params, grads, exp_avg, exp_avg_d, offs, scalars, index, hparams, grad_scale, found_inf,
+                  flags, seed);
+}
+
 }  // namespace
+
+// The operator's schema: esgdm::step_flat_'s (esgdm/ops.py) for a plain step, without
+// hvps, kernel and 8-bit state.
+TORCH_LIBRARY_FRAGMENT(esgdm, m) {
+  m.def("step_flat_cpu_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!) exp_avg, Tensor(c!) exp_avg_d, "
+        "SymInt[] offsets, Tensor(d!) scalars, Tensor index, Tensor hparams, Tensor? grad_scale, "
+        "Tensor? found_inf, int flags, int seed) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(esgdm, CPU, m) {
+  m.impl("step_flat_cpu_", &step_flat_cpu_op);
+}
 
 void run_step(const StepArgs& a) {
   if (a.size() == 0) return;

@@ -77,6 +77,11 @@ FLAT_STEP_SCHEMA = (
     "SymInt[]? block_offsets=None) -> ()"
 )
 
+#: ``torch.ops.esgdm.step_flat_cpu_``: :data:`FLAT_STEP_SCHEMA` for a plain step (no
+#: ``hvps``, float state) of the ``"cpu"`` kernel, with a C++ kernel: defined by the
+#: extension ``esgdm._C`` when it is built (:attr:`esgdm.backends.Backend.plain_flat_op`).
+FLAT_CPU_OP_NAME = "step_flat_cpu_"
+
 #: (kernel, its registration generation, device type, dtype) combinations a backend
 #: said it can step (its why_not was None): asked once each, not on every call.
 _CAN_STEP: set = set()
@@ -400,12 +405,31 @@ def _register(name: str, schema: str, impl, fake) -> None:
     _lib.define(name + schema)
     for key in DISPATCH_KEYS:  # the capability table says what each device can run
         _lib.impl(name, impl, key)
+    _register_fake(name, fake)
+
+
+def _register_fake(name: str, fake) -> None:
     qualname = f"{NAMESPACE}::{name}"
     register_fake = getattr(torch.library, "register_fake", None)
     if register_fake is not None:  # torch >= 2.4
         register_fake(qualname, fake, lib=_lib)
     else:
         torch.library.impl_abstract(qualname, fake, lib=_lib)
+
+
+_FAKES_OF_COMPILED_OPS: set[str] = set()
+
+
+def register_fake_of(name: str) -> None:
+    """The fake implementation (it changes nothing, returns nothing) of an operator that
+    ``esgdm._C`` defines in C++: torch.compile traces it through this."""
+    if name not in _FAKES_OF_COMPILED_OPS:
+        _FAKES_OF_COMPILED_OPS.add(name)
+        _register_fake(name, _no_output)
+
+
+def _no_output(*args, **kwargs) -> None:
+    return None
 
 
 _register(OP_NAME, STEP_SCHEMA, step_impl, _step_fake)
@@ -437,6 +461,14 @@ def step_(params, grads, exp_avgs, exp_avg_ds, hvps, scalars, index, hparams,
                   grad_scale, found_inf, flags, seed, kernel, qscales, _checked)
 
 
+def step_flat_plain_(op_name: str, params, grads, exp_avg, exp_avg_d, offsets, scalars, index, hparams,
+                     grad_scale=None, found_inf=None, flags=0, seed=0) -> None:
+    """A plain step through a backend's C++ operator ``torch.ops.esgdm.<op_name>``
+    (:attr:`esgdm.backends.Backend.plain_flat_op`), arguments as :func:`step_flat_`'s."""
+    getattr(torch.ops.esgdm, op_name)(params, grads, exp_avg, exp_avg_d, list(offsets), scalars, index, hparams,
+                                      grad_scale, found_inf, flags, seed)
+
+
 def step_flat_(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, index, hparams,
                grad_scale=None, found_inf=None, flags=0, seed=0, kernel="torch", qscale=None,
                block_offsets=None) -> None:
@@ -447,5 +479,6 @@ def step_flat_(params, grads, exp_avg, exp_avg_d, offsets, hvps, scalars, index,
                                None if block_offsets is None else list(block_offsets))
 
 
-__all__ = ["DISPATCH_KEYS", "FLAT_OP_NAME", "FLAT_STEP_SCHEMA", "NAMESPACE", "OP_NAME", "STEP_SCHEMA",
-           "check_step_args", "is_compiling", "state_views", "step_", "step_flat_", "step_flat_impl", "step_impl"]
+__all__ = ["DISPATCH_KEYS", "FLAT_CPU_OP_NAME", "FLAT_OP_NAME", "FLAT_STEP_SCHEMA", "NAMESPACE", "OP_NAME",
+           "STEP_SCHEMA", "check_step_args", "is_compiling", "register_fake_of", "state_views", "step_",
+           "step_flat_", "step_flat_impl", "step_flat_plain_", "step_impl"]

@@ -322,7 +322,7 @@ class ESGDM(Optimizer):
             backend, note = store.backend_choice[b.key]
             if note is not None:
                 backends.warn_once(note)
-            store.apply(b, backend.name, idx, grads, hvps, hparams[b.device], grad_scale, found_inf, flags, seed)
+            store.apply(b, backend, idx, grads, hvps, hparams[b.device], grad_scale, found_inf, flags, seed)
             store.expose_stepped(self, b, idx)  # first gradient of some tensor: show its state
         store.watch.dirty = False  # our own writes to opt.state above
         self._count_step(d_step, found_inf)

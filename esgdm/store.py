@@ -562,9 +562,10 @@ class BucketStore:
     # --------------------------------------------------------------------- write
 
     @staticmethod
-    def apply(b: Bucket, kernel: str, idx, grads, hvps, hparams, grad_scale, found_inf, flags: int,
+    def apply(b: Bucket, backend: backends.Backend, idx, grads, hvps, hparams, grad_scale, found_inf, flags: int,
               seed: int) -> None:
         """Runs the op on bucket ``b``'s active tensors, laid out as it expects."""
+        kernel = backend.name
         full = idx is None
         params = b.tensors if full else [b.tensors[i] for i in idx]
         writeback = []
@@ -582,9 +583,13 @@ class BucketStore:
             # whole buffer (and every later view) once per mutated view of it.
             # (params are dense, their state laid out like them: Bucket.strides.)
             offsets, starts = _bucket_says(b, "offsets_of", idx)
-            ops.step_flat_(params, grads, b.exp_avg, b.exp_avg_d, offsets, hvps, b.scalars, b.index(idx),
-                           hparams, grad_scale, found_inf, flags, seed, kernel,
-                           b.qscale if b.quantized else None, starts)
+            if hvps is None and not b.quantized and backend.plain_flat_op:  # (its kernel is C++)
+                ops.step_flat_plain_(backend.plain_flat_op, params, grads, b.exp_avg, b.exp_avg_d, offsets,
+                                     b.scalars, b.index(idx), hparams, grad_scale, found_inf, flags, seed)
+            else:
+                ops.step_flat_(params, grads, b.exp_avg, b.exp_avg_d, offsets, hvps, b.scalars, b.index(idx),
+                               hparams, grad_scale, found_inf, flags, seed, kernel,
+                               b.qscale if b.quantized else None, starts)
         else:
             qscales = b.qscale_views
             if qscales is not None and not full:

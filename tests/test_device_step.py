@@ -327,6 +327,43 @@ def test_compiled_step_guards_no_layout_entries(state_dtype):
 
 
 @pytest.mark.slow
+def test_compiled_plain_step_of_the_cpu_backend_calls_its_cpp_operator():
+    """A compiled plain step of the "cpu" backend calls esgdm::step_flat_cpu_, whose
+    kernel is C++, not esgdm::step_flat_, whose Python kernel converted both tensor
+    lists to Python objects on every call; the steps equal the eager ones."""
+    from torch._inductor.utils import run_and_get_code
+
+    from esgdm.backends import cpp_impl
+
+    if cpp_impl.CpuBackend.plain_flat_op is None:
+        pytest.skip("esgdm._C has no esgdm::step_flat_cpu_")
+    torch._dynamo.reset()
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(n)) for n in (5, 64, 1, 300)]
+        opt = esgdm.ESGDM(ps, lr=0.1, backend="cpu", seed=3, d_warmup=1, update_d_every=10**9)
+        gs = torch.autograd.grad(sum((p * p * p).sum() for p in ps), ps, create_graph=True)
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()  # the D-step, eager
+        step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
+        for t in range(3):
+            g = torch.Generator().manual_seed(t)
+            for p in ps:
+                p.grad = torch.randn(p.shape, generator=g)
+            if compiled and t == 0:
+                _, codes = run_and_get_code(step)
+                code = "\n".join(codes)
+                assert "esgdm.step_flat_cpu_" in code and "esgdm.step_flat_.default" not in code
+            else:
+                step()
+        results.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg"].clone() for p in ps])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
 def test_compiled_step_on_the_torch_backend_reuses_the_buckets_views(monkeypatch):
     """A compiled step of the "torch" backend hands the operator the bucket's flat
     buffers; the operator steps them through the views the bucket already holds

@@ -467,6 +467,36 @@ def test_step_flat_on_the_cpu_kernel_matches_step_on_views():
         assert torch.equal(x, y)
 
 
+def test_step_flat_cpu_operator_matches_step_flat_and_refuses_before_writing():
+    """esgdm::step_flat_cpu_ (the C++ kernel a compiled plain step of the "cpu" backend
+    calls) gives the bits of esgdm::step_flat_ with kernel "cpu", and refuses an index
+    row outside scalars or hparams, or state outside the flat buffers, by name, with
+    nothing written (no Python kernel checks the index before it here)."""
+    if cpp_impl.CpuBackend.plain_flat_op is None:
+        pytest.skip("esgdm._C has no esgdm::step_flat_cpu_")
+    shapes = [(7, 5), (300,), (1,), (0,), (33, 3, 2)]
+    a, b = _flat_inputs(shapes), _flat_inputs(shapes)
+    torch.ops.esgdm.step_flat_cpu_(*a[:5], *a[5:], None, None, 0, 5)
+    params, grads, m, d, offsets, scalars, index, hparams = b
+    torch.ops.esgdm.step_flat_(params, grads, m, d, offsets, None, scalars, index, hparams, None, None, 0, 5, "cpu")
+    for x, y in zip(a[0] + [a[2], a[3], a[5]], params + [m, d, scalars]):
+        assert torch.equal(x, y)
+    for column, value, match in ((0, 99, r"index\[1, 0\] = 99 is not a row of scalars \(5 rows\)"),
+                                 (1, -1, r"index\[1, 1\] = -1 is not a row of hparams \(1 rows\)")):
+        params, grads, m, d, offsets, scalars, index, hparams = _flat_inputs(shapes)
+        index[1, column] = value
+        before = [t.clone() for t in params + [m, d, scalars]]
+        with pytest.raises(RuntimeError, match=match):
+            torch.ops.esgdm.step_flat_cpu_(params, grads, m, d, offsets, scalars, index, hparams, None, None, 0, 5)
+        assert all(torch.equal(x, y) for x, y in zip(before, params + [m, d, scalars]))
+    params, grads, m, d, offsets, scalars, index, hparams = _flat_inputs(shapes)
+    offsets[4] = m.numel() - 10  # a parameter of 198 elements
+    before = [t.clone() for t in params + [m, d, scalars]]
+    with pytest.raises(RuntimeError, match=r"offsets\[4\] = .* outside the flat buffers"):
+        torch.ops.esgdm.step_flat_cpu_(params, grads, m, d, offsets, scalars, index, hparams, None, None, 0, 5)
+    assert all(torch.equal(x, y) for x, y in zip(before, params + [m, d, scalars]))
+
+
 def test_step_flat_uses_a_buckets_own_views_only_for_its_own_layout():
     """esgdm::step_flat_ on the "torch" backend (what a compiled step calls) steps a
     bucket's buffers through the views the bucket holds, instead of cutting them anew,

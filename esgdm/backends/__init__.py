@@ -66,6 +66,11 @@ class Backend:
     #: Whether the optimizer's C++ step plan (``esgdm._C.StepPlan``) runs this backend's
     #: kernel itself on plain steps: esgdm._C's own compiled kernels only.
     steps_in_plan: bool = False
+    #: Optional: a ``torch.ops.esgdm`` operator with a C++ kernel that runs this
+    #: backend's plain step of float state held in flat buffers (``esgdm::step_flat_``'s
+    #: schema without ``hvps``, ``kernel`` and 8-bit state), which a ``torch.compile``'d
+    #: plain step calls instead of ``esgdm::step_flat_``, whose kernel is Python's.
+    plain_flat_op: str | None = None
 
     def why_not(self, device: torch.device, dtype: torch.dtype) -> str | None:
         """``None`` if this backend can step ``dtype`` parameters on ``device``,

@@ -132,6 +132,13 @@ class CpuBackend(_CompiledBackend):
                 f"compiled by {info['compiler']}")
 
 
+if _C is not None and hasattr(torch.ops.esgdm, "step_flat_cpu_"):  # (defined by the extension)
+    from esgdm import ops as _ops
+
+    _ops.register_fake_of(_ops.FLAT_CPU_OP_NAME)
+    CpuBackend.plain_flat_op = _ops.FLAT_CPU_OP_NAME
+
+
 class CudaBackend(_CompiledBackend):
     """Multi-tensor apply: one CUDA kernel launch per bucket, on the current stream."""
 
