@@ -206,17 +206,35 @@ def test_plain_steps_compile_with_fullgraph(backend):
         assert rel_err(b, a) < 1e-6
 
 
-def _many_tensors(n, numel, state_dtype):
+def _many_tensors(n, numel, state_dtype, backend="torch"):
     """An optimizer over ``n`` tensors of ``numel`` elements, past its one D-step."""
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(numel)) for _ in range(n)]
-    opt = esgdm.ESGDM(ps, lr=0.1, backend="torch", seed=3, d_warmup=1, update_d_every=10**9,
+    opt = esgdm.ESGDM(ps, lr=0.1, backend=backend, seed=3, d_warmup=1, update_d_every=10**9,
                       state_dtype=state_dtype)
     gs = torch.autograd.grad(sum((p * p).sum() for p in ps), ps, create_graph=True)
     for p, g in zip(ps, gs):
         p.grad = g  # (create_graph: the D-step's Hessian-vector products)
     opt.step()  # the D-step, eager
     return ps, opt
+
+
+def _random_grad_steps(ps, step, steps=3, code_of_first=False) -> str | None:
+    """``steps`` calls of ``step`` with seeded random gradients; with ``code_of_first``,
+    the code Inductor generated for the first call."""
+    from torch._inductor.utils import run_and_get_code
+
+    code = None
+    for t in range(steps):
+        g = torch.Generator().manual_seed(t)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+        if code_of_first and t == 0:
+            _, codes = run_and_get_code(step)
+            code = "\n".join(codes)
+        else:
+            step()
+    return code
 
 
 def _allocated_elements(code: str) -> int:
@@ -238,8 +256,6 @@ def test_compiled_step_on_many_tensors_copies_no_state(state_dtype):
     buffer and the views after it: allocations and copies quadratic in the number of
     tensors (issue 19).  The compiled step allocates at most linearly in it, and steps
     as the eager one does."""
-    from torch._inductor.utils import run_and_get_code
-
     numel = 5000 if state_dtype == torch.uint8 else 100  # 8-bit state needs >= 4096
     allocated = {}
     for n in (8, 32):
@@ -248,15 +264,9 @@ def test_compiled_step_on_many_tensors_copies_no_state(state_dtype):
         for compiled in (False, True):
             ps, opt = _many_tensors(n, numel, state_dtype)
             step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-            for t in range(3):
-                g = torch.Generator().manual_seed(t)
-                for p in ps:
-                    p.grad = torch.randn(p.shape, generator=g)
-                if compiled and t == 0:
-                    _, codes = run_and_get_code(step)
-                    allocated[n] = _allocated_elements("\n".join(codes))
-                else:
-                    step()
+            code = _random_grad_steps(ps, step, code_of_first=compiled)
+            if compiled:
+                allocated[n] = _allocated_elements(code)
             state = [opt.state[p] for p in ps]
             results.append([p.detach().clone() for p in ps]
                            + [s[k].detach().clone() for s in state for k in ("exp_avg", "exp_avg_d")])
@@ -308,15 +318,10 @@ def test_compiled_step_guards_no_layout_entries(state_dtype):
     for compiled in (False, True):
         ps, opt = _many_tensors(6, numel, state_dtype)
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-
-        def steps():
-            for t in range(3):
-                g = torch.Generator().manual_seed(t)
-                for p in ps:  # noqa: B023 (called in this iteration)
-                    p.grad = torch.randn(p.shape, generator=g)
-                step()  # noqa: B023
-
-        lines = _guard_lines(steps) if compiled else steps()
+        if compiled:
+            lines = _guard_lines(lambda: _random_grad_steps(ps, step))  # noqa: B023 (called here)
+        else:
+            _random_grad_steps(ps, step)
         results.append([p.detach().clone() for p in ps])
     assert lines, "no guards were logged: the step was not compiled"
     per_entry = [ln for ln in lines if re.search(r"meta_signature|\.(shapes|strides|offsets|qscale_starts)\[", ln)]
@@ -331,8 +336,6 @@ def test_compiled_plain_step_of_the_cpu_backend_calls_its_cpp_operator():
     """A compiled plain step of the "cpu" backend calls esgdm::step_flat_cpu_, whose
     kernel is C++, not esgdm::step_flat_, whose Python kernel converted both tensor
     lists to Python objects on every call; the steps equal the eager ones."""
-    from torch._inductor.utils import run_and_get_code
-
     from esgdm.backends import cpp_impl
 
     if cpp_impl.CpuBackend.plain_flat_op is None:
@@ -340,24 +343,11 @@ def test_compiled_plain_step_of_the_cpu_backend_calls_its_cpp_operator():
     torch._dynamo.reset()
     results = []
     for compiled in (False, True):
-        torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(n)) for n in (5, 64, 1, 300)]
-        opt = esgdm.ESGDM(ps, lr=0.1, backend="cpu", seed=3, d_warmup=1, update_d_every=10**9)
-        gs = torch.autograd.grad(sum((p * p * p).sum() for p in ps), ps, create_graph=True)
-        for p, g in zip(ps, gs):
-            p.grad = g
-        opt.step()  # the D-step, eager
+        ps, opt = _many_tensors(4, 300, None, backend="cpu")
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for t in range(3):
-            g = torch.Generator().manual_seed(t)
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=g)
-            if compiled and t == 0:
-                _, codes = run_and_get_code(step)
-                code = "\n".join(codes)
-                assert "esgdm.step_flat_cpu_" in code and "esgdm.step_flat_.default" not in code
-            else:
-                step()
+        code = _random_grad_steps(ps, step, code_of_first=compiled)
+        if compiled:
+            assert "esgdm.step_flat_cpu_" in code and "esgdm.step_flat_.default" not in code
         results.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg"].clone() for p in ps])
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -377,11 +367,7 @@ def test_compiled_step_on_the_torch_backend_reuses_the_buckets_views(monkeypatch
     for compiled in (False, True):
         ps, opt = _many_tensors(8, 100, None)
         step = torch.compile(opt.step, fullgraph=True) if compiled else opt.step
-        for t in range(3):
-            g = torch.Generator().manual_seed(t)
-            for p in ps:
-                p.grad = torch.randn(p.shape, generator=g)
-            step()
+        _random_grad_steps(ps, step)
         results.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg"].clone() for p in ps])
     assert not cut
     for a, b in zip(*results):
