@@ -204,6 +204,19 @@ def test_bench_gpu_triton_host_smoke():
 
 
 @pytest.mark.slow
+def test_bench_gpu_compile_smoke():
+    """bench_gpu.py's compiled-step rows run on a CPU, with the guards each compiled call
+    checks."""
+    out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "compile",
+                "--compile-tensors", "24"], 600)
+    assert "plain step, 24 tensors" in out, out
+    rows = re.findall(r"\| (cpu|torch|AdamW\(fused\)) \| compiled \| [\d.]+ \| (\d+) \|", out)
+    guards = {name: int(n) for name, n in rows}
+    assert set(guards) == {"cpu", "torch", "AdamW(fused)"}, out
+    assert all(n > 0 for n in guards.values()), out
+
+
+@pytest.mark.slow
 def test_bench_train_smoke(tmp_path):
     _run(["benchmarks/bench_train.py", "--smoke", "--device", "cpu", "--threads", "1",
           "--no-progress", "--plots", str(tmp_path), "--json", str(tmp_path / "t.json"),
