@@ -210,9 +210,9 @@ def test_bench_gpu_compile_smoke():
     out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "compile",
                 "--compile-tensors", "24"], 600)
     assert "plain step, 24 tensors" in out, out
-    rows = re.findall(r"\| (cpu|torch|AdamW\(fused\)) \| compiled \| [\d.]+ \| (\d+) \|", out)
+    rows = re.findall(r"\| (cpu|torch) \| compiled \| [\d.]+ \| (\d+) \|", out)
     guards = {name: int(n) for name, n in rows}
-    assert set(guards) == {"cpu", "torch", "AdamW(fused)"}, out
+    assert set(guards) == {"cpu", "torch"} and re.search(r"\| AdamW\(fused\) \| compiled \| [\d.]+ \|", out), out
     assert all(n > 0 for n in guards.values()), out
 
 
