@@ -375,8 +375,9 @@ def test_compiled_step_on_the_torch_backend_reuses_the_buckets_views(monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("fullgraph", [False, True])
-def test_compiled_step_follows_rebuilt_buckets(fullgraph):
+def test_compiled_step_follows_rebuilt_buckets(fullgraph, backend):
     """The trace holds the buckets' layout as constants, guarded by the build's serial
     number and each parameter's identity: whatever rebuilds the buckets (new memory
     for a parameter, found by an eager step; a new param group; a parameter object
@@ -384,12 +385,13 @@ def test_compiled_step_follows_rebuilt_buckets(fullgraph):
     With ``fullgraph=True`` the rebuilding step is eager (building buckets is not
     traceable) and every later plain step compiles whole: a serial number that changed
     between traces must stay a constant of the trace."""
+    _backend_or_skip(backend)
     results = []
     for compiled in (False, True):
         torch._dynamo.reset()
         net = _mlp()
         x, y = _data()
-        opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend="cpu", seed=3, d_warmup=1, update_d_every=10**9)
+        opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend=backend, seed=3, d_warmup=1, update_d_every=10**9)
         step = torch.compile(opt.step, fullgraph=fullgraph) if compiled else opt.step
         extra = torch.nn.Parameter(torch.full((5,), 0.5))
 
