@@ -4,8 +4,10 @@
 // ``step`` checks what memory safety needs (list lengths, dtypes, devices, shapes,
 // layouts, table shapes; esgdm.ops checks the same first, with friendlier messages),
 // then runs the CPU implementation (esgdm_cpu.cpp) or the CUDA one (esgdm_cuda_host.cpp)
-// for the parameters' device.  It defines no dispatcher operator: the one operator is
-// Python's, and calls this function eagerly.  The GIL is released while it runs.
+// for the parameters' device.  The operators esgdm::step_ and esgdm::step_flat_ are
+// Python's (esgdm/ops.py) and call it eagerly; the GIL is released while it runs.  One
+// operator is defined here, esgdm::step_flat_cpu_: a compiled plain step on CPU tensors,
+// whose kernel is C++ from the dispatcher on (see step_flat_cpu_op).
 
 #include <torch/extension.h>
 

@@ -373,7 +373,7 @@ def own_state_views(params: Sequence[Tensor], exp_avg: Tensor, exp_avg_d: Tensor
     None otherwise."""
     b = _OWNERS.get(id(exp_avg))
     if (b is None or b.exp_avg is not exp_avg or b.exp_avg_d is not exp_avg_d or b.quantized
-            or not b.all_dense or list(offsets) != b.offsets
+            or not b.all_dense or not params or params[0].device != b.device or list(offsets) != b.offsets
             or list(map(Tensor.stride, params)) != b.strides or list(map(_shape_of, params)) != b.shapes):
         return None
     return b.exp_avg_views, b.exp_avg_d_views

@@ -35,6 +35,10 @@ Under ``torch.compile`` the optimizer calls ``torch.ops.esgdm.step_flat_``
 (:data:`FLAT_STEP_SCHEMA`) instead: the same step with the state handed over as the
 bucket's flat buffers plus each tensor's offset, the views cut inside the operator, so
 that functionalization sees one mutated tensor per buffer rather than one per tensor.
+A plain step of a backend with a C++ operator of its own
+(:attr:`esgdm.backends.Backend.plain_flat_op`: ``esgdm::step_flat_cpu_`` of the
+``"cpu"`` backend, defined by ``esgdm._C``) calls that one: its kernel takes the tensor
+lists without converting them to Python objects.
 """
 
 from __future__ import annotations
