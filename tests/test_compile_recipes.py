@@ -81,6 +81,11 @@ def run_recipe(how, hvp, backend=None):
 def check(how, hvp, backend):
     opt, bn, steps, fallbacks = run_recipe(how, hvp, backend)
     assert opt.steps == STEPS and not opt.should_create_graph()
+    if hvp == "auto" and not fallbacks and backend == "aot_eager" and how == "method":
+        # torch 2.11's model.compile(backend="aot_eager") differentiates twice (2.14's
+        # refuses): hvp="auto" then stays with autograd, and no step runs a probe.
+        assert all(len(losses) == 1 for losses in steps), steps
+        return
     assert len(fallbacks) == (1 if hvp == "auto" else 0), [str(w.message) for w in fallbacks]
     # One forward per step counted: every probe (and the rerun of a failed first
     # evaluation) put the BatchNorm statistics back.
