@@ -194,14 +194,22 @@ class Bucket:
         self.exp_avg_views = [self.view(self.exp_avg, i) for i in range(len(self.params))]
         self.exp_avg_d_views = [self.view(self.exp_avg_d, i) for i in range(len(self.params))]
         self._index_cache: dict[tuple | None, Tensor] = {}
-        #: Its number in :mod:`esgdm.traced` ("" when built inside a traced step): a traced
-        #: step asks the layout questions below through it, one guard for all entries.
-        self.serial = "" if _compiling() else traced.number(self)
+        #: Its number in :mod:`esgdm.traced` ("" until :meth:`enroll`): a traced step asks
+        #: the layout questions below through it, one guard for all entries.
+        self.serial = ""
         if not _compiling():
-            _OWNERS[id(self.exp_avg)] = self
+            self.enroll()
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def enroll(self) -> None:
+        """Numbers the bucket in :mod:`esgdm.traced` and records it as its buffers' owner
+        (:func:`own_state_views`), once; outside traced code (a bucket built inside a
+        traced step is enrolled by the next eager step that finds it current)."""
+        if not self.serial:
+            self.serial = traced.number(self)
+            _OWNERS[id(self.exp_avg)] = self
 
     # The layout questions of a traced step (esgdm.store asks them through esgdm.traced;
     # idx: the active tensors, None: all).  The shapes and strides are plain tuples of ints.

@@ -282,7 +282,7 @@ class BucketStore:
                 self.signature = layout  # built inside a compiled step: same parameters
                 self.serial = traced.number(self)  # (numbered here, outside the trace)
                 for built in self.buckets:
-                    built.serial = built.serial or traced.number(built)
+                    built.enroll()
                 return self.buckets
         old = {id(p): (b, i) for b in self.buckets for i, p in enumerate(b.params)}
         for p in params:
@@ -544,12 +544,12 @@ class BucketStore:
     def match_layout(b: Bucket, idx: list[int] | None, tensors: list[Tensor]) -> list[Tensor]:
         """``tensors`` (checked: their parameters' shapes) with the strides of their
         parameters' state (copied where not)."""
-        if ops.is_compiling():
-            if _bucket_says(b, "strides_are", idx, tuple(tuple(t.stride()) for t in tensors)):
-                return tensors
-        elif list(map(Tensor.stride, tensors)) == (b.strides if idx is None else [b.strides[i] for i in idx]):
-            return tensors  # the usual case, checked at C speed
+        compiling = ops.is_compiling()
+        if compiling and _bucket_says(b, "strides_are", idx, tuple(tuple(t.stride()) for t in tensors)):
+            return tensors
         want = b.strides if idx is None else [b.strides[i] for i in idx]
+        if not compiling and list(map(Tensor.stride, tensors)) == want:
+            return tensors  # the usual case, checked at C speed
         out = []
         for k, (t, st) in enumerate(zip(tensors, want)):
             p = b.tensors[k if idx is None else idx[k]]

@@ -416,6 +416,10 @@ def test_compiled_step_follows_rebuilt_buckets(fullgraph, backend):
                 step()
         results.append([p.detach().clone() for p in [*net.parameters(), extra]]
                        + [opt.state[p]["exp_avg"].clone() for p in [*net.parameters(), extra]])
+        # every bucket, built eagerly or inside a trace, is numbered and owns its buffers
+        for b in opt._store.buckets:
+            assert b.serial and esgdm.buckets.own_state_views(b.tensors, b.exp_avg, b.exp_avg_d,
+                                                              b.offsets) is not None
     for a, b in zip(*results):
         assert torch.equal(a, b)
 
