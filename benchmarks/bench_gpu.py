@@ -10,7 +10,8 @@ Five measurements, each printed as one markdown table (and written with --markdo
 1b. **The Triton launcher's address-table refresh** (``--only tables``), host only.
 2. **Launches per step** under ``torch.profiler``: GPU kernels launched by one plain
    step and one D-step (HVP excluded: the gradients are given).
-3. **Eager against compiled step**: ``torch.compile(opt.step)`` against ``opt.step``.
+3. **Eager against compiled step**: ``torch.compile(opt.step)``, with and without
+   ``fullgraph=True``, against ``opt.step``.
 4. **A whole training step of a small GPT** (forward, backward, optimizer) with the
    optimizer step eager and captured in a CUDA graph, against ``AdamW(fused=True)``
    the same way; ESGD-M runs 1 D-step in 10 (finite differences) outside the graph.
@@ -232,31 +233,93 @@ def _guards_of(method) -> int | None:
 
 
 def compiled_vs_eager(device, numel, count, repeats, steps):
-    """ms per plain step, eager against ``torch.compile(opt.step)``: each esgdm backend,
-    and torch's fused AdamW for scale (what compiling a one-kernel optimizer step costs
-    in guards and wrappers, whoever writes the kernel); esgdm's compiled rows also give
-    the number of guards Dynamo checks per call."""
+    """ms per plain step, eager against ``torch.compile(opt.step)`` (the default: on the
+    CPU, esgdm's step leaves the graph) and ``torch.compile(opt.step, fullgraph=True)``
+    (traced whole): each esgdm backend, and torch's fused AdamW for scale (what compiling
+    a one-kernel optimizer step costs in guards and wrappers, whoever writes the kernel);
+    esgdm's compiled rows also give the number of guards Dynamo checks per call."""
     rows = []
     for name in [*gpu_backends(device), "AdamW(fused)"]:
-        params = _params(count, numel, device)
-        opt = _make(name, params, lr_tensor=True)
-        fn = torch.compile(opt.step)
-        for _ in range(12):  # the step counters cause a recompilation or two first
-            fn()
+        for fullgraph in (False, True):
+            torch._dynamo.reset()  # (compiled code is cached per function, fullgraph or not)
+            params = _params(count, numel, device)
+            opt = _make(name, params, lr_tensor=True)
+            fn = torch.compile(opt.step, fullgraph=fullgraph)
+            try:
+                for _ in range(12):  # the step counters cause a recompilation or two first
+                    fn()
+            except Exception as e:  # noqa: BLE001 - a row that cannot be compiled whole
+                rows.append((name, "compiled, fullgraph", float("nan"), f"fails: {type(e).__name__}"))
+                continue
+            sync(device)
+            runs = (("compiled, fullgraph", fn),) if fullgraph else (("eager", opt.step), ("compiled", fn))
+            for label, call in runs:
+                times = []
+                for _ in range(repeats):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        call()
+                    sync(device)
+                    times.append((time.perf_counter() - t0) / steps * 1e3)
+                # (esgdm's traced step is one frame; torch's AdamW breaks into several, not counted)
+                guards = (_guards_of(opt.step) if label != "eager" and isinstance(opt, esgdm.ESGDM)
+                          else None)
+                rows.append((name, label, statistics.median(times), "" if guards is None else str(guards)))
+            del opt, params, fn
+    return rows
+
+
+def compiled_train_steps(device, repeats, steps):
+    """ms per whole training step of the demo's MLP (batch 128, default D-step schedule,
+    steady state): the optimizer step eager, ``torch.compile(opt.step)`` and, for plain
+    steps only, ``torch.compile(opt.step, fullgraph=True)`` (its D-steps eager); with
+    ``hvp="autograd"`` (double backward, no closure) and ``"finite_difference"`` (the
+    closure passed on D-steps only).  The three are timed interleaved, round by round."""
+    from esgdm.demo import make_model
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(128, 64, generator=gen, device=device)
+    y = torch.randint(0, 10, (128,), generator=gen, device=device)
+    rows = []
+    for hvp in ("autograd", "finite_difference"):
+        torch._dynamo.reset()
+        runs = []
+        for label in ("eager", "compiled", "compiled, fullgraph"):
+            model = make_model(0).to(device)
+            opt = esgdm.ESGDM(model.parameters(), lr=0.1, hvp=hvp)
+            fn = {"eager": opt.step, "compiled": torch.compile(opt.step),
+                  "compiled, fullgraph": torch.compile(opt.step, fullgraph=True)}[label]
+
+            def train_step(model=model, opt=opt, fn=fn, label=label, hvp=hvp):
+                d_step = opt.is_d_step()
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward(create_graph=opt.should_create_graph())
+                if not d_step:
+                    fn()
+                elif hvp == "autograd":
+                    (opt.step if label == "compiled, fullgraph" else fn)()
+                else:
+                    def closure():
+                        opt.zero_grad()
+                        out = torch.nn.functional.cross_entropy(model(x), y)
+                        out.backward()
+                        return out
+                    (opt.step if label == "compiled, fullgraph" else fn)(closure)
+
+            for _ in range(40):  # the D-step warm-up, then the compilations
+                train_step()
+            runs.append((label, train_step, []))
         sync(device)
-        for label, call in (("eager", opt.step), ("compiled", fn)):
-            times = []
-            for _ in range(repeats):
-                sync(device)
+        for _ in range(repeats):
+            for _label, train_step, times in runs:
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    call()
+                    train_step()
                 sync(device)
                 times.append((time.perf_counter() - t0) / steps * 1e3)
-            # (esgdm's step is one frame; torch's AdamW breaks into several, not counted)
-            guards = _guards_of(opt.step) if label == "compiled" and isinstance(opt, esgdm.ESGDM) else None
-            rows.append((name, label, statistics.median(times), "" if guards is None else str(guards)))
-        del opt, params, fn
+        rows += [(hvp, label, statistics.median(times)) for label, _, times in runs]
     return rows
 
 
@@ -414,6 +477,11 @@ def main(argv=None) -> None:
         rows = compiled_vs_eager(device, numel * (1 if quick else 16), count, repeats, steps)
         out.append(f"### Eager against torch.compile(opt.step), plain step, {count} tensors\n\n" + table(
             ["backend", "step", "ms", "guards per call"], rows, lambda r: [r[0], r[1], f"{r[2]:.4f}", r[3]]))
+        rows = compiled_train_steps(device, max(repeats, 11), max(steps, 50))
+        out.append("### Eager against torch.compile(opt.step), whole training step of the demo's MLP "
+                   "(batch 128, 1 D-step in 10)\n\n" + table(
+                       ["hvp", "optimizer step", "ms per training step"], rows,
+                       lambda r: [r[0], r[1], f"{r[2]:.4f}"]))
     if "train" in only:
         rows = train_step_times(device, repeats, args.train_steps or (20 if not quick else 3), quick=quick)
         out.append("### Whole training step of a small GPT (batch 16 x 256 tokens)\n\n" + table(

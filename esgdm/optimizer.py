@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from esgdm import backends, checkpoint
+from esgdm import backends, checkpoint, traced
 from esgdm.buckets import Bucket, local
 from esgdm.checkpoint import check_count, check_seed
 from esgdm.curvature import Curvature, default_seed, draw_signs, state_init_call
@@ -176,6 +176,7 @@ class ESGDM(Optimizer):
         self._curvature = Curvature(seed, shared)
         self._schedule = _Schedule()
         self._store = BucketStore()
+        self._serial = traced.number(self)  # (what a traced step asks esgdm.traced about)
         super().__init__(params, defaults)
         self._store.watch_state(self)
 
@@ -212,6 +213,7 @@ class ESGDM(Optimizer):
             raise
         self._store.hparam_tables_for = None
 
+    @torch.compiler.disable
     def should_create_graph(self) -> bool:
         """Whether the next ``step()`` takes a Hessian-vector product by double backward,
         so the backward pass before it needs ``create_graph=True``::
@@ -220,13 +222,22 @@ class ESGDM(Optimizer):
 
         False with ``hvp="finite_difference"``, which needs no graph, and with
         ``hvp="auto"`` after it fell back to finite differences.
+
+        Under ``torch.compile`` it runs eagerly (a graph break): traced, its answer would
+        make the compiled code guard on the step counters and compile again every step.
         """
         if self._curvature.uses_finite_differences(self.hvp):
             return False
-        return self.is_d_step()
+        return self._d_step_next()
 
+    @torch.compiler.disable
     def is_d_step(self) -> bool:
-        """Whether the next ``step()`` refreshes the curvature estimate."""
+        """Whether the next ``step()`` refreshes the curvature estimate (eager under
+        ``torch.compile``, as :meth:`should_create_graph`)."""
+        return self._d_step_next()
+
+    def _d_step_next(self) -> bool:
+        """:meth:`is_d_step`, traced inside a compiled step (its counters are symbolic there)."""
         self._settle()
         return self.steps < self.d_warmup or self.steps_since_d >= self.update_d_every
 
@@ -262,19 +273,38 @@ class ESGDM(Optimizer):
         unscale the gradients and skip the whole step on the device when an inf was found.
         """
         if closure is None:
-            return self._step(None)
+            # (torch.compiler's own function: Dynamo compiles a helper of ours that an
+            # eager frame calls while a compiled caller is active, and it then says True)
+            if torch.compiler.is_compiling() and not traced.ask(self._serial, "_leaves_trace"):
+                return self._step(None)  # traced, one graph
+            return self._step_untraced()
         return self._step_with_closure(closure)
+
+    def _leaves_trace(self) -> bool:
+        """Whether a traced :meth:`step` should run eagerly instead (asked once per trace,
+        through :func:`esgdm.traced.ask`): every parameter on the CPU, where a trace adds
+        guards and wrappers around the same one-call kernel and no CUDA graph can replay
+        it, and a compilation that allows a graph break."""
+        return (traced.CPU_STEPS_LEAVE_GRAPH
+                and all(local(p).device.type == "cpu" for g in self.param_groups for p in g["params"])
+                and not traced.one_graph_demanded())
+
+    @torch.compiler.disable
+    def _step_untraced(self):
+        # Also the eager step: after a graph break inside step(), Dynamo runs step()'s
+        # frame eagerly but would still compile every function it calls, one frame each.
+        return self._step(None)
 
     @torch.compiler.disable
     def _step_with_closure(self, closure: Callable[[], Any]):
         # The closure draws from torch's process-wide generators, and a finite-difference
         # D-step rewinds them for its probe: order the closures of all threads (esgdm.guards).
-        with GENERATORS.hold(exclusive=self.hvp != "autograd" and self.is_d_step()):
+        with GENERATORS.hold(exclusive=self.hvp != "autograd" and self._d_step_next()):
             return self._step(closure)
 
     def _step(self, closure: Callable[[], Any] | None):
         """The body of :meth:`step`."""
-        d_step = self.is_d_step()
+        d_step = self._d_step_next()
         store = self._store
         loss, rng = self._curvature.evaluate(self, closure, d_step)
         grad_scale = getattr(self, "grad_scale", None)
@@ -447,6 +477,7 @@ class ESGDM(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._store = BucketStore()
+        self._serial = traced.number(self)
         self._store.watch_state(self)
         self._store.watch.dirty = True
 
