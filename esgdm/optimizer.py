@@ -273,8 +273,9 @@ class ESGDM(Optimizer):
         unscale the gradients and skip the whole step on the device when an inf was found.
         """
         if closure is None:
-            # (torch.compiler's own function: Dynamo compiles a helper of ours that an
-            # eager frame calls while a compiled caller is active, and it then says True)
+            # (torch.compiler.is_compiling itself, not esgdm.ops.is_compiling: after a
+            # graph break Dynamo compiles the helpers an eager frame calls, and a compiled
+            # helper answers True)
             if torch.compiler.is_compiling() and not traced.ask(self._serial, "_leaves_trace"):
                 return self._step(None)  # traced, one graph
             return self._step_untraced()
