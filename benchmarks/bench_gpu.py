@@ -416,6 +416,23 @@ def _is_dstep(opt) -> bool:
     return s.steps < opt.d_warmup or s.since_d >= opt.update_d_every
 
 
+class Report(list):
+    """The tables so far: each printed, and the markdown file written again, as it is
+    added, so that a time limit that stops the run keeps what was measured."""
+
+    def __init__(self, path: str | None, first: str):
+        super().__init__()
+        self.path = path
+        self.append(first)
+
+    def append(self, section: str) -> None:
+        super().append(section)
+        print(section + "\n", flush=True)
+        if self.path:
+            with open(self.path, "w") as f:
+                f.write("\n\n".join(self) + "\n")
+
+
 def table(header, rows, fmt):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(r)) + " |" for r in rows]
@@ -452,8 +469,8 @@ def main(argv=None) -> None:
     quick = args.quick
     numel = (1 << 16) if quick else (1 << 20)
     repeats, steps = (3, 5) if quick else (7, 50)
-    out = [f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
-           f"torch {torch.__version__}"]
+    out = Report(args.markdown, f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+                                f"torch {torch.__version__}")
     if "host" in only:
         counts = (1, 64, 256) if quick else (1, 64, 1024, 4096)
         rows = host_time(device, counts, numel, repeats, steps, evict_bytes=args.evict_mib << 20)
@@ -487,11 +504,6 @@ def main(argv=None) -> None:
         out.append("### Whole training step of a small GPT (batch 16 x 256 tokens)\n\n" + table(
             ["optimizer", "backend", "optimizer step", "parameters", "ms per training step"], rows,
             lambda r: [r[0], r[1], r[2], f"{r[3] / 1e6:.1f}M", f"{r[4]:.3f}"]))
-    text = "\n\n".join(out) + "\n"
-    print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@
 # Triton) installed; it builds the extension in place (no pip, no network).  Each stage
 # has its own time limit, so a slow one cannot take the others with it.  What it writes
 # under OUTDIR: gpu.txt (card, driver, versions, build and test summary), step_cuda.md
-# and step_cuda.json (bench_step.py), gpu_extras.md (bench_gpu.py), log.txt.
+# and step_cuda.json (bench_step.py), gpu_extras.md and gpu_compile.md (bench_gpu.py),
+# log.txt.
 set -uo pipefail
 out=${1:-out}
 stages=${2:-tests,step,extras}
@@ -55,6 +56,11 @@ fi
 
 if has extras; then
   start=$SECONDS
-  timeout 200 $py benchmarks/bench_gpu.py --device cuda --markdown "$out/gpu_extras.md" >> "$log" 2>&1
+  # (each table is written as soon as it is measured: a limit keeps the tables before it)
+  timeout 130 $py benchmarks/bench_gpu.py --device cuda --only host,tables,launches,train \
+      --markdown "$out/gpu_extras.md" >> "$log" 2>&1
   echo "extras stage: rc $? in $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
+  timeout 90 $py benchmarks/bench_gpu.py --device cuda --only compile \
+      --markdown "$out/gpu_compile.md" >> "$log" 2>&1
+  echo "compile rows: rc $? in $((SECONDS - start)) s" | tee -a "$out/gpu.txt"
 fi

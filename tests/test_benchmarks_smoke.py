@@ -206,14 +206,19 @@ def test_bench_gpu_triton_host_smoke():
 @pytest.mark.slow
 def test_bench_gpu_compile_smoke():
     """bench_gpu.py's compiled-step rows run on a CPU, with the guards each compiled call
-    checks."""
+    checks (fewer where the step leaves the graph than where fullgraph traces it), and
+    the whole training steps eager and compiled."""
     out = _run(["benchmarks/bench_gpu.py", "--device", "cpu", "--quick", "--only", "compile",
                 "--compile-tensors", "24"], 600)
     assert "plain step, 24 tensors" in out, out
-    rows = re.findall(r"\| (cpu|torch) \| compiled \| [\d.]+ \| (\d+) \|", out)
-    guards = {name: int(n) for name, n in rows}
-    assert set(guards) == {"cpu", "torch"} and re.search(r"\| AdamW\(fused\) \| compiled \| [\d.]+ \|", out), out
-    assert all(n > 0 for n in guards.values()), out
+    guards = {(name, how): int(n) for name, how, n in
+              re.findall(r"\| (cpu|torch) \| (compiled|compiled, fullgraph) \| [\d.]+ \| (\d+) \|", out)}
+    assert {name for name, _ in guards} == {"cpu", "torch"} and len(guards) == 4, out
+    assert re.search(r"\| AdamW\(fused\) \| compiled \| [\d.]+ \|", out), out
+    for name in ("cpu", "torch"):
+        assert 0 < guards[name, "compiled"] < guards[name, "compiled, fullgraph"], out
+    steps = re.findall(r"\| (autograd|finite_difference) \| (eager|compiled|compiled, fullgraph) \| [\d.]+ \|", out)
+    assert len(set(steps)) == 6, out
 
 
 @pytest.mark.slow
