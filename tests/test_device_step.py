@@ -406,21 +406,32 @@ def test_compiled_cpu_step_leaves_the_graph_unless_fullgraph(backend):
     graph can replay it: torch.compile(opt.step) runs the step eagerly.  No graph holds
     esgdm's work, not even as a frame of one of its functions compiled on its own (what
     Dynamo does to the functions an eager frame calls after a graph break); the steps
-    equal the eager ones bit for bit.  With fullgraph=True the step is still one graph."""
+    equal the eager ones bit for bit.  With fullgraph=True, or inside
+    torch._dynamo.error_on_graph_break(True), the step is still one graph."""
     _backend_or_skip(backend)
+
+    def compiled(rec, opt, how):
+        fn = torch.compile(opt.step, backend=rec, fullgraph=how == "fullgraph")
+        if how != "error_on_graph_break":
+            return fn
+
+        def strict():
+            with torch._dynamo.error_on_graph_break(True):
+                return fn()
+        return strict
+
     results, found = [], {}
-    for how in ("eager", "compiled", "fullgraph"):
+    for how in ("eager", "compiled", "fullgraph", "error_on_graph_break"):
         torch._dynamo.reset()
         ps, opt = _many_tensors(5, 300, None, backend=backend)
         if how == "eager":
             _random_grad_steps(ps, opt.step, steps=4)
         else:
-            found[how] = _esgdm_nodes(_graphs_of(
-                lambda rec, opt=opt, how=how: torch.compile(opt.step, backend=rec, fullgraph=how == "fullgraph"),
-                ps))
+            found[how] = _esgdm_nodes(_graphs_of(lambda rec, opt=opt, how=how: compiled(rec, opt, how), ps))
         results.append([p.detach().clone() for p in ps] + [opt.state[p]["exp_avg"].clone() for p in ps])
     assert found["compiled"] == []
-    assert any("esgdm." in t for t in found["fullgraph"]), found["fullgraph"]
+    for how in ("fullgraph", "error_on_graph_break"):
+        assert any("esgdm." in t for t in found[how]), (how, found[how])
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
