@@ -402,7 +402,7 @@ def _esgdm_nodes(graphs) -> list[str]:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compiled_cpu_step_leaves_the_graph_unless_fullgraph(backend):
     """On the CPU a traced step adds Dynamo's guards and Inductor's wrapper around the
-    same one-call kernel (2.9x the eager step at 148 tensors, 9x at 1,024) and no CUDA
+    same one-call kernel (about 3x the eager step at 148 tensors, 9x at 1,024) and no CUDA
     graph can replay it: torch.compile(opt.step) runs the step eagerly.  No graph holds
     esgdm's work, not even as a frame of one of its functions compiled on its own (what
     Dynamo does to the functions an eager frame calls after a graph break); the steps
