@@ -271,6 +271,10 @@ class ESGDM(Optimizer):
         cannot be stepped), parameters, optimizer state and counters are left exactly
         as they were.  With ``torch.amp.GradScaler`` (``scaler.step(opt)``) the kernels
         unscale the gradients and skip the whole step on the device when an inf was found.
+
+        Under ``torch.compile``, a step whose parameters are all on the CPU runs eagerly
+        (a graph break) unless the compilation demands one graph (``fullgraph=True``):
+        there a trace would only add guards and wrappers around the same kernel call.
         """
         if closure is None:
             # (torch.compiler.is_compiling itself, not esgdm.ops.is_compiling: after a
