@@ -288,10 +288,10 @@ def compiled_train_steps(device, repeats, steps):
         for label in ("eager", "compiled", "compiled, fullgraph"):
             model = make_model(0).to(device)
             opt = esgdm.ESGDM(model.parameters(), lr=0.1, hvp=hvp)
-            fn = {"eager": opt.step, "compiled": torch.compile(opt.step),
-                  "compiled, fullgraph": torch.compile(opt.step, fullgraph=True)}[label]
+            fn = opt.step if label == "eager" else torch.compile(opt.step, fullgraph=label.endswith("fullgraph"))
+            d_fn = opt.step if label.endswith("fullgraph") else fn  # (fullgraph: D-steps eager)
 
-            def train_step(model=model, opt=opt, fn=fn, label=label, hvp=hvp):
+            def train_step(model=model, opt=opt, fn=fn, d_fn=d_fn, hvp=hvp):
                 d_step = opt.is_d_step()
                 opt.zero_grad()
                 loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -299,14 +299,14 @@ def compiled_train_steps(device, repeats, steps):
                 if not d_step:
                     fn()
                 elif hvp == "autograd":
-                    (opt.step if label == "compiled, fullgraph" else fn)()
+                    d_fn()
                 else:
                     def closure():
                         opt.zero_grad()
                         out = torch.nn.functional.cross_entropy(model(x), y)
                         out.backward()
                         return out
-                    (opt.step if label == "compiled, fullgraph" else fn)(closure)
+                    d_fn(closure)
 
             for _ in range(40):  # the D-step warm-up, then the compilations
                 train_step()

@@ -34,7 +34,7 @@ from esgdm.hyperparams import (
     flag,
 )
 from esgdm.rule import FLAG_EXACT, FLAG_STOCHASTIC_ROUNDING, seed32
-from esgdm.store import BucketStore
+from esgdm.store import BucketStore, all_params
 
 
 class ESGDM(Optimizer):
@@ -291,7 +291,7 @@ class ESGDM(Optimizer):
         guards and wrappers around the same one-call kernel and no CUDA graph can replay
         it, and a compilation that allows a graph break."""
         return (traced.CPU_STEPS_LEAVE_GRAPH
-                and all(local(p).device.type == "cpu" for g in self.param_groups for p in g["params"])
+                and all(local(p).device.type == "cpu" for p in all_params(self.param_groups))
                 and not traced.one_graph_demanded())
 
     @torch.compiler.disable

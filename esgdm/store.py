@@ -81,6 +81,11 @@ def all_params(param_groups: list[dict]) -> list[Tensor]:
     return [p for group in param_groups for p in group["params"]]
 
 
+def param_ids(param_groups: list[dict]) -> tuple[tuple[int, ...], ...]:
+    """The parameters' identities, by group (what each build is keyed on first)."""
+    return tuple(tuple(map(id, group["params"])) for group in param_groups)
+
+
 def hparam_row(group: dict) -> tuple:
     """The group's row of the device hyper-parameter table (a tensor lr contributes 0:
     its value is copied on the device)."""
@@ -229,7 +234,7 @@ class BucketStore:
         each one's data is and how it is laid out (``model.to(...)`` and ``p.data = t``
         keep the Parameter object but move its data: a new dtype, device or shape comes
         with new memory, a new layout with new strides).  Three C-level maps."""
-        ids = tuple(tuple(map(id, group["params"])) for group in opt.param_groups)
+        ids = param_ids(opt.param_groups)
         params = all_params(opt.param_groups)
         if self.any_dtensor:  # FSDP2: what matters is each rank's local shard
             params = [local(p) for p in params]
@@ -240,8 +245,7 @@ class BucketStore:
     @staticmethod
     def _meta_layout(opt: ESGDM) -> tuple:
         """The parameters and their metadata (what a compiled step can compare)."""
-        ids = tuple(tuple(map(id, group["params"])) for group in opt.param_groups)
-        return (ids, *_meta_of(all_params(opt.param_groups)))
+        return (param_ids(opt.param_groups), *_meta_of(all_params(opt.param_groups)))
 
     def _built_for(self, ids: tuple) -> bool:
         """Whether the buckets were built for the parameters ``ids`` (by group) as they
@@ -267,8 +271,7 @@ class BucketStore:
             # (esgdm.traced): the guards are then one per parameter (its identity, from
             # id()) and one on the build's serial number, not one per entry compared.
             if self.buckets and self.serial:
-                ids = tuple(tuple(map(id, group["params"])) for group in opt.param_groups)
-                if traced.ask(self.serial, "_built_for", ids):
+                if traced.ask(self.serial, "_built_for", param_ids(opt.param_groups)):
                     return self.buckets
             elif self.buckets and self._meta_layout(opt) == self.meta_signature:
                 return self.buckets  # (built inside a traced step: compared entry by entry)
@@ -736,4 +739,4 @@ for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update",
 del _name
 
 
-__all__ = ["BucketStore", "all_params", "hparam_key", "hparam_row", "local_block"]
+__all__ = ["BucketStore", "all_params", "hparam_key", "hparam_row", "local_block", "param_ids"]

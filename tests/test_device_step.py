@@ -378,15 +378,21 @@ def test_compiled_step_on_the_torch_backend_reuses_the_buckets_views(monkeypatch
         assert torch.equal(a, b)
 
 
-def _graphs_of(step_fn, ps, steps=4):
-    """The FX graphs Dynamo hands the compiler over ``steps`` calls of ``step_fn(backend)``
-    (a compiled step), with the steps' gradients seeded as in :func:`_random_grad_steps`."""
+def _recorder():
+    """A torch.compile backend that runs each graph as traced, and the graphs it got."""
     graphs = []
 
     def record(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return record, graphs
+
+
+def _graphs_of(step_fn, ps, steps=4):
+    """The FX graphs Dynamo hands the compiler over ``steps`` calls of ``step_fn(backend)``
+    (a compiled step), with the steps' gradients seeded as in :func:`_random_grad_steps`."""
+    record, graphs = _recorder()
     _random_grad_steps(ps, step_fn(record), steps=steps)
     return graphs
 
@@ -469,12 +475,7 @@ def test_compiled_training_function_runs_the_cpu_step_eagerly():
         net = _mlp()
         x, y = _data()
         opt = esgdm.ESGDM(net.parameters(), lr=0.3, backend="torch", seed=3, d_warmup=2, update_d_every=5)
-        graphs = []
-
-        def record(gm, example_inputs, graphs=graphs):
-            graphs.append(gm)
-            return gm.forward
-
+        record, graphs = _recorder()
         train_step = _train_step_of(net, opt, x, y)
         fn = torch.compile(train_step, backend=record) if compiled else train_step
         with torch._dynamo.config.patch(recompile_limit=64):
