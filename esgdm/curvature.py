@@ -150,6 +150,7 @@ class Curvature:
         self.seed = seed
         self.seed_shared = shared
         self.fd_fallback = False  # hvp="auto" takes finite differences from now on
+        self.graph_walked = False  # a double backward's whole graph was searched for cuts (hvp.graph_cut)
         self.evaluated = False  # a D-step's main evaluation succeeded (see evaluate)
         self.watch_saves = True  # False once torch.func refused saved-tensor hooks
         self.module_trees = ModuleTrees()  # whose buffers the probe restores
@@ -258,7 +259,8 @@ class Curvature:
             hvps = self._fd_hvps(opt, params, grads, closure, rng)
         else:
             try:
-                hvps = autograd_hvp(params, grads, self.signs(opt, params), fd_available=opt.hvp == "auto")
+                hvps = autograd_hvp(params, grads, self.signs(opt, params), fd_available=opt.hvp == "auto",
+                                    look_for_cuts=not self.graph_walked)
             except RuntimeError as e:
                 if not no_double_backward(e):
                     raise
@@ -271,6 +273,7 @@ class Curvature:
                 self.fall_back(e)
                 hvps = self._fd_hvps(opt, params, grads, closure, rng)
             else:
+                self.graph_walked = True  # (a model's ops rarely change between steps)
                 hvps = undo_unscaled_scale(opt, hvps)
         out, start = [], 0
         for _, _, gs in work:
@@ -286,7 +289,10 @@ class Curvature:
         return (f"write loss.backward(create_graph=opt.should_create_graph()) instead of loss.backward() "
                 f"before opt.step() (or {other}): step {opt.steps} is a curvature step (the first "
                 f"d_warmup={opt.d_warmup} steps and every update_d_every={opt.update_d_every}-th step "
-                "take a Hessian-vector product by double backward) and no gradient carries a graph")
+                "take a Hessian-vector product by double backward) and no gradient carries a graph. "
+                "If backward already had create_graph=True, the loss is linear in every parameter, or an "
+                "op without a double backward (e.g. @once_differentiable) cut the graph: take curvature by "
+                "finite differences, hvp='finite_difference' (or hvp='auto') with opt.step(closure)")
 
     def _fd_hvps(self, opt: ESGDM, params, grads, closure, rng) -> list[Tensor]:
         if closure is None:

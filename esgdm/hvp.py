@@ -64,7 +64,15 @@ def check_graphs(params: Sequence[Tensor], grads: Sequence[Tensor], fd_available
 _NO_DOUBLE_BACKWARD = (
     "derivative for", "is not implemented", "does not support double backward",
     "double backward", "not differentiable twice", "only supports first-order",
+    "differentiate twice",  # @once_differentiable's own error, should autograd ever run it
 )
+
+#: Class names of the autograd nodes that raise when a double backward runs them.
+#: ``@once_differentiable`` aliases its outputs through ``DelayedError``, whose outputs get an
+#: ``Error`` node with edges only to detached copies: no path from it reaches a parameter, so
+#: ``autograd.grad`` never runs it and takes what lies behind it as 0 (None).  (torch's
+#: ``NotImplemented`` nodes keep their edges to the op's inputs: autograd runs and raises them.)
+_RAISING_NODES = frozenset({"Error", "DelayedError"})
 
 
 def no_double_backward(error: BaseException) -> bool:
@@ -84,14 +92,21 @@ def create_graph_failed(error: BaseException) -> bool:
 
 def autograd_hvp(
     params: Sequence[Tensor], grads: Sequence[Tensor], signs: Sequence[Tensor],
-    fd_available: bool = False,
+    fd_available: bool = False, look_for_cuts: bool = False,
 ) -> list[Tensor]:
     """``d/dθ Σ_p <g_p, v_p>`` in one autograd call over every parameter.
 
     A complex parameter is taken as its real view: its sign vector and its HVP are
     shaped like ``torch.view_as_real(p)`` (its gradient may be given either way).
     A parameter that the gradients do not depend on, or whose gradient has no graph
-    (the loss is linear in it), gets a zero HVP.  The graph is retained: two
+    (the loss is linear in it), gets a zero HVP.  Where a parameter whose gradient
+    has a graph gets none, and the gradients' graphs hold an op without a double
+    backward (``@once_differentiable``: autograd cannot see what lies behind it), it
+    raises RuntimeError, as autograd does for such ops (``hvp="auto"`` then falls back
+    to finite differences).  ``look_for_cuts``: look for such ops even where every
+    parameter got a product (one that hides only part of a parameter's curvature; a
+    walk over the whole graph, which the optimizer takes on its first curvature step).
+    The graph is retained: two
     optimizers over disjoint parts of one loss both differentiate it (it is freed
     with the gradients, at the next ``zero_grad``).
     """
@@ -105,7 +120,41 @@ def autograd_hvp(
                                     allow_unused=True, retain_graph=True)
     for k, h in enumerate(found):
         hvps[k] = h
+    # None is 0 when no gradient depends on that parameter, and also when the dependence
+    # runs through an op without a double backward (cut): only then look for the cut.
+    if look_for_cuts or any(h is None and grads[k].grad_fn is not None for k, h in enumerate(hvps)):
+        raise_if_cut([grads[k] for k in with_graph])
     return [torch.zeros_like(real_view(p)) if h is None else real_view(h) for p, h in zip(params, hvps)]
+
+
+def graph_cut(grads: Sequence[Tensor]) -> str | None:
+    """The name of a node in the graphs of ``grads`` that raises when run (see
+    ``_RAISING_NODES``), or None.  Each node is visited once (the walk is linear in
+    the size of the graph), iteratively."""
+    seen: set[Any] = set()
+    stack: list[Any] = [g.grad_fn for g in grads]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ in _RAISING_NODES:
+            return str(node.name())
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return None
+
+
+def raise_if_cut(grads: Sequence[Tensor]) -> None:
+    """Raises the RuntimeError autograd would if the graphs of ``grads`` hold an op without
+    a double backward, whose part of the Hessian-vector product autograd silently drops."""
+    node = graph_cut(grads)
+    if node is not None:
+        raise RuntimeError(
+            f"an operation of the model has no double backward (autograd node {node}, e.g. from a "
+            "custom torch.autograd.Function whose backward is marked @once_differentiable): autograd "
+            "would take its part of the curvature as 0.\n"  # (the optimizer's messages quote line 1)
+            "Take the Hessian-vector product by finite differences: ESGDM(..., hvp='finite_difference') "
+            "or hvp='auto', with opt.step(closure).")
 
 
 # --------------------------------------------------------------------------
@@ -515,6 +564,6 @@ def finite_difference_hvp(
 __all__ = [
     "CREATE_GRAPH_HINT", "FD_SCHEMES", "GENERATORS", "BufferGuard", "ModuleTrees", "RngSnapshot", "all_reduce",
     "local_and_reduction",
-    "autograd_hvp", "check_graphs", "create_graph_failed", "fd_radius", "finite_difference_hvp",
+    "autograd_hvp", "check_graphs", "graph_cut", "create_graph_failed", "fd_radius", "finite_difference_hvp",
     "ComputePrecision", "autocast_dtype", "module_trees", "param_norm", "unit_roundoff", "warn_user",
 ]

@@ -1,0 +1,174 @@
+"""An op without a double backward (``@once_differentiable``) cuts the gradient's graph.
+
+With ``backward(create_graph=True)`` torch gives such an op's outputs an ``Error`` node
+whose edges lead only to detached copies, so ``autograd.grad(grads, params)`` never
+reaches it and returns None for the parameters behind it.  Taken as a zero HVP, that
+left the curvature at 0 and (under the default rule) the parameter still, silently.
+A None that is really zero (no gradient depends on the parameter) must stay one.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import cpu_backends
+
+import esgdm
+from esgdm.hvp import autograd_hvp, graph_cut, no_double_backward
+
+BACKENDS = cpu_backends(names=("torch", "cpu"))
+
+
+class Cube(torch.autograd.Function):
+    """x³ with a first-order-only backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.pow(3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+def cube_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # sum(b⁶) (Hessian diagonal 30 b⁴, hidden by the cut) + sum(a⁴) (seen by autograd)
+    return Cube.apply(b).pow(2).sum() + a.pow(4).sum()
+
+
+def gate_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # a's gradient Σb³ has a graph without the cut; the dependence on a is in b's gradient
+    # (3 Σa b², through the cut), so a's HVP comes back None and b's is partial
+    return a.sum() * Cube.apply(b).sum() + b.pow(4).sum()
+
+
+def smooth_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return b.pow(6).sum() + a.pow(4).sum()
+
+
+def make(backend: str, hvp: str, **kw) -> tuple[torch.nn.Parameter, torch.nn.Parameter, esgdm.ESGDM]:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(6, generator=gen))
+    b = torch.nn.Parameter(torch.randn(8, generator=gen))
+    return a, b, esgdm.ESGDM([a, b], lr=0.1, backend=backend, seed=3, hvp=hvp, **kw)
+
+
+def snapshot(opt: esgdm.ESGDM, params) -> tuple:
+    state = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
+    return [p.detach().clone() for p in params], state, opt.steps, opt.steps_since_d
+
+
+def assert_same(before: tuple, after: tuple) -> None:
+    (p0, s0, n0, d0), (p1, s1, n1, d1) = before, after
+    assert all(torch.equal(x, y) for x, y in zip(p0, p1))
+    assert s0.keys() == s1.keys()
+    for key in s0:
+        assert s0[key].keys() == s1[key].keys()
+        assert all(torch.equal(s0[key][k], s1[key][k]) for k in s0[key])
+    assert (n0, d0) == (n1, d1)
+
+
+def test_the_cut_is_an_error_node():
+    """What the fix looks for: torch's node, out of reach of the parameter."""
+    b = torch.randn(4, requires_grad=True)
+    (g,) = torch.autograd.grad(Cube.apply(b).pow(2).sum(), b, create_graph=True)
+    assert graph_cut([g]) == "torch::autograd::Error"
+    assert torch.autograd.grad(g, b, torch.ones_like(g), allow_unused=True) == (None,)
+    with pytest.raises(RuntimeError) as info:  # the error hvp="auto" falls back on
+        autograd_hvp([b], [g], [torch.ones_like(g)])
+    assert no_double_backward(info.value) and "hvp='finite_difference'" in str(info.value)
+    (g,) = torch.autograd.grad(b.pow(6).sum(), b, create_graph=True)
+    assert graph_cut([g]) is None
+
+
+@pytest.mark.parametrize("loss_fn", [cube_loss, gate_loss])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autograd_raises_and_changes_nothing(backend, loss_fn):
+    a, b, opt = make(backend, "autograd", d_warmup=1, update_d_every=3)
+    for _ in range(3):  # a D-step without the cut (state exists), then two plain steps
+        opt.zero_grad(set_to_none=True)
+        smooth_loss(a, b).backward(create_graph=opt.should_create_graph())
+        opt.step()
+    assert opt.should_create_graph()  # step 3 takes curvature
+    opt.zero_grad(set_to_none=True)
+    loss_fn(a, b).backward(create_graph=True)
+    before = snapshot(opt, [a, b])
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    message = str(info.value)
+    assert "no double backward" in message and "once_differentiable" in message, message
+    assert "hvp='finite_difference'" in message and "hvp='auto'" in message, message
+    assert_same(before, snapshot(opt, [a, b]))
+
+
+@pytest.mark.parametrize("loss_fn", [cube_loss, gate_loss])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_auto_falls_back_and_trains(backend, loss_fn):
+    a, b, opt = make(backend, "auto")
+    b0 = b.detach().clone()
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(a, b)
+        loss.backward(create_graph=opt.should_create_graph())
+        return loss
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.step(closure)
+    fell_back = [w for w in caught if "double backward failed" in str(w.message)]
+    assert len(fell_back) == 1, [str(w.message) for w in caught]
+    assert "once_differentiable" in str(fell_back[0].message)
+    assert not opt.should_create_graph()  # finite differences from now on
+    assert not torch.equal(b.detach(), b0)
+    assert (opt.state[b]["exp_avg_d"] > 0).all()
+    assert (opt.state[a]["exp_avg_d"] > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_real_zero_hvp_still_steps(backend):
+    """a's gradient x has a graph (x requires grad) that reaches no parameter of the
+    optimizer: its HVP is None and really 0, with no cut to find."""
+    a, b, opt = make(backend, "autograd")
+    x = torch.randn(6, requires_grad=True)  # an input (or another optimizer's parameter)
+    b0 = b.detach().clone()
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        ((a * x).sum() + b.pow(4).sum()).backward(create_graph=opt.should_create_graph())
+        assert a.grad is not None and a.grad.grad_fn is not None
+        opt.step()
+    assert opt.steps == 2
+    assert torch.equal(opt.state[a]["exp_avg_d"], torch.zeros_like(a))
+    assert (opt.state[b]["exp_avg_d"] > 0).all()
+    assert not torch.equal(b.detach(), b0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_cut_that_hides_part_of_the_curvature_is_found_on_the_first_curvature_step(backend):
+    """Cube(b)² + b⁴: autograd returns b's product from the b⁴ term alone (12 b² v
+    instead of (30 b⁴ + 12 b²) v), no None to look behind.  The optimizer searches the
+    whole graph on its first curvature step, and refuses."""
+    a, b, opt = make(backend, "autograd")
+    opt.zero_grad(set_to_none=True)
+    (Cube.apply(b).pow(2).sum() + b.pow(4).sum() + a.pow(4).sum()).backward(create_graph=True)
+    before = snapshot(opt, [a, b])
+    with pytest.raises(RuntimeError, match="no double backward.*once_differentiable"):
+        opt.step()
+    assert_same(before, snapshot(opt, [a, b]))
+
+
+def test_no_graph_despite_create_graph_says_why():
+    """A loss linear in every parameter leaves no graph even with create_graph=True: the
+    message says so, and how to take curvature anyway (before, it only told the user to
+    pass the create_graph=True already passed)."""
+    a, b, opt = make("torch", "autograd")
+    opt.zero_grad(set_to_none=True)
+    (a.sum() + 2 * b.sum()).backward(create_graph=True)
+    with pytest.raises(RuntimeError, match="create_graph=True, the loss is linear in every parameter"):
+        opt.step()
