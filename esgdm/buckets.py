@@ -86,6 +86,53 @@ def overlaps(p: Tensor) -> bool:
     return p.numel() > 0 and any(st == 0 and n > 1 for n, st in zip(p.shape, p.stride()))
 
 
+def _span(t: Tensor) -> int:
+    """Elements from ``t``'s first to one past its last (strides are never negative)."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+
+
+def _element_bytes(t: Tensor) -> Tensor:
+    """The sorted addresses of ``t``'s elements, relative to its storage."""
+    first = t.storage_offset()
+    offsets = torch.as_strided(torch.arange(first + _span(t)), t.shape, t.stride(), first)
+    return (offsets.reshape(-1) * t.element_size()).sort().values
+
+
+def _starts_inside(a: Tensor, a_bytes: Tensor, b_bytes: Tensor) -> bool:
+    """Whether an element of b starts inside an element of a (addresses as above)."""
+    idx = torch.searchsorted(a_bytes, b_bytes, right=True) - 1
+    return bool(((idx >= 0) & (b_bytes < a_bytes[idx.clamp(min=0)] + a.element_size())).any())
+
+
+def _share_elements(a: Tensor, b: Tensor) -> bool:
+    if a.is_contiguous() and b.is_contiguous():
+        return True  # (their byte ranges meet)
+    a_bytes, b_bytes = _element_bytes(a), _element_bytes(b)
+    return _starts_inside(a, a_bytes, b_bytes) or _starts_inside(b, b_bytes, a_bytes)
+
+
+def shared_memory(tensors: Sequence[Tensor]) -> tuple[int, int] | None:
+    """The indices of two of ``tensors`` whose elements share memory, or None.  Byte
+    ranges first (a sweep over them, sorted); where two ranges meet and one of the
+    tensors is strided (two interleaved slices may share nothing), the elements."""
+    spans = []
+    for k, t in enumerate(tensors):
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        begin = int(t.storage_offset()) * t.element_size()
+        spans.append((t.untyped_storage().data_ptr(), begin, begin + int(_span(t)) * t.element_size(), k))
+    spans.sort()
+    active: list[tuple[int, int, int, int]] = []  # the spans that may still meet the next one
+    for span in spans:
+        storage, begin, _, k = span
+        active = [a for a in active if a[0] == storage and a[2] > begin]
+        for _, _, _, j in active:
+            if _share_elements(tensors[j], tensors[k]):
+                return (min(j, k), max(j, k))
+        active.append(span)
+    return None
+
+
 def same_layout(t: Tensor, shape: Sequence[int], strides: Sequence[int]) -> bool:
     """Whether ``t`` has ``shape`` and ``strides``, ignoring the strides of dimensions of
     size 1 (they never move the address)."""
@@ -393,7 +440,10 @@ _shape_of = operator.attrgetter("shape")
 def build_buckets(param_groups: Sequence[dict], state_dtype: torch.dtype | None = None) -> list[Bucket]:
     """Groups every parameter of ``param_groups`` into buckets by (device, dtype, state
     dtype): with ``state_dtype=torch.uint8`` the tensors too small for 8-bit state
-    (:data:`esgdm.dtypes.STATE_OPTIONS`) and FSDP2 shards (below) get buckets of their own."""
+    (:data:`esgdm.dtypes.STATE_OPTIONS`) and FSDP2 shards (below) get buckets of their own.
+    Complex parameters too: their state is shown as complex views of the flat buffers,
+    and ``torch.save`` refuses a storage seen as two dtypes (and the real buckets keep
+    the C++ plan, which steps no complex views)."""
     members: dict[tuple, tuple[list[Tensor], list[int]]] = {}
     for gi, group in enumerate(param_groups):
         for p in group["params"]:
@@ -404,7 +454,7 @@ def build_buckets(param_groups: Sequence[dict], state_dtype: torch.dtype | None 
                 # could save and reshard (their number follows the local shard's size, not
                 # the parameter's shape): FSDP2 shards keep float32 state.
                 asked = None
-            key = (t.device, t.dtype, state_dtype_for(t.dtype, asked, t.numel()))
+            key = (t.device, t.dtype, state_dtype_for(t.dtype, asked, t.numel()), p.is_complex())
             params, groups = members.setdefault(key, ([], []))
             params.append(p)
             groups.append(gi)
@@ -426,5 +476,6 @@ def bytes_moved(numel: int, d_step: bool, param_bytes: int = 4, state_bytes: int
 
 __all__ = [
     "ALIGN_BYTES", "Bucket", "build_buckets", "bytes_moved", "index_bounds", "is_dense", "is_dtensor",
-    "local", "note_index_bounds", "overlaps", "own_state_views", "real_view", "same_layout", "state_strides",
+    "local", "note_index_bounds", "overlaps", "own_state_views", "real_view", "same_layout", "shared_memory",
+    "state_strides",
 ]

@@ -229,11 +229,17 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
         raise ValueError(f"loaded state dict has {len(saved_groups)} parameter groups, "
                          f"the optimizer has {len(param_groups)}")
     id_to_param: dict[Any, Tensor] = {}
+    group_of: dict[Any, int] = {}
     groups = []
     for gi, (group, saved) in enumerate(zip(param_groups, saved_groups)):
         if len(group["params"]) != len(saved["params"]):
             raise ValueError(f"param group {gi} has {len(group['params'])} parameters, "
                              f"the loaded state dict has {len(saved['params'])}")
+        for pid in saved["params"]:
+            if pid in group_of:  # two parameters would get one state, and one of them none
+                raise ValueError(f"loaded state dict lists parameter id {pid!r} twice (in param groups "
+                                 f"{group_of[pid]} and {gi}): each id must name one parameter")
+            group_of[pid] = gi
         id_to_param.update(zip(saved["params"], group["params"]))
         new = {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", GROUP_KEY)}
         new["params"] = group["params"]
@@ -244,16 +250,24 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
 
     names = {n for g in (*param_groups, *saved_groups) for n in g.get("param_names", ())}
     per_param, other = {}, {}
+    as_text = {str(pid): pid for pid in id_to_param}
     for key, entry in state_dict["state"].items():
         if key not in id_to_param and (not isinstance(key, int) or isinstance(key, bool)):
             if isinstance(key, str) and key in names:  # keyed by name: it would load nothing
                 raise ValueError(f"loaded state dict keys its state by parameter name ({key!r}), "
                                  "its param groups do not: the keys must be what 'params' lists")
+            if isinstance(key, str) and key in as_text:  # e.g. a JSON round trip: it would load nothing
+                raise ValueError(f"loaded state dict keys its state by the text {key!r}, its param groups "
+                                 f"list the id {as_text[key]!r}: the keys must be what 'params' lists "
+                                 "(convert them back)")
             other[key] = entry  # not a parameter's: passed through, as torch.optim does
             continue
         if key not in id_to_param:
             raise ValueError(f"loaded state dict has state for unknown parameter id {key!r}")
         p = id_to_param[key]
+        if not isinstance(entry, dict):
+            raise ValueError(f"state of parameter id {key!r} must be a dict (empty for no state), "
+                             f"got {type(entry).__name__}")
         if not entry:
             continue  # a parameter whose state was reset
         missing = [k for k in REQUIRED_KEYS if k not in entry]

@@ -22,24 +22,9 @@ HVP_MODES = ("autograd", "finite_difference", "auto")
 
 
 def check_lr(lr: Any, where: str) -> None:
-    if isinstance(lr, Tensor):
-        if lr.numel() != 1 or not lr.dtype.is_floating_point:
-            raise ValueError(f"Invalid lr{where}: a tensor lr must hold one floating-point value, "
-                             f"got {lr.dtype} of shape {tuple(lr.shape)}")
-        return  # its value lives on the device: read once, when it is given (check_lr_value)
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
-        raise TypeError(f"Invalid lr{where}: {lr!r} (must be a float or a one-element tensor)")
-    if not (0.0 <= float(lr) and math.isfinite(lr)):
-        raise ValueError(f"Invalid lr{where}: {lr!r} (must be finite and >= 0)")
-
-
-def check_lr_value(lr: Any, where: str) -> None:
-    """A tensor lr's value, read once when it is given (construction, add_param_group,
-    load_state_dict); steps never read it."""
-    if isinstance(lr, Tensor) and not lr.is_meta:
-        value = lr.item()
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"Invalid lr{where}: {value!r} (must be finite and >= 0)")
+    value = real("lr", lr, where, "(must be a float or a one-element tensor)")
+    if value is not None and not (0.0 <= value and math.isfinite(value)):
+        raise ValueError(f"Invalid lr{where}: {value!r} (must be finite and >= 0)")
 
 
 def flag(name: str, value: Any, none_ok: bool = False) -> bool | None:
@@ -51,9 +36,18 @@ def flag(name: str, value: Any, none_ok: bool = False) -> bool | None:
                     f"{' or None' if none_ok else ''})")
 
 
-def real(name: str, value: Any, where: str) -> float:
+def real(name: str, value: Any, where: str, must: str = "(must be a float)") -> float | None:
+    """A real hyper-parameter's value: a number, or a one-element floating-point tensor
+    (as torch.optim allows), whose value is read here, when the optimizer first meets
+    that tensor; steps copy it on the device and never read it.  None for a meta
+    tensor, which holds no value."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or not value.dtype.is_floating_point:
+            raise ValueError(f"Invalid {name}{where}: a tensor {name} must hold one floating-point value, "
+                             f"got {value.dtype} of shape {tuple(value.shape)}")
+        return None if value.is_meta else value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Invalid {name}{where}: {value!r} (must be a float)")
+        raise TypeError(f"Invalid {name}{where}: {value!r} {must}")
     return float(value)
 
 
@@ -120,23 +114,24 @@ def check_group(group: dict, where: str = "", exact: bool = False) -> None:
         b1, b2 = betas
     except (TypeError, ValueError):
         raise ValueError(f"Invalid betas{where}: {betas!r} (must be a pair of floats)") from None
+    # (None: a meta tensor, whose value cannot be checked)
     b1, b2 = real("beta parameter at index 0", b1, where), real("beta parameter at index 1", b2, where)
-    if not 0.0 <= b1 < 1.0:
+    if b1 is not None and not 0.0 <= b1 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0{where}: {b1!r} (must be in [0, 1))")
-    if not 0.0 <= b2 <= 1.0:
+    if b2 is not None and not 0.0 <= b2 <= 1.0:
         raise ValueError(f"Invalid beta parameter at index 1{where}: {b2!r} (must be in [0, 1])")
     w = real("lr_warmup", group["lr_warmup"], where)
-    if not 0.0 <= w < 1.0:
+    if w is not None and not 0.0 <= w < 1.0:
         raise ValueError(f"Invalid lr_warmup{where}: {w!r} (must be in [0, 1))")
     eps = real("eps", group["eps"], where)
-    if not (0.0 <= eps and math.isfinite(eps)):
+    if eps is not None and not (0.0 <= eps and math.isfinite(eps)):
         raise ValueError(f"Invalid eps{where}: {eps!r} (must be finite and >= 0)")
     if exact and eps == 0:
         raise ValueError(f"Invalid eps{where}: 0.0 with exact=True (the original rule divides by "
                          "sqrt(D) + eps, and D is 0 until curvature is observed): use eps > 0, "
                          "or exact=False, whose rule never divides by zero")
     wd = real("weight_decay", group["weight_decay"], where)
-    if not (0.0 <= wd and math.isfinite(wd)):
+    if wd is not None and not (0.0 <= wd and math.isfinite(wd)):
         raise ValueError(f"Invalid weight_decay{where}: {wd!r} (must be finite and >= 0)")
     check_flags(group, where)
 
@@ -176,5 +171,5 @@ def check_param(p: Tensor, state_dtype: torch.dtype | None) -> None:
 
 __all__ = [
     "HVP_MODES", "backend_for_switches", "check_curvature_options", "check_flags", "check_group",
-    "check_lr", "check_lr_value", "check_param", "check_state_dtype", "check_switch", "flag", "real",
+    "check_lr", "check_param", "check_state_dtype", "check_switch", "flag", "real",
 ]

@@ -28,7 +28,6 @@ from esgdm.hyperparams import (
     backend_for_switches,
     check_curvature_options,
     check_group,
-    check_lr_value,
     check_param,
     check_state_dtype,
     flag,
@@ -151,7 +150,6 @@ class ESGDM(Optimizer):
         stochastic_rounding = flag("stochastic_rounding", stochastic_rounding, none_ok=True)
         capturable = bool(flag("capturable", capturable))
         check_group(defaults, exact=exact)
-        check_lr_value(lr, "")  # construction may read it; steps never do
         self.update_d_every = check_count("update_d_every", update_d_every)
         self.d_warmup = check_count("d_warmup", d_warmup)
         self.backend = backend_for_switches(backend, foreach, fused)
@@ -201,7 +199,6 @@ class ESGDM(Optimizer):
         group = self.param_groups[-1]
         try:
             check_group(group, f" in param group {n_before}", exact=self.exact)
-            check_lr_value(group["lr"], f" in param group {n_before}")
             ids = [id(p) for p in group["params"]]
             if len(set(ids)) != len(ids) or seen.intersection(ids):
                 raise ValueError(f"param group {n_before} repeats a parameter (the same tensor passed "
@@ -432,7 +429,6 @@ class ESGDM(Optimizer):
 
     def _check_loaded_group(self, group: dict, where: str) -> None:
         check_group(group, where, exact=self.exact)
-        check_lr_value(group["lr"], where)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a checkpoint written by :meth:`state_dict` or by the original ``esgd.ESGD``.

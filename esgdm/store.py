@@ -28,6 +28,7 @@ is a D-step) is the optimizer's; ``h`` is :mod:`esgdm.curvature`'s.
 from __future__ import annotations
 
 import collections
+import numbers
 import operator
 import threading
 from collections.abc import Callable
@@ -37,7 +38,17 @@ import torch
 from torch import Tensor
 
 from esgdm import backends, checkpoint, ops, traced
-from esgdm.buckets import Bucket, any_dtensor, build_buckets, is_dtensor, local, overlaps, real_view, same_layout
+from esgdm.buckets import (
+    Bucket,
+    any_dtensor,
+    build_buckets,
+    is_dtensor,
+    local,
+    overlaps,
+    real_view,
+    same_layout,
+    shared_memory,
+)
 from esgdm.checkpoint import KEY_BIAS, KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_QSCALE, KEY_STEP, KEY_WARM
 from esgdm.hyperparams import check_group
 from esgdm.rule import BIAS, DSCALE, FLAG_EXACT, HPARAM_COLUMNS, STEPS, WARM, seed32
@@ -86,21 +97,42 @@ def param_ids(param_groups: list[dict]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(map(id, group["params"])) for group in param_groups)
 
 
+def _hparam_values(group: dict) -> tuple:
+    """The group's values of :data:`esgdm.rule.HPARAM_COLUMNS`, as given (check_group
+    names a missing or malformed one)."""
+    betas: Any = group.get("betas")
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        b1 = b2 = betas
+    return (group.get("lr"), b1, b2, group.get("lr_warmup"), group.get("eps"), group.get("weight_decay"))
+
+
 def hparam_row(group: dict) -> tuple:
-    """The group's row of the device hyper-parameter table (a tensor lr contributes 0:
-    its value is copied on the device)."""
-    lr = group["lr"]
-    b1, b2 = group["betas"]
-    return (0.0 if isinstance(lr, Tensor) else float(lr), float(b1), float(b2),
-            float(group["lr_warmup"]), float(group["eps"]), float(group["weight_decay"]))
+    """The group's row of the device hyper-parameter table (a tensor value contributes
+    0: it is copied on the device)."""
+    return tuple(0.0 if isinstance(v, Tensor) else float(v) for v in _hparam_values(group))
+
+
+def _value_key(v: object) -> object:
+    if type(v) is float or type(v) is bool:
+        return v
+    if isinstance(v, Tensor):
+        return ("tensor", id(v))  # its value is the device's business
+    if isinstance(v, numbers.Real):
+        return ("real", float(v))  # (a numpy scalar would compare element-wise with a tuple)
+    return ("other", id(v))  # refused by check_group
 
 
 def hparam_key(group: dict) -> tuple:
-    """What the group's row was uploaded for (a tensor lr by identity)."""
-    lr = group["lr"]
-    b1, b2 = group["betas"]
-    return (("tensor", id(lr)) if isinstance(lr, Tensor) else lr, b1, b2, group["lr_warmup"],
-            group["eps"], group["weight_decay"])
+    """What the group's row was uploaded and checked for: every value of the table (a
+    tensor by identity) and the flags a step reads, so that an edit of
+    ``opt.param_groups`` is checked as the constructor checks it."""
+    key = (*_hparam_values(group), group.get("maximize", False), group.get("differentiable", False))
+    return key if _PLAIN_TYPES.issuperset(map(type, key)) else tuple(map(_value_key, key))
+
+
+_PLAIN_TYPES = frozenset({float, bool})  # values that are their own key (the common case, fast)
 
 
 class BucketStore:
@@ -118,6 +150,7 @@ class BucketStore:
         self.param_keys: dict[int, int] = {}  # id(p) -> p's index in optimizer order
         self.hparam_tables: dict[torch.device, Tensor] = {}  # device -> float64 [n_groups, 6]
         self.hparam_tables_for: tuple | None = None  # the group values the tables hold (hparam_key)
+        self.hparam_tensors: list[tuple[int, int, Tensor]] = []  # (group, column, tensor value)
         self.watch = _Watch()
         self.state_obj: Any = None  # the opt.state object whose edits flag self.watch
         self.plan: Any = None  # esgdm._C.StepPlan of the current buckets (plan_step)
@@ -146,7 +179,7 @@ class BucketStore:
         8-bit state) and exposes it as views."""
         b.load(i, real_view(_shard_of(saved[KEY_EXP_AVG], b.params[i])),
                real_view(_shard_of(saved[KEY_EXP_AVG_D], b.params[i])), saved.get(KEY_QSCALE))
-        for col, key in ((BIAS, KEY_BIAS), (WARM, KEY_WARM), (STEPS, KEY_STEP)):
+        for col, key in SCALAR_KEYS:
             b.scalars[i, col] = torch.as_tensor(saved.get(key, 0.0), dtype=torch.float64).to(b.device)
         b.scalars[i, DSCALE] = b.curvature_scale([i])[0].to(b.device)
         self.expose_state(opt, b, i)
@@ -187,12 +220,15 @@ class BucketStore:
     def sync_user_state(self, opt: ESGDM, buckets: list[Bucket]) -> None:
         """Follows what users do to ``opt.state`` as with any torch.optim optimizer:
         ``opt.state[p] = {}`` (or deleting it) resets that parameter's state, and
-        assigning a new tensor to a state key copies it in."""
+        assigning a new value to a state key (a tensor, or a number for the scalars)
+        copies it in, checked as a checkpoint is.  Every edit is checked before any is
+        written: a bad one raises and changes nothing."""
         if opt.state is not self.state_obj:  # opt.state = {...} replaced
             self.watch_state(opt)
             self.watch.dirty = True
         if not self.watch.dirty:
             return  # nothing edited since the last step: O(1)
+        resets, writes = [], []
         for b in buckets:
             for i, p in enumerate(b.params):
                 if not b.exposed[i]:
@@ -201,13 +237,15 @@ class BucketStore:
                 if entry is not None and len(entry) == 5 + b.quantized \
                         and _is_view(entry.get(KEY_EXP_AVG), b.exp_avg_views[i]) \
                         and _is_view(entry.get(KEY_EXP_AVG_D), b.exp_avg_d_views[i]) \
-                        and (b.qscale_views is None or entry.get(KEY_QSCALE) is b.qscale_views[i]):
+                        and (b.qscale_views is None or entry.get(KEY_QSCALE) is b.qscale_views[i]) \
+                        and all(_is_scalar_view(entry.get(key), b.scalars, i, col) for col, key in SCALAR_KEYS):
                     continue
+                where = f"opt.state[p][{{}}] of the parameter of shape {tuple(p.shape)}".format
+                if entry is not None and not isinstance(entry, dict):
+                    raise ValueError(f"opt.state[p] of the parameter of shape {tuple(p.shape)} must be a dict "
+                                     f"(or empty, to reset it), got {type(entry).__name__}")
                 if not entry:  # reset
-                    b.reset_state(i)
-                    b.exposed[i] = False
-                    b.all_exposed = False
-                    opt.state.pop(p, None)
+                    resets.append((b, i, p))
                     continue
                 as_shown = torch.view_as_complex if b.complex[i] else (lambda t: t)
                 shown = {KEY_EXP_AVG: as_shown(b.exp_avg_views[i]), KEY_EXP_AVG_D: as_shown(b.exp_avg_d_views[i]),
@@ -215,16 +253,23 @@ class BucketStore:
                 if b.qscale_views is not None:
                     shown[KEY_QSCALE] = b.qscale_views[i]
                 merged = {**shown, **entry}
-                if merged[KEY_EXP_AVG].dtype != torch.uint8:  # float values assigned: no scales
+                if getattr(merged[KEY_EXP_AVG], "dtype", None) != torch.uint8:  # float values: no scales
                     merged.pop(KEY_QSCALE, None)
                 shape = b.tensors[i].shape[:-1] if b.complex[i] else b.tensors[i].shape
                 for key in (KEY_EXP_AVG, KEY_EXP_AVG_D):
                     merged[key] = local(merged[key])
                 checkpoint.state_entry("opt.state[p][{}]", merged, shape, complex_state=b.complex[i])
-                for key in (KEY_BIAS, KEY_WARM, KEY_STEP):
-                    checkpoint.scalar(f"opt.state[p][{key!r}]", merged[key])
-                self.write_state(opt, b, i, {k: v.clone() if isinstance(v, Tensor) else v
-                                             for k, v in merged.items()})
+                merged[KEY_BIAS] = checkpoint.in_unit_interval(where(repr(KEY_BIAS)), merged[KEY_BIAS])
+                merged[KEY_WARM] = checkpoint.in_unit_interval(where(repr(KEY_WARM)), merged[KEY_WARM])
+                merged[KEY_STEP] = checkpoint.step_count(where(repr(KEY_STEP)), merged[KEY_STEP])
+                writes.append((b, i, {k: v.clone() if isinstance(v, Tensor) else v for k, v in merged.items()}))
+        for b, i, p in resets:
+            b.reset_state(i)
+            b.exposed[i] = False
+            b.all_exposed = False
+            opt.state.pop(p, None)
+        for b, i, merged in writes:
+            self.write_state(opt, b, i, merged)
         self.watch.dirty = False
 
     # ------------------------------------------------------------------- buckets
@@ -304,6 +349,14 @@ class BucketStore:
                         f"a parameter changed shape from {tuple(b.exp_avg_views[i].shape)} to "
                         f"{tuple(real_view(local(p)).shape)} (p.data = ... with another shape): its optimizer "
                         "state cannot follow; reset it with opt.state[p] = {} first")
+        if not ops.is_compiling():
+            pair = shared_memory([real_view(local(p)) for p in params])
+            if pair is not None:
+                i, j = pair
+                raise ValueError(
+                    f"parameters {i} and {j} (in optimizer order; shapes {tuple(params[i].shape)} and "
+                    f"{tuple(params[j].shape)}) share memory: stepping one would change the other. Give each "
+                    "parameter memory of its own (to tie weights, use one Parameter in both places)")
         new = build_buckets(opt.param_groups, opt.state_dtype)
         chosen = {b.key: self._resolve(opt, b) for b in new}
         # Nothing above mutated anything; now move the existing state across (entries
@@ -430,19 +483,20 @@ class BucketStore:
     def device_hparams(self, opt: ESGDM, buckets: list[Bucket]) -> dict:
         """The float64 ``[n_groups, 6]`` hyper-parameter table on each bucket's device.
 
-        Uploaded only when a group's values changed (an LR scheduler that assigns a
-        Python float costs one small non-blocking copy); a tensor lr is copied on the
-        device every step, never read by the host."""
+        Checked (as the constructor checks them) and uploaded only when a group's values
+        changed (an LR scheduler that assigns a Python float costs one small non-blocking
+        copy); a tensor value (lr, a beta, ...) is read and checked when the optimizer first
+        meets that tensor, then copied on the device every step, never read by the host."""
         key = tuple(hparam_key(g) for g in opt.param_groups)
         devices = {b.device for b in buckets}
         if key != self.hparam_tables_for or not devices.issubset(self.hparam_tables):
+            if opt.capturable and _capturing():
+                raise RuntimeError("ESGDM hyper-parameters changed during CUDA graph capture: set them "
+                                   "before capturing (use a tensor lr to change lr between replays)")
             for gi, group in enumerate(opt.param_groups):
                 check_group(group, f" in param group {gi}", exact=opt.exact)
             rows = torch.tensor([hparam_row(g) for g in opt.param_groups], dtype=torch.float64)
             rows = rows.reshape(-1, len(HPARAM_COLUMNS))
-            if opt.capturable and _capturing():
-                raise RuntimeError("ESGDM hyper-parameters changed during CUDA graph capture: set them "
-                                   "before capturing (use a tensor lr to change lr between replays)")
             for device in devices:
                 table = self.hparam_tables.get(device)
                 if table is None or table.shape != rows.shape:
@@ -451,12 +505,12 @@ class BucketStore:
                     table.copy_(rows.pin_memory(), non_blocking=True)  # same address: graphs see it
                 else:
                     table.copy_(rows)
+            self.hparam_tensors = [(gi, col, v) for gi, group in enumerate(opt.param_groups)
+                                   for col, v in enumerate(_hparam_values(group)) if isinstance(v, Tensor)]
             self.hparam_tables_for = key
-        for gi, group in enumerate(opt.param_groups):
-            lr = group["lr"]
-            if isinstance(lr, Tensor):
-                for device in devices:
-                    self.hparam_tables[device][gi, 0].copy_(lr.reshape(()), non_blocking=True)
+        for gi, col, value in self.hparam_tensors:
+            for device in devices:
+                self.hparam_tables[device][gi, col].copy_(value.reshape(()), non_blocking=True)
         return self.hparam_tables
 
     # ----------------------------------------------------------- validation pass
@@ -633,6 +687,18 @@ def _describe(param_groups: list[dict], p: Tensor) -> str:
 
 def _capturing() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+#: The per-parameter scalars shown in ``opt.state[p]``: (column of ``scalars``, key).
+SCALAR_KEYS = ((BIAS, KEY_BIAS), (WARM, KEY_WARM), (STEPS, KEY_STEP))
+
+
+def _is_scalar_view(exposed: Any, scalars: Tensor, i: int, col: int) -> bool:
+    """Whether ``exposed`` is the 0-d view of ``scalars[i, col]`` that was shown (each
+    indexing makes a new view object, so this compares addresses)."""
+    return (isinstance(exposed, Tensor) and exposed.dim() == 0 and exposed.dtype == scalars.dtype
+            and exposed.data_ptr() == scalars.data_ptr() + (i * scalars.stride(0) + col * scalars.stride(1))
+            * scalars.element_size())
 
 
 def _is_view(exposed: Any, view: Tensor) -> bool:

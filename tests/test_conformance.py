@@ -9,6 +9,7 @@ real tensors.  What cannot hold for a second-order method is listed in the READM
 """
 
 import copy
+import io
 import re
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 
 import esgdm
 from esgdm import backends
+from esgdm.backends import cpp_impl
 from esgdm.hvp import RngSnapshot, autograd_hvp, finite_difference_hvp
 from esgdm.optimizer import draw_signs
 
@@ -263,6 +265,42 @@ class TestComplexParameters:
         z3, opt3 = copied
         run(opt3, z3, lambda: _real_loss(torch.view_as_real(z3), A), 3, "autograd")
         assert torch.equal(z, z2) and torch.equal(z, z3)
+
+    @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=pytest.mark.skipif(
+        cpp_impl._C is None, reason="the cpu backend (esgdm._C) is not built"))])
+    @pytest.mark.parametrize("dtypes", [(torch.complex64, torch.float32), (torch.complex128, torch.float64)])
+    def test_torch_save_takes_complex_and_real_state_together(self, backend, dtypes):
+        """A model with complex and real parameters of one precision (a spectral layer
+        beside a Linear): ``torch.save`` of the state dict, alone or beside the model's,
+        then ``torch.load(weights_only=True)`` into a new optimizer that steps on as the
+        first does.  (torch.save refuses a storage seen as two dtypes, so a complex
+        parameter's state must not share memory with real parameters' state.)"""
+        ctype, rtype = dtypes
+        torch.manual_seed(2)
+
+        def make():
+            g = torch.Generator().manual_seed(3)
+            return [torch.nn.Parameter(torch.randn(5, dtype=ctype, generator=g)),
+                    torch.nn.Parameter(torch.randn(3, 4, dtype=rtype, generator=g))]
+
+        def loss(ps):
+            return ps[0].abs().pow(4).sum() + ps[1].pow(4).sum() + (ps[1].sum() * ps[0].real.sum())
+
+        params = make()
+        opt = esgdm.ESGDM(params, lr=0.3, seed=4, backend=backend, hvp="finite_difference")
+        run(opt, None, lambda: loss(params), 3, "finite_difference")
+        buf = io.BytesIO()
+        torch.save({"model": {str(i): p for i, p in enumerate(params)}, "opt": opt.state_dict()}, buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        assert saved["opt"]["state"][0]["exp_avg"].dtype == ctype
+        params2 = [torch.nn.Parameter(saved["model"][str(i)].detach().clone()) for i in range(2)]
+        opt2 = esgdm.ESGDM(params2, lr=0.3, seed=4, backend=backend, hvp="finite_difference")
+        opt2.load_state_dict(saved["opt"])
+        run(opt, None, lambda: loss(params), 3, "finite_difference")
+        run(opt2, None, lambda: loss(params2), 3, "finite_difference")
+        for a, b in zip(params, params2):
+            assert torch.equal(a, b)
 
     def test_assigning_complex_state_is_copied_in(self):
         """``opt.state[p][key] = tensor`` works for a complex parameter as for a real
