@@ -40,6 +40,10 @@ REQUIRED_KEYS = (KEY_EXP_AVG, KEY_EXP_AVG_D, KEY_BIAS, KEY_WARM)
 #: 8-bit state (``state_dtype=torch.uint8``): ``exp_avg``/``exp_avg_d`` hold uint8 codes and
 #: this key the float32 ``[blocks, 2]`` block scales (:mod:`esgdm.quant`).
 KEY_QSCALE = "qscale"
+#: ...and (in ``state_dict()``, not ``opt.state``) the strides of the codes when they were
+#: written: blocks follow the codes' memory order, so codes that a tool lays out again
+#: (``.contiguous()``) are put back in that order before they are read.
+KEY_CODE_STRIDES = "code_strides"
 
 #: Seeds are 64-bit: every bit keys the signs (:mod:`esgdm.signs`).
 SEED_LIMIT = 2**64
@@ -101,6 +105,25 @@ def state_tensor(name: str, value: Any, shape, complex_state: bool = False) -> T
     return value
 
 
+def code_strides(name: str, value: Any, shape) -> tuple[int, ...]:
+    """:data:`KEY_CODE_STRIDES`: the strides of a dense layout of ``shape``."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                       for v in value):
+        raise ValueError(f"{name} must be a list of integer strides, got {value!r}")
+    if len(value) != len(shape) or min(value, default=0) < 0 \
+            or not is_dense(torch.empty_strided(tuple(shape), tuple(value), device="meta")):
+        raise ValueError(f"{name} {list(value)} is not a dense layout of shape {tuple(shape)}")
+    return tuple(value)
+
+
+def _laid_out(codes: Any, shape, strides: tuple[int, ...]) -> Any:
+    """``codes`` with ``strides`` (a copy where they differ; anything else as it is, for
+    :func:`quantized_state` to name)."""
+    if not isinstance(codes, Tensor) or tuple(codes.shape) != tuple(shape) or codes.stride() == strides:
+        return codes
+    return torch.empty_strided(codes.shape, strides, dtype=codes.dtype, device=codes.device).copy_(codes)
+
+
 def quantized_state(name: str, exp_avg: Any, exp_avg_d: Any, qscale: Any, shape) -> None:
     """8-bit state as :mod:`esgdm.quant` writes it: uint8 codes of ``shape``, dense (the
     blocks follow their memory order), no m code 0 (outside the code), and float32
@@ -139,6 +162,9 @@ def state_entry(name: str, entry: dict, shape, complex_state: bool) -> dict:
         if KEY_QSCALE not in entry:
             raise ValueError(f"{name.format(repr(KEY_EXP_AVG))} holds 8-bit codes but there is no "
                              f"{KEY_QSCALE!r} with their block scales")
+        if KEY_CODE_STRIDES in entry:  # laid out again since it was saved: back to the written order
+            strides = code_strides(name.format(repr(KEY_CODE_STRIDES)), entry[KEY_CODE_STRIDES], shape)
+            exp_avg, exp_avg_d = (_laid_out(t, shape, strides) for t in (exp_avg, exp_avg_d))
         quantized_state(name, exp_avg, exp_avg_d, entry[KEY_QSCALE], shape)
         return {KEY_EXP_AVG: exp_avg, KEY_EXP_AVG_D: exp_avg_d, KEY_QSCALE: entry[KEY_QSCALE]}
     exp_avg = state_tensor(name.format(repr(KEY_EXP_AVG)), exp_avg, shape, complex_state)
@@ -283,6 +309,6 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
     return {"counters": counters, "groups": groups, "state": per_param, "other": other}
 
 
-__all__ = ["GROUP_KEY", "KEY_BIAS", "KEY_EXP_AVG", "KEY_EXP_AVG_D", "KEY_QSCALE", "KEY_STEP", "KEY_WARM",
-           "REQUIRED_KEYS", "SEED_LIMIT", "STATE_DTYPE_NAMES", "check_count", "check_seed", "check_values",
+__all__ = ["GROUP_KEY", "KEY_BIAS", "KEY_CODE_STRIDES", "KEY_EXP_AVG", "KEY_EXP_AVG_D", "KEY_QSCALE", "KEY_STEP",
+           "KEY_WARM", "REQUIRED_KEYS", "SEED_LIMIT", "STATE_DTYPE_NAMES", "check_count", "check_seed", "check_values",
            "quantized_state", "scalar", "state_entry", "validate"]

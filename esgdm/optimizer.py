@@ -423,6 +423,9 @@ class ESGDM(Optimizer):
         out = {"global_state": global_state, **super().state_dict()}
         # Plain dicts (weights_only loads); an entry that is not a parameter's passes through.
         out["state"] = {k: dict(v) if isinstance(v, dict) else v for k, v in out["state"].items()}
+        for entry in out["state"].values():  # 8-bit codes: the order their blocks were written in
+            if isinstance(entry, dict) and checkpoint.KEY_QSCALE in entry:
+                entry[checkpoint.KEY_CODE_STRIDES] = list(entry[checkpoint.KEY_EXP_AVG].stride())
         for group in out["param_groups"]:  # torch.distributed.checkpoint keeps only these
             group[checkpoint.GROUP_KEY] = dict(global_state)
         return out

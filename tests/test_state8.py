@@ -8,6 +8,7 @@ tests/test_quant_kernels.py; the quantizer with its own definition in tests/test
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -181,9 +182,10 @@ def _corrupt(entry, what):
         entry["exp_avg"] = c
     elif what == "mixed formats":
         entry["exp_avg_d"] = torch.zeros(entry["exp_avg_d"].shape)
-    elif what == "not dense":
+    elif what == "not dense":  # (with code_strides, codes in any layout are put back in the written one)
         entry["exp_avg"] = torch.full((entry["exp_avg"].shape[0], 2 * entry["exp_avg"].shape[1]), 128,
                                       dtype=torch.uint8)[:, ::2]
+        del entry["code_strides"]
     return entry
 
 
@@ -227,3 +229,62 @@ def test_assigning_float_state_to_an_8bit_parameter_encodes_it():
     opt.step()  # no gradients: nothing steps, the edit is taken in
     got = quant.decode_m(opt.state[p0]["exp_avg"].reshape(-1), opt.state[p0]["qscale"][:, 0])
     torch.testing.assert_close(got, m.reshape(-1), atol=0.1 * float(m.abs().max()), rtol=0.1)
+
+
+def _transposed_weight_model(seed: int = 0) -> torch.nn.Module:
+    """The first layer's weight column-major (``Parameter(w.t())``): its codes are too."""
+    model = _model(seed)
+    lin = model[0]
+    lin.weight = torch.nn.Parameter(lin.weight.detach().t().contiguous().t())
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_codes_laid_out_again_after_saving_load_as_saved(backend):
+    """A checkpoint whose codes a tool made contiguous (``.contiguous()``, as safetensors
+    and converters do) loads the state that was saved, and the run goes on bit for bit
+    as from the checkpoint as written: ``code_strides`` says in which order the codes'
+    blocks were written (before, the codes were read in their new memory order: other
+    values, silently)."""
+    runs = []
+    for relaid in (False, True):
+        model = _transposed_weight_model()
+        opt = _opt(model, backend, state_dtype=torch.uint8)
+        _train(model, opt, 3)
+        w = model[0].weight
+        assert opt.state[w]["exp_avg"].dtype == torch.uint8 and not opt.state[w]["exp_avg"].is_contiguous()
+        sd = copy.deepcopy(opt.state_dict())
+        saved = quant.dequantize(*(sd["state"][0][k] for k in ("exp_avg", "exp_avg_d", "qscale")))
+        if relaid:
+            sd["state"][0] = {k: v.contiguous() if isinstance(v, torch.Tensor) else v
+                              for k, v in sd["state"][0].items()}
+        fresh = _transposed_weight_model(seed=3)
+        fresh.load_state_dict(model.state_dict())
+        opt2 = _opt(fresh, backend, state_dtype=torch.uint8)
+        opt2.load_state_dict(sd)
+        w2 = fresh[0].weight
+        loaded = quant.dequantize(*(opt2.state[w2][k] for k in ("exp_avg", "exp_avg_d", "qscale")))
+        assert all(torch.equal(a, b) for a, b in zip(saved, loaded))
+        _train(fresh, opt2, 3)
+        runs.append([p.detach().clone() for p in fresh.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("strides,message", [
+    ([1], "is not a dense layout of shape (128, 64)"),
+    ([1, 1], "is not a dense layout of shape (128, 64)"),
+    ([64, -1], "is not a dense layout of shape (128, 64)"),
+    ("1,128", "must be a list of integer strides"),
+    ([1.0, 128.0], "must be a list of integer strides"),
+])
+def test_bad_code_strides_are_refused(strides, message):
+    model = _transposed_weight_model()
+    opt = _opt(model, "torch", state_dtype=torch.uint8)
+    _train(model, opt, 2)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["code_strides"] = strides
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        opt.load_state_dict(sd)
+    after = opt.state_dict()
+    assert all(torch.equal(before["state"][0][k], after["state"][0][k]) for k in ("exp_avg", "exp_avg_d", "qscale"))
