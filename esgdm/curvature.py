@@ -27,7 +27,16 @@ from torch import Tensor
 
 from esgdm.buckets import any_dtensor, is_dtensor, local, real_view
 from esgdm.guards import BufferGuard, ModuleTrees, RngSnapshot
-from esgdm.hvp import autograd_hvp, create_graph_failed, finite_difference_hvp, no_double_backward, warn_user
+from esgdm.hvp import (
+    DATA_PARALLEL_HINT,
+    autograd_hvp,
+    create_graph_failed,
+    data_parallel_refused,
+    finite_difference_hvp,
+    no_double_backward,
+    trainer_hint,
+    warn_user,
+)
 from esgdm.precision import ComputePrecision
 from esgdm.signs import rademacher, stream_key
 from esgdm.store import all_params, local_block
@@ -212,6 +221,8 @@ class Curvature:
                     self.evaluated = True
                     return loss, rng
                 except RuntimeError as e:
+                    if d_step and data_parallel_refused(e):  # (its reducer is left mid-backward)
+                        raise RuntimeError(f"{DATA_PARALLEL_HINT} (torch: {e})") from e
                     if guard is None or precision is None or rng is None:
                         raise
                     if precision.refused_by(e):
@@ -292,7 +303,8 @@ class Curvature:
                 "take a Hessian-vector product by double backward) and no gradient carries a graph. "
                 "If backward already had create_graph=True, the loss is linear in every parameter, or an "
                 "op without a double backward (e.g. @once_differentiable) cut the graph: take curvature by "
-                "finite differences, hvp='finite_difference' (or hvp='auto') with opt.step(closure)")
+                "finite differences, hvp='finite_difference' (or hvp='auto') with opt.step(closure)."
+                + trainer_hint())
 
     def _fd_hvps(self, opt: ESGDM, params, grads, closure, rng) -> list[Tensor]:
         if closure is None:

@@ -44,6 +44,18 @@ CREATE_GRAPH_HINT = (
 )
 
 
+def trainer_hint() -> str:
+    """A sentence naming esgdm's integration for each trainer whose package is loaded: in
+    a trainer, its loop (not the user's) calls backward and step, so the user cannot write
+    what the messages above ask for."""
+    found = [what for module, what in (
+        ("transformers", "a transformers Trainer, use esgdm.integrations.transformers.ESGDMTrainer"),
+        ("lightning", "Lightning, esgdm.integrations.lightning"),
+        ("pytorch_lightning", "Lightning, esgdm.integrations.lightning"),
+    ) if module in sys.modules]
+    return f" With {'; with '.join(dict.fromkeys(found))} (see the README's Trainers)." if found else ""
+
+
 def check_graphs(params: Sequence[Tensor], grads: Sequence[Tensor], fd_available: bool = False) -> None:
     """Raises if no gradient carries an autograd graph (backward ran without
     create_graph).  A gradient without a graph next to others that have one is
@@ -82,10 +94,31 @@ def no_double_backward(error: BaseException) -> bool:
         frag in text for frag in _NO_DOUBLE_BACKWARD)
 
 
+def data_parallel_refused(error: BaseException) -> bool:
+    """Whether ``error`` is what ``DistributedDataParallel``'s reducer raises when a
+    backward keeps the graph of the gradients it copies into its buckets (in-place on a
+    leaf that requires grad).  torch says no more than that, so the message is read only
+    while a process group exists."""
+    import torch.distributed as dist  # (imported when needed, as below)
+
+    return (isinstance(error, RuntimeError) and "leaf Variable that requires grad is being used in an "
+            "in-place operation" in str(error) and dist.is_available() and dist.is_initialized())
+
+
+#: What to do when DistributedDataParallel refuses ``backward(create_graph=True)``.
+DATA_PARALLEL_HINT = (
+    "DistributedDataParallel cannot run backward(create_graph=True) (its reducer copies the "
+    "gradients in place), so it has no double backward: take curvature by finite differences, "
+    "ESGDM(..., hvp='finite_difference') or hvp='auto' with opt.step(closure), and a closure that "
+    "calls loss.backward() without create_graph")
+
+
 def create_graph_failed(error: BaseException) -> bool:
     """Whether ``error``, raised by ``backward(create_graph=True)`` itself, says that this
     model cannot keep a graph of its gradients (a torch.compile'd backward with donated
-    buffers), or that an op has no double backward."""
+    buffers), or that an op has no double backward.  (Not DistributedDataParallel's
+    refusal, :func:`data_parallel_refused`: its reducer cannot run another backward
+    after it, so the closure cannot be run again.)"""
     return no_double_backward(error) or (
         isinstance(error, RuntimeError) and "donated buffer" in str(error))
 
@@ -564,6 +597,7 @@ def finite_difference_hvp(
 __all__ = [
     "CREATE_GRAPH_HINT", "FD_SCHEMES", "GENERATORS", "BufferGuard", "ModuleTrees", "RngSnapshot", "all_reduce",
     "local_and_reduction",
-    "autograd_hvp", "check_graphs", "graph_cut", "create_graph_failed", "fd_radius", "finite_difference_hvp",
+    "DATA_PARALLEL_HINT", "trainer_hint", "autograd_hvp", "check_graphs", "graph_cut", "create_graph_failed",
+    "data_parallel_refused", "fd_radius", "finite_difference_hvp",
     "ComputePrecision", "autocast_dtype", "module_trees", "param_norm", "unit_roundoff", "warn_user",
 ]

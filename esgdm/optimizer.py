@@ -23,6 +23,7 @@ from esgdm.buckets import Bucket, local
 from esgdm.checkpoint import check_count, check_seed
 from esgdm.curvature import Curvature, default_seed, draw_signs, state_init_call
 from esgdm.guards import GENERATORS
+from esgdm.hvp import trainer_hint
 from esgdm.hyperparams import (
     HVP_MODES,
     backend_for_switches,
@@ -334,7 +335,8 @@ class ESGDM(Optimizer):
         if d_step and self.hvp == "finite_difference" and closure is None and work:
             raise RuntimeError(
                 "hvp='finite_difference' needs opt.step(closure) on D-steps: a closure that "
-                "zeroes the gradients, computes the loss on the batch and calls loss.backward()")
+                "zeroes the gradients, computes the loss on the batch and calls loss.backward()."
+                + trainer_hint())
         if d_step and work:
             computed = self._curvature.hvps(self, work, closure, rng)
             for k, ((b, idx, _), hvps) in enumerate(zip(work, computed)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 
 import pytest
 import torch
@@ -280,5 +281,45 @@ def _state8_worker(rank, port):
                  for local_state in (st["exp_avg"].to_local(), st["exp_avg_d"].to_local())}
         assert kinds == {torch.float32}, kinds
         assert all("qscale" not in st for st in opt.state.values())
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("hvp", ["auto", "autograd"])
+def test_ddp_closure_that_keeps_the_graph_names_finite_differences(hvp):
+    """DistributedDataParallel's reducer refuses backward(create_graph=True) with "a leaf
+    Variable that requires grad is being used in an in-place operation": the step says
+    what to do instead and changes nothing (before, torch's line alone; hvp="auto" cannot
+    run the closure again, since the reducer is left mid-backward)."""
+    mp.start_processes(_ddp_create_graph_worker, args=(free_port(), hvp), nprocs=1, join=True,
+                       start_method="spawn")
+
+
+def _ddp_create_graph_worker(rank, port, hvp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(make_mlp())
+        opt = esgdm.ESGDM(model.parameters(), backend="torch", hvp=hvp)
+        x, y = data("mlp")
+        before = [p.detach().clone() for p in model.parameters()]
+
+        def closure():
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[0]), y[0])
+            loss.backward(create_graph=opt.should_create_graph())
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's "DDP with create_graph=True is not well-supported"
+            try:
+                opt.step(closure)
+            except RuntimeError as e:
+                assert "DistributedDataParallel cannot run backward(create_graph=True)" in str(e), str(e)
+                assert "hvp='finite_difference'" in str(e) and "without create_graph" in str(e), str(e)
+            else:
+                raise AssertionError("expected an error naming finite differences")
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+        assert opt.steps == 0 and not opt.state
     finally:
         dist.destroy_process_group()

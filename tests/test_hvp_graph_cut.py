@@ -172,3 +172,27 @@ def test_no_graph_despite_create_graph_says_why():
     (a.sum() + 2 * b.sum()).backward(create_graph=True)
     with pytest.raises(RuntimeError, match="create_graph=True, the loss is linear in every parameter"):
         opt.step()
+
+
+@pytest.mark.parametrize("loaded", [(), ("transformers",), ("lightning",), ("transformers", "pytorch_lightning")])
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_the_d_step_messages_name_the_trainer_integration_when_a_trainer_is_loaded(monkeypatch, loaded, hvp):
+    """Inside a trainer, its loop calls backward and step: the one-line D-step errors also
+    name esgdm's integration for each trainer package that is loaded, and only then."""
+    import sys
+    import types
+
+    for name in ("transformers", "lightning", "pytorch_lightning"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    for name in loaded:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    a, b, opt = make("torch", hvp)
+    opt.zero_grad(set_to_none=True)
+    smooth_loss(a, b).backward()
+    with pytest.raises(RuntimeError) as info:
+        opt.step()
+    message = str(info.value)
+    assert ("esgdm.integrations.transformers.ESGDMTrainer" in message) == ("transformers" in loaded), message
+    lightning = any("lightning" in name for name in loaded)
+    assert ("esgdm.integrations.lightning" in message) == lightning, message
+    assert message.count("esgdm.integrations.lightning") <= 1, message
