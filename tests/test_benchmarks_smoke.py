@@ -18,6 +18,8 @@ import pytest
 import torch
 from reference import ReferenceESGDM
 
+import esgdm
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
@@ -175,6 +177,17 @@ def test_bench_portable_smoke():
                 "AdamW/foreach", "AdamW/fused", "copy"):
         assert f"\n{row} " in out, out
     assert re.search(r"esgdm/torch_before plain +25\.0 passes", out), out
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bench_host_loop_smoke(backend):
+    """bench_host_loop.py times both competitors (the cpu backend where it is built)."""
+    if backend == "cpu" and esgdm.backends.why_not("cpu", torch.device("cpu"), torch.float32) is not None:
+        pytest.skip("the cpu backend (esgdm._C) is not built")
+    out = _run(["benchmarks/bench_host_loop.py", "--tensors", "3", "--inner", "5", "--repeats", "2",
+                "--backend", backend], 120)
+    for row in (f"ESGDM({backend})", "AdamW(fused=True)"):
+        assert re.search(rf"{re.escape(row)} +best +\d+\.\d+ us +median +\d+\.\d+ us", out), out
 
 
 def test_bench_gpu_tables_smoke():
