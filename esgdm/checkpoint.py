@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from esgdm import dtypes, quant
-from esgdm.buckets import is_dense, local
+from esgdm.buckets import is_dense, local, real_view
 
 #: The keys of one parameter's state (``opt.state[p]``), as the original ``esgd.ESGD``
 #: names them, plus ``step``.  (The columns of the device table that holds the three
@@ -154,9 +154,11 @@ def quantized_state(name: str, exp_avg: Any, exp_avg_d: Any, qscale: Any, shape)
     check_values(name.format(repr(KEY_QSCALE)), qscale, nonnegative=True)
 
 
-def state_entry(name: str, entry: dict, shape, complex_state: bool) -> dict:
+def state_entry(name: str, entry: dict, shape, complex_state: bool, kept_in: torch.dtype | None = None) -> dict:
     """One parameter's ``exp_avg``/``exp_avg_d`` (and ``qscale``), checked: float
-    state, or 8-bit codes with their scales.  ``name``: a format string for the key."""
+    state, or 8-bit codes with their scales.  ``name``: a format string for the key;
+    ``kept_in``: the float dtype the optimizer keeps (or computes) this state in, where
+    every value must be finite too (1e300 in float64 is inf in float32)."""
     exp_avg, exp_avg_d = entry[KEY_EXP_AVG], entry[KEY_EXP_AVG_D]
     if isinstance(exp_avg, Tensor) and exp_avg.dtype == torch.uint8:
         if KEY_QSCALE not in entry:
@@ -169,8 +171,8 @@ def state_entry(name: str, entry: dict, shape, complex_state: bool) -> dict:
         return {KEY_EXP_AVG: exp_avg, KEY_EXP_AVG_D: exp_avg_d, KEY_QSCALE: entry[KEY_QSCALE]}
     exp_avg = state_tensor(name.format(repr(KEY_EXP_AVG)), exp_avg, shape, complex_state)
     exp_avg_d = state_tensor(name.format(repr(KEY_EXP_AVG_D)), exp_avg_d, shape, complex_state)
-    check_values(name.format(repr(KEY_EXP_AVG)), exp_avg, nonnegative=False)
-    check_values(name.format(repr(KEY_EXP_AVG_D)), exp_avg_d, nonnegative=True)
+    check_values(name.format(repr(KEY_EXP_AVG)), exp_avg, nonnegative=False, kept_in=kept_in)
+    check_values(name.format(repr(KEY_EXP_AVG_D)), exp_avg_d, nonnegative=True, kept_in=kept_in)
     return {KEY_EXP_AVG: exp_avg, KEY_EXP_AVG_D: exp_avg_d}
 
 
@@ -181,18 +183,24 @@ def _first_bad(t: Tensor, ok: Tensor) -> str:
     return f"{t.reshape(-1)[i].item()!r} (element {i})"
 
 
-def check_values(name: str, value: Tensor, nonnegative: bool) -> None:
+def check_values(name: str, value: Tensor, nonnegative: bool, kept_in: torch.dtype | None = None) -> None:
     """Refuses NaN and +-inf, and negative values when ``nonnegative`` (one host read:
-    loading is not a step).  A DTensor's local shard is what this process checks."""
+    loading is not a step), and values that overflow ``kept_in``, the dtype the state
+    is kept in.  A DTensor's local shard is what this process checks."""
     value = local(value)
     if value.is_complex():  # a complex parameter's state: its real view holds the values
         value = torch.view_as_real(value)
     ok = torch.isfinite(value)
+    narrower = (kept_in is not None and kept_in != value.dtype
+                and torch.finfo(kept_in).max < torch.finfo(value.dtype).max)
+    if narrower:
+        ok &= torch.isfinite(value.to(kept_in))
     if nonnegative:
         ok &= value >= 0
     if not bool(ok.all()):
         want = "finite and >= 0" if nonnegative else "finite"
-        raise ValueError(f"{name} holds {_first_bad(value, ok)}: every value must be {want}")
+        where = f" in {kept_in}, the dtype this state is kept in" if narrower else ""
+        raise ValueError(f"{name} holds {_first_bad(value, ok)}: every value must be {want}{where}")
 
 
 def in_unit_interval(name: str, value: Any) -> float:
@@ -220,8 +228,15 @@ def check_state_dtype(value: Any) -> None:
                          f"{' or '.join(map(repr, STATE_DTYPE_NAMES))})")
 
 
-def validate(state_dict: dict, param_groups: list, check_group) -> dict:
+def kept_in(p: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The float dtype parameter ``p``'s state is kept (8-bit state: computed) in."""
+    dtype = dtypes.state_dtype_for(real_view(local(p)).dtype, state_dtype, p.numel())
+    return torch.float32 if dtype == torch.uint8 else dtype
+
+
+def validate(state_dict: dict, param_groups: list, check_group, state_dtype: torch.dtype | None = None) -> dict:
     """Everything :meth:`ESGDM.load_state_dict` needs, checked; raises ``ValueError``.
+    ``state_dtype``: the optimizer's (what its state is kept in, for the values' range).
 
     Returns ``{"counters": {...}, "groups": [...], "state": {param: {...}}, "other": {...}}``
     (``other``: the state entries whose key is not a parameter id, passed through).
@@ -301,7 +316,8 @@ def validate(state_dict: dict, param_groups: list, check_group) -> dict:
             raise ValueError(f"state of parameter id {key!r} lacks {missing}")
         where = f"state {{}} of parameter id {key!r}".format
         per_param[p] = {
-            **state_entry(f"state {{}} of parameter id {key!r}", entry, p.shape, p.is_complex()),
+            **state_entry(f"state {{}} of parameter id {key!r}", entry, p.shape, p.is_complex(),
+                          kept_in(p, state_dtype)),
             KEY_BIAS: in_unit_interval(where(repr(KEY_BIAS)), entry[KEY_BIAS]),
             KEY_WARM: in_unit_interval(where(repr(KEY_WARM)), entry[KEY_WARM]),
             KEY_STEP: step_count(where(repr(KEY_STEP)), entry.get(KEY_STEP, 0.0)),

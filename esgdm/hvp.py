@@ -13,10 +13,11 @@ Which one a step uses, and with which signs, is :mod:`esgdm.curvature`'s decisio
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from esgdm.buckets import (
     local,  # a DTensor's local shard (same storage), else the tensor
+    overlaps,  # whether elements of a tensor share memory (expanded)
     real_view,  # a complex tensor's real view, else the tensor
 )
 from esgdm.guards import (  # re-exported: the probe's guards have been importable from here
@@ -139,7 +141,10 @@ def autograd_hvp(
     to finite differences).  ``look_for_cuts``: look for such ops even where every
     parameter got a product (one that hides only part of a parameter's curvature; a
     walk over the whole graph, which the optimizer takes on its first curvature step).
-    The graph is retained: two
+    A parameter's gradient hooks (``p.register_hook``) shaped the gradient once, and
+    the graph of ``g`` holds them: they are paused while it is differentiated, so that
+    ``h`` is the derivative of the gradient the step uses (as finite differences of it
+    are), not that hooked once more.  The graph is retained: two
     optimizers over disjoint parts of one loss both differentiate it (it is freed
     with the gradients, at the next ``zero_grad``).
     """
@@ -147,7 +152,7 @@ def autograd_hvp(
     grads = [real_view(g) for g in grads]  # <real view of g, v>: a real scalar to differentiate
     with_graph = [k for k, g in enumerate(grads) if g.grad_fn is not None]
     hvps: list = [None] * len(params)
-    with torch.enable_grad():
+    with torch.enable_grad(), _gradient_hooks_paused(params):
         found = torch.autograd.grad([grads[k] for k in with_graph], list(params),
                                     grad_outputs=[signs[k] for k in with_graph],
                                     allow_unused=True, retain_graph=True)
@@ -157,7 +162,27 @@ def autograd_hvp(
     # runs through an op without a double backward (cut): only then look for the cut.
     if look_for_cuts or any(h is None and grads[k].grad_fn is not None for k, h in enumerate(hvps)):
         raise_if_cut([grads[k] for k in with_graph])
+    if look_for_cuts:
+        warn_if_some_lack_a_graph(params, grads)
     return [torch.zeros_like(real_view(p)) if h is None else real_view(h) for p, h in zip(params, hvps)]
+
+
+@contextlib.contextmanager
+def _gradient_hooks_paused(params: Sequence[Tensor]) -> Iterator[None]:
+    """The hooks of ``p.register_hook`` off for the body: autograd runs a leaf's hooks on
+    every gradient it computes for it, the Hessian-vector product's too.  torch keeps
+    them in ``p._backward_hooks``, which it reads when it runs them."""
+    paused = []
+    for p in params:
+        hooks = getattr(p, "_backward_hooks", None)
+        if hooks:
+            paused.append((hooks, list(hooks.items())))
+            hooks.clear()
+    try:
+        yield
+    finally:
+        for hooks, items in paused:
+            hooks.update(items)
 
 
 def graph_cut(grads: Sequence[Tensor]) -> str | None:
@@ -175,6 +200,22 @@ def graph_cut(grads: Sequence[Tensor]) -> str | None:
             return str(node.name())
         stack.extend(nxt for nxt, _ in node.next_functions)
     return None
+
+
+def warn_if_some_lack_a_graph(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
+    """Warns when some gradients carry no graph while others do.  Autograd takes the
+    former's curvature as 0: right for a loss linear in them, wrong where an op without a
+    double backward that leaves no node behind (a loss written as an autograd.Function
+    whose backward is ``@once_differentiable``) stands between them and the loss."""
+    bare = [k for k, g in enumerate(grads) if g.grad_fn is None and g.numel() > 0]
+    if bare and len(bare) < sum(g.numel() > 0 for g in grads):
+        warn_user(
+            f"esgdm: the gradients of {len(bare)} of {len(grads)} parameters (the first of shape "
+            f"{tuple(params[bare[0]].shape)}) carry no graph although the others' do: autograd takes their "
+            "curvature as 0. That is right if the loss is linear in them; if an op without a double "
+            "backward stands between them and the loss (e.g. a loss written as a torch.autograd.Function "
+            "whose backward is @once_differentiable), take curvature by finite differences: "
+            "hvp='finite_difference', or hvp='auto' with opt.step(closure)")
 
 
 def raise_if_cut(grads: Sequence[Tensor]) -> None:
@@ -282,7 +323,7 @@ def warn_user(message: str, category: type = RuntimeWarning) -> None:
     frame_or_none: Any = frame
     while frame_or_none is not None and frame_or_none.f_code.co_filename.startswith(_INTERNAL):
         frame_or_none, level = frame_or_none.f_back, level + 1
-    warnings.warn(message, category, stacklevel=level)
+    warnings.warn(message, category, stacklevel=level + 1)  # (1 would be this function)
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -580,7 +621,8 @@ def finite_difference_hvp(
             held = None
             base, step = _probe_grads(params, closure, rng, seen, modules), 2 * r
         with torch.no_grad():
-            hvps = [h.detach() for h in plus]
+            # (a gradient the closure set as an expanded tensor cannot be written in place)
+            hvps = [h.detach().clone() if overlaps(local(h)) else h.detach() for h in plus]
             out = [local(h) for h in hvps]  # the same storage as hvps
             torch._foreach_sub_(out, [real_view(local(b.detach())) for b in base])
             torch._foreach_div_(out, step)

@@ -44,7 +44,8 @@ class ESGDM(Optimizer):
     with a Rademacher vector ``v`` and keeps ``D = max(b2 * D, h * h)`` as a
     per-coordinate estimate of ``diag(H^2)``; every step divides a Nesterov-momentum
     step by ``sqrt(D) + eps``.  The learning rate is invariant to rescaling the loss
-    or the parameters.  The exact rule is in :mod:`esgdm.rule`.
+    or the parameters (while ``eps`` is small against ``sqrt(D)``).  The exact rule is
+    in :mod:`esgdm.rule`.
 
     On a D-step the gradients must carry a graph (``hvp="autograd"``), so call::
 
@@ -55,17 +56,21 @@ class ESGDM(Optimizer):
 
     Args:
         params: iterable of parameters or dicts defining parameter groups.
-        lr (float or 0-d Tensor): step size (default 1.0; start near 0.5).  A tensor lr
-            is read on the device by the kernels, never by the host.
+        lr (float or Tensor): step size (default 1.0; start near 0.5).  A one-element
+            tensor lr is checked once, then read on the device by the kernels, never by
+            the host (so are tensor betas, lr_warmup, eps and weight_decay).
         betas (tuple[float, float]): momentum decay and the inf-norm decay of the
             curvature estimate (default (0.9, 0.999)).
         lr_warmup (float): exponential warmup; the step size on a parameter's k-th
             D-step is ``lr * (1 - lr_warmup**k)``; 0 disables it (default 0.99).
-        eps (float): added to ``sqrt(D)`` (default 1e-4).
+        eps (float): added to ``sqrt(D)`` (default 1e-4).  The learning rate is
+            invariant to rescaling the loss or the parameters while ``eps`` is small
+            against ``sqrt(D)`` (exactly, with ``eps`` rescaled as ``sqrt(D)`` is).
         weight_decay (float): decoupled weight decay, scaled by the current step size
             (default 0).
         update_d_every (int): curvature refresh period in steps (default 10).
-        d_warmup (int): the first ``d_warmup`` steps always refresh curvature (default 20).
+        d_warmup (int): the first ``d_warmup`` steps always refresh curvature (default 20;
+            at least 1: the first step needs curvature).
         backend (str, optional): ``"auto" | "triton" | "cuda" | "cpu" | "torch"``;
             defaults to ``$ESGDM_BACKEND`` or ``"auto"``.
         generator (torch.Generator, optional): where the optimizer's seed is drawn from
@@ -88,8 +93,9 @@ class ESGDM(Optimizer):
             curvature instead (see README).
         stochastic_rounding (bool, optional): round 16-bit parameters stochastically
             when writing them back (default: True unless ``exact``).
-        state_dtype (torch.dtype, optional): ``torch.float32`` (default) or
-            ``torch.bfloat16`` for ``exp_avg`` and ``exp_avg_d``; math stays float32.
+        state_dtype (torch.dtype, optional): ``torch.float32`` (default),
+            ``torch.bfloat16`` or ``torch.uint8`` (8-bit blocks, for tensors of at least
+            4096 elements) for ``exp_avg`` and ``exp_avg_d``; math stays float32.
         capturable (bool): allow capturing ``step()`` in a CUDA graph: the step then
             refuses host uploads during capture (set hyper-parameters before
             capturing; change lr through a tensor lr).  The step never syncs with the
@@ -445,7 +451,7 @@ class ESGDM(Optimizer):
             result = hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        loaded = checkpoint.validate(state_dict, self.param_groups, self._check_loaded_group)
+        loaded = checkpoint.validate(state_dict, self.param_groups, self._check_loaded_group, self.state_dtype)
         self._store.sync(self)  # raises (before any write) if the parameters cannot be bucketed
 
         # All checked: now write.

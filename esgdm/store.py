@@ -258,7 +258,8 @@ class BucketStore:
                 shape = b.tensors[i].shape[:-1] if b.complex[i] else b.tensors[i].shape
                 for key in (KEY_EXP_AVG, KEY_EXP_AVG_D):
                     merged[key] = local(merged[key])
-                checkpoint.state_entry("opt.state[p][{}]", merged, shape, complex_state=b.complex[i])
+                checkpoint.state_entry("opt.state[p][{}]", merged, shape, complex_state=b.complex[i],
+                                       kept_in=torch.float32 if b.quantized else b.state_dtype)
                 merged[KEY_BIAS] = checkpoint.in_unit_interval(where(repr(KEY_BIAS)), merged[KEY_BIAS])
                 merged[KEY_WARM] = checkpoint.in_unit_interval(where(repr(KEY_WARM)), merged[KEY_WARM])
                 merged[KEY_STEP] = checkpoint.step_count(where(repr(KEY_STEP)), merged[KEY_STEP])

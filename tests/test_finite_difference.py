@@ -946,3 +946,27 @@ def test_a_refused_fused_add_leaves_the_parameters_alone(monkeypatch):
         opt.step(closure)
     for a, p in zip(before, model.parameters()):
         assert torch.equal(a, p.detach())
+
+
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_a_closure_that_sets_an_expanded_gradient_steps_like_its_copy(scheme):
+    """The probe's gradient may be whatever the closure sets, an expanded tensor too (a
+    gradient of a broadcast): stepped as its contiguous copy would be (before, the
+    probe's in-place subtraction raised torch's "more than one element of the
+    written-to tensor refers to a single memory location")."""
+    results = []
+    for expanded in (False, True):
+        w = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 12).reshape(3, 4))
+        opt = esgdm.ESGDM([w], lr=0.3, seed=2, hvp="finite_difference", fd_scheme=scheme, backend="torch")
+
+        def closure(w=w, opt=opt, expanded=expanded):
+            opt.zero_grad(set_to_none=True)
+            row = (w.detach().sum(0, keepdim=True) ** 3)  # one row, the same for every row of w
+            loss = (w * row).sum()
+            w.grad = row.expand(3, 4) if expanded else row.expand(3, 4).contiguous()
+            return loss
+
+        for _ in range(3):
+            opt.step(closure)
+        results.append(w.detach().clone())
+    assert torch.equal(*results)

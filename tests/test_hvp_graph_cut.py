@@ -196,3 +196,82 @@ def test_the_d_step_messages_name_the_trainer_integration_when_a_trainer_is_load
     lightning = any("lightning" in name for name in loaded)
     assert ("esgdm.integrations.lightning" in message) == lightning, message
     assert message.count("esgdm.integrations.lightning") <= 1, message
+
+
+def _hooked_curvature(hvp: str, hooked: bool) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(4)
+    w = torch.nn.Parameter(torch.randn(6, dtype=torch.float64, generator=gen))
+    calls = []
+    if hooked:
+        w.register_hook(lambda g: calls.append(1) or 2 * g)
+    opt = esgdm.ESGDM([w], lr=0.5, hvp=hvp, seed=1, backend="torch")
+
+    def closure():
+        opt.zero_grad(set_to_none=True)
+        loss = w.pow(4).sum()
+        loss.backward(create_graph=opt.should_create_graph())
+        return loss
+
+    opt.step(closure)
+    if hooked:  # the hook is still there, and ran on the gradients only
+        assert len(calls) == (1 if hvp == "autograd" else 2)
+        w.grad = None
+        w.pow(2).sum().backward()
+        assert torch.equal(w.grad, 4 * w.detach())
+    return opt.state[w]["exp_avg_d"]
+
+
+@pytest.mark.parametrize("hvp", ["autograd", "finite_difference"])
+def test_a_gradient_hook_shapes_the_curvature_once(hvp):
+    """A hook g -> 2g on a parameter: the step's gradient is 2g, and the curvature both
+    modes take is that of the hooked gradient, 2 H v (before, autograd ran the hook
+    again on the Hessian-vector product: 4 H v)."""
+    ratio = (_hooked_curvature(hvp, True) / _hooked_curvature(hvp, False)).sqrt()
+    torch.testing.assert_close(ratio, torch.full_like(ratio, 2.0), rtol=1e-6, atol=0)
+
+
+class MSE(torch.autograd.Function):
+    """A loss whose backward is first-order only: the gradients it hands back carry no
+    graph to it, and leave no node behind to find."""
+
+    @staticmethod
+    def forward(ctx, pred, target):
+        ctx.save_for_backward(pred, target)
+        return (pred - target).pow(2).mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        pred, target = ctx.saved_tensors
+        return 2 * (pred - target) * g / pred.numel(), None
+
+
+def test_gradients_without_a_graph_beside_others_warn_once():
+    """A once-differentiable loss: the last bias's gradient has no graph (its curvature
+    would silently be 0), the weights' have one through the activations.  The first
+    autograd D-step warns, naming finite differences; later ones do not."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    opt = esgdm.ESGDM(model.parameters(), lr=0.1, backend="torch")
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            MSE.apply(model(x), y).backward(create_graph=opt.should_create_graph())
+            opt.step()
+    said = [w for w in caught if "carry no graph" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in said]
+    text = str(said[0].message)
+    assert "1 of 4 parameters (the first of shape (1,))" in text and "hvp='finite_difference'" in text
+    # attributed to the line that called step(), not to torch's wrapper around it (before:
+    # torch/optim/optimizer.py, one frame short)
+    assert said[0].filename == __file__, said[0].filename
+    # a loss linear in no parameter, every gradient with a graph: no warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt2 = esgdm.ESGDM(model.parameters(), lr=0.1, backend="torch")
+        opt2.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward(create_graph=True)
+        opt2.step()
+    assert not [w for w in caught if "carry no graph" in str(w.message)]

@@ -367,6 +367,10 @@ def _trained():
     (lambda sd: sd["state"].__setitem__(1, torch.zeros(3)), "state of parameter id 1 must be a dict .*got Tensor"),
     (lambda sd: sd["param_groups"][0].__setitem__("params", [0, 0]),
      r"lists parameter id 0 twice \(in param groups 0 and 0\)"),
+    (lambda sd: sd["state"][0].__setitem__("exp_avg", torch.full((4,), 1e300, dtype=torch.float64)),
+     r"'exp_avg' of parameter id 0 holds 1e\+300 \(element 0\): every value must be finite in torch.float32"),
+    (lambda sd: sd["state"][1].__setitem__("exp_avg_d", torch.full((2, 3), 1e39, dtype=torch.float64)),
+     r"'exp_avg_d' of parameter id 1 holds 1e\+39 \(element 0\): every value must be finite and >= 0 in"),
 ])
 def test_bad_checkpoint_is_refused_before_anything_changes(corrupt, match):
     opt, ps = _trained()
@@ -812,6 +816,26 @@ def test_d_step_where_only_empty_tensors_have_gradients_is_counted(hvp):
     e.grad = torch.zeros(0, 2)
     opt.step()
     assert opt.steps == 1 and float(opt.state[e]["step"]) == 1.0 and w not in opt.state
+
+
+@pytest.mark.parametrize("backend", cpu_backends(torch.float32))
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16])
+def test_assigned_state_beyond_the_state_dtypes_range_is_refused(backend, state_dtype):
+    """``opt.state[p]["exp_avg"] = float64 values finite there but not in the dtype the
+    state is kept in`` (float32, or bfloat16): refused, naming the dtype (before, stored
+    as inf, and the parameters went NaN at the next step)."""
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+    opt = esgdm.ESGDM(ps, lr=0.3, backend=backend, state_dtype=state_dtype, d_warmup=2, update_d_every=3)
+    _quadratic_run(opt, ps, 3)
+    big = 1e300 if state_dtype is None else 3.4e38  # (finite in float32; beyond bfloat16's 3.39e38)
+    opt.state[ps[1]]["exp_avg"] = torch.full((5,), big, dtype=torch.float64)
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    before = _snapshot(opt, ps)
+    kept = "torch.float32" if state_dtype is None else "torch.bfloat16"
+    with pytest.raises(ValueError, match=f"every value must be finite in {kept}, the dtype this state is kept in"):
+        opt.step()
+    assert opt.steps == before[1] and all(torch.equal(p.detach(), old) for p, old in zip(ps, before[0]))
 
 
 # ------------------------------------------------------------ parameters that share memory

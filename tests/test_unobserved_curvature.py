@@ -227,6 +227,16 @@ def test_invariance_tests_can_fail(backend):
         assert diff > 1e-6, (exact, diff)
 
 
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("scale", [2.0**-20, 2.0**10])
+def test_with_eps_rescaled_as_sqrt_d_the_default_eps_keeps_the_invariance(backend, scale):
+    """What the README's Learning rates table says: with eps = 1e-4, multiplying the
+    loss by s and eps by s gives the same trajectory (bit for bit for a power of two)."""
+    ref, _, _ = _train(backend, eps=1e-4)
+    got, _, _ = _train(backend, eps=1e-4 * scale, loss_scale=scale)
+    _assert_same(got, ref, exact=True)
+
+
 def test_invariance_test_catches_a_fallback_that_does_not_scale(monkeypatch):
     """Mutation control: replace dscale by a fixed 1.0 (an absolute floor, which does
     not scale with the loss) in the "torch" backend's element rule; the loss-scale
