@@ -105,8 +105,8 @@ def _starts_inside(a: Tensor, a_bytes: Tensor, b_bytes: Tensor) -> bool:
 
 
 def _share_elements(a: Tensor, b: Tensor) -> bool:
-    if a.is_contiguous() and b.is_contiguous():
-        return True  # (their byte ranges meet)
+    if is_dense(a) and is_dense(b):
+        return True  # (each fills its byte range, and the ranges meet)
     a_bytes, b_bytes = _element_bytes(a), _element_bytes(b)
     return _starts_inside(a, a_bytes, b_bytes) or _starts_inside(b, b_bytes, a_bytes)
 

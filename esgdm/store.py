@@ -115,7 +115,7 @@ def hparam_row(group: dict) -> tuple:
 
 
 def _value_key(v: object) -> object:
-    if type(v) is float or type(v) is bool:
+    if type(v) in _PLAIN_TYPES:
         return v
     if isinstance(v, Tensor):
         return ("tensor", id(v))  # its value is the device's business

@@ -862,6 +862,8 @@ def test_shared_memory_agrees_with_a_byte_by_byte_check():
         [base[:3], base[3:]],                     # neighbours
         [base[:3], base[2:4]],                    # overlapping rows
         [base.t(), other],                        # other storage
+        [base.t(), base[2]],                      # dense but transposed, meeting a row
+        [base[:3].t(), base[3:].t()],             # dense, transposed, neighbours
         [base[0], base[1:], base[0, 3:5]],        # a third inside the first
         [base[:, :4], base[:, 4:], base[1]],      # the third meets both
         [base.view(torch.int32)[0, :2], base[0, 1:3]],  # another dtype on the same bytes
