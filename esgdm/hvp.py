@@ -34,7 +34,7 @@ from esgdm.guards import (  # re-exported: the probe's guards have been importab
     ModuleTrees,
     RngSnapshot,
     drain_at_exit,
-    is_distributed,
+    in_process_group,
     module_trees,
 )
 from esgdm.precision import ComputePrecision, autocast_dtype, unit_roundoff
@@ -556,7 +556,7 @@ def finite_difference_hvp(
         seen.merge(precision)
     if modules is None:
         modules = module_trees(params)
-    if is_distributed():
+    if in_process_group():
         drain_at_exit()
     if radius is None:
         theta_norm = param_norm(reals)

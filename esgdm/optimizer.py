@@ -22,7 +22,7 @@ from esgdm import backends, checkpoint, traced
 from esgdm.buckets import Bucket, local
 from esgdm.checkpoint import check_count, check_seed
 from esgdm.curvature import Curvature, default_seed, draw_signs, state_init_call
-from esgdm.guards import GENERATORS
+from esgdm.guards import GENERATORS, drain_at_exit, in_process_group
 from esgdm.hvp import trainer_hint
 from esgdm.hyperparams import (
     HVP_MODES,
@@ -184,6 +184,8 @@ class ESGDM(Optimizer):
         self._serial = traced.number(self)  # (what a traced step asks esgdm.traced about)
         super().__init__(params, defaults)
         self._store.watch_state(self)
+        if in_process_group():  # torch's abort at exit after collectives (esgdm.guards)
+            drain_at_exit()
 
     @property
     def seed(self) -> int:

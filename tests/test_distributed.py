@@ -323,3 +323,38 @@ def _ddp_create_graph_worker(rank, port, hvp):
         assert opt.steps == 0 and not opt.state
     finally:
         dist.destroy_process_group()
+
+
+def test_a_process_group_of_one_rank_drains_collectives_at_exit():
+    """torch can abort at exit after collectives issued during backward (esgdm/guards.py):
+    a process group of one rank has them too (FSDP2 still reduce-scatters), so the exit
+    drain is registered wherever a group exists: by the constructor, and by the probe when
+    the group came after the optimizer (before, only with two or more ranks, and only by
+    the probe: one-process FSDP2 runs aborted in 7 of 300, benchmarks/exit_abort_rate.py)."""
+    mp.start_processes(_drain_worker, args=(free_port(),), nprocs=1, join=True, start_method="spawn")
+
+
+def _drain_worker(rank, port):
+    import esgdm.guards as guards
+
+    model = make_mlp()
+    before = esgdm.ESGDM(model.parameters(), backend="torch", hvp="finite_difference")
+    assert not guards._exit_drain  # no process group yet: nothing to drain
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        x, y = data("mlp")
+
+        def closure():
+            before.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x[0]), y[0])
+            loss.backward()
+            return loss
+
+        before.step(closure)  # the probe, in a group made after the optimizer
+        assert guards._exit_drain == [True]
+        guards._exit_drain.clear()
+        esgdm.ESGDM(make_mlp().parameters(), backend="torch")  # the constructor, in a group
+        assert guards._exit_drain == [True]
+    finally:
+        dist.destroy_process_group()
