@@ -298,3 +298,12 @@ def test_bench_state8_smoke(tmp_path):
     assert per[("fp32", "plain")] == 24 and per[("fp32", "dstep")] == 32
     assert abs(per[("u8", "plain")] - 15.047) < 1e-3 and abs(per[("u8", "dstep")] - 20.0625) < 1e-3
     assert "2.031 B/param (8-bit, scales included)" in out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("drain", [[], ["--without-drain"]], ids=["with", "without"])
+def test_exit_abort_rate_smoke(drain):
+    """exit_abort_rate.py runs its one-process FSDP2 job and counts aborts, either way."""
+    out = _run(["benchmarks/exit_abort_rate.py", "--runs", "2", "--jobs", "2", *drain], 240)
+    which = "without-drain" if drain else "with-drain"
+    assert re.search(rf"{which}: \d of 2 runs aborted at exit", out), out
