@@ -1,4 +1,4 @@
-"""How often a one-process FSDP2 run over gloo aborts at interpreter exit.
+"""How often an FSDP2 run over gloo (one process, or several under torchrun) aborts at exit.
 
 torch can end such a run with "terminate called without an active exception" (SIGABRT)
 after it finished its work: a collective issued during backward still holds a Python
@@ -11,6 +11,10 @@ The rate is small and depends on timing: keep both cores busy (``--jobs 2``)::
 
     python benchmarks/exit_abort_rate.py --runs 100 --jobs 2
     python benchmarks/exit_abort_rate.py --runs 100 --jobs 2 --without-drain
+    python benchmarks/exit_abort_rate.py --runs 100 --jobs 1 --ranks 2
+
+A run aborts when any of its processes does (torchrun then exits with 1 and prints
+the line).
 """
 
 from __future__ import annotations
@@ -41,8 +45,11 @@ if sys.argv[2] == "without-drain":
     esgdm.optimizer.drain_at_exit = lambda: None
     esgdm.hvp.drain_at_exit = lambda: None
 
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-dist.init_process_group("gloo", rank=0, world_size=1)
+if "RANK" in os.environ:  # under torchrun (--ranks 2 and more)
+    dist.init_process_group("gloo")
+else:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+    dist.init_process_group("gloo", rank=0, world_size=1)
 try:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 10))
@@ -68,9 +75,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def one_run(script: str, drain: str) -> tuple[int, str]:
+def one_run(script: str, drain: str, ranks: int) -> tuple[int, str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, script, str(free_port()), drain], env=env,
+    launch = [sys.executable]
+    if ranks > 1:  # torchrun, standalone: it binds a free port itself
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run([*launch, script, str(free_port()), drain], env=env,
                           capture_output=True, text=True, timeout=300)
     return done.returncode, done.stderr
 
@@ -79,6 +90,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (keep every core busy)")
+    ap.add_argument("--ranks", type=int, default=1, help="processes per run (more than one: under torchrun)")
     ap.add_argument("--without-drain", action="store_true", help="make esgdm's exit drain a no-op")
     args = ap.parse_args()
     script = Path(os.environ.get("TMPDIR", "/tmp")) / f"esgdm_exit_worker_{os.getpid()}.py"
@@ -87,12 +99,12 @@ def main() -> None:
     start = time.perf_counter()
     try:
         with ThreadPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(lambda _: one_run(str(script), drain), range(args.runs)))
+            results = list(pool.map(lambda _: one_run(str(script), drain, args.ranks), range(args.runs)))
     finally:
         script.unlink()
     aborts = sum(1 for rc, err in results if rc != 0 and "terminate called" in err)
     others = [(rc, err[-800:]) for rc, err in results if rc != 0 and "terminate called" not in err]
-    print(f"{drain}: {aborts} of {args.runs} runs aborted at exit "
+    print(f"{drain}: {aborts} of {args.runs} runs of {args.ranks} process(es) aborted at exit "
           f"({args.jobs} at once, {time.perf_counter() - start:.0f} s)")
     for rc, err in others:
         print(f"another failure (exit {rc}):\n{err}")

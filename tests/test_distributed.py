@@ -18,7 +18,6 @@ runs that sum the batch in another order.)
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import pytest
@@ -84,9 +83,9 @@ def full(p):
     return p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
 
 
-def _worker(rank, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, out_dir):
+    # a file store in the run's own folder: no port to find free and lose to another process
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD)
     from torch.distributed.fsdp import fully_shard
 
     out = {}
@@ -150,16 +149,10 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     path = tmp_path_factory.mktemp("dist")
-    mp.start_processes(_worker, args=(free_port(), str(path)), nprocs=WORLD, join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(str(path),), nprocs=WORLD, join=True, start_method="spawn")
     return path, [torch.load(path / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -229,12 +222,11 @@ def test_checkpoint_saved_on_two_ranks_continues_on_one(ranks):
 
 
 def test_autograd_curvature_under_fsdp2_names_finite_differences(tmp_path):
-    mp.start_processes(_autograd_worker, args=(free_port(),), nprocs=1, join=True, start_method="spawn")
+    mp.start_processes(_autograd_worker, args=(), nprocs=1, join=True, start_method="spawn")
 
 
-def _autograd_worker(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def _autograd_worker(rank):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     from torch.distributed.fsdp import fully_shard
 
     try:
@@ -256,12 +248,11 @@ def _autograd_worker(rank, port):
 def test_fsdp2_shards_keep_float32_state_when_8bit_is_asked(tmp_path):
     """A shard's block scales are not a tensor DCP could reshard: FSDP2 parameters get
     float32 state under state_dtype=torch.uint8, and the step works."""
-    mp.start_processes(_state8_worker, args=(free_port(),), nprocs=1, join=True, start_method="spawn")
+    mp.start_processes(_state8_worker, args=(), nprocs=1, join=True, start_method="spawn")
 
 
-def _state8_worker(rank, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def _state8_worker(rank):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     from torch.distributed.fsdp import fully_shard
 
     try:
@@ -291,13 +282,12 @@ def test_ddp_closure_that_keeps_the_graph_names_finite_differences(hvp):
     Variable that requires grad is being used in an in-place operation": the step says
     what to do instead and changes nothing (before, torch's line alone; hvp="auto" cannot
     run the closure again, since the reducer is left mid-backward)."""
-    mp.start_processes(_ddp_create_graph_worker, args=(free_port(), hvp), nprocs=1, join=True,
+    mp.start_processes(_ddp_create_graph_worker, args=(hvp,), nprocs=1, join=True,
                        start_method="spawn")
 
 
-def _ddp_create_graph_worker(rank, port, hvp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+def _ddp_create_graph_worker(rank, hvp):
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         model = torch.nn.parallel.DistributedDataParallel(make_mlp())
         opt = esgdm.ESGDM(model.parameters(), backend="torch", hvp=hvp)
@@ -331,17 +321,16 @@ def test_a_process_group_of_one_rank_drains_collectives_at_exit():
     drain is registered wherever a group exists: by the constructor, and by the probe when
     the group came after the optimizer (before, only with two or more ranks, and only by
     the probe: one-process FSDP2 runs aborted in 7 of 300, benchmarks/exit_abort_rate.py)."""
-    mp.start_processes(_drain_worker, args=(free_port(),), nprocs=1, join=True, start_method="spawn")
+    mp.start_processes(_drain_worker, args=(), nprocs=1, join=True, start_method="spawn")
 
 
-def _drain_worker(rank, port):
+def _drain_worker(rank):
     import esgdm.guards as guards
 
     model = make_mlp()
     before = esgdm.ESGDM(model.parameters(), backend="torch", hvp="finite_difference")
     assert not guards._exit_drain  # no process group yet: nothing to drain
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         x, y = data("mlp")
 

@@ -6,13 +6,13 @@ runs ("terminate called without an active exception", SIGABRT, so torchrun retur
 gloo's worker thread released, during Python's finalization, a work created during
 backward whose copy of the thread-local state holds a Python object (see
 esgdm/guards.py, _drain_before_exit).  This happens with any optimizer; esgdm collects
-those objects before finalization in runs that take finite differences.
+those objects before finalization wherever an ESGDM is built in a process group or
+takes finite differences in one.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -83,12 +83,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # RUNS two-process runs, each importing torch twice: ~10 s apiece
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_fsdp2_run_from_a_one_process_checkpoint_exits_cleanly(tmp_path):
@@ -103,7 +97,7 @@ def test_fsdp2_run_from_a_one_process_checkpoint_exits_cleanly(tmp_path):
         what = "run-and-destroy" if i % 2 else "run"  # with and without destroy_process_group()
         done = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), what, checkpoint],
+             "--standalone", str(script), what, checkpoint],  # (standalone: it binds a free port itself)
             env=env, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
             failures.append(f"run {i} ({what}): exit {done.returncode}\n{done.stderr[-2000:]}")

@@ -597,7 +597,6 @@ def test_param_norm_reads_the_host_once_per_call(monkeypatch):
 
 import copy  # noqa: E402
 import os  # noqa: E402
-import socket  # noqa: E402
 import warnings  # noqa: E402
 
 import torch.distributed as dist  # noqa: E402
@@ -680,9 +679,9 @@ def _check_dtensor_results(out):
     assert out["restored"]
 
 
-def _dtensor_worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _dtensor_worker(rank, world, out_dir):
+    # a file store in the test's folder: no port to find free and lose to another process
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     try:
         torch.save(_dtensor_checks(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -706,10 +705,7 @@ def test_dtensor_radius_and_fsdp2_hvp_on_two_ranks(tmp_path):
     """Uneven shards, a replicated tensor, a 2-D mesh with a replicated dimension,
     and an Inf on one rank only: both ranks get the radius one process would, and
     the FSDP2 finite-difference HVP matches autograd on the whole batch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_dtensor_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True,
+    mp.start_processes(_dtensor_worker, args=(2, str(tmp_path)), nprocs=2, join=True,
                        start_method="spawn")
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for out in outs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import socket
 import subprocess
 import sys
 import warnings
@@ -317,20 +316,14 @@ def readme_block(marker: str) -> str:
     return blocks[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_readme_example(tmp_path, code: str, *script_args: str, processes: int = 1) -> tuple:
     """Runs the README's train.py as written (``python train.py`` or ``torchrun``);
     returns the eval losses it prints, before and after training."""
     (tmp_path / "train.py").write_text(code)
     cmd = [sys.executable, "train.py", *script_args]
-    if processes > 1:  # torchrun, on a free port (tests may run side by side)
+    if processes > 1:  # torchrun, standalone: it binds a free port itself (tests may run side by side)
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={processes}",
-               f"--master-port={free_port()}", "train.py", *script_args]
+               "--standalone", "train.py", *script_args]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)

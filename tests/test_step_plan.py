@@ -708,14 +708,7 @@ def _single_process_group(dist) -> bool:
         pytest.skip("torch.distributed is not available")
     if dist.is_initialized():
         return False
-    import os
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     return True
 
 

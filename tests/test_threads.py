@@ -170,4 +170,4 @@ def test_a_thread_drawing_under_the_lock_gets_its_stream_untouched():
         torch.manual_seed(5)
         drawn, _ = in_threads(draw, train_then_stop)
         torch.manual_seed(5)
-        assert len(drawn) > 100 and all(torch.equal(torch.rand(7), chunk) for chunk in drawn)
+        assert len(drawn) >= 100 and all(torch.equal(torch.rand(7), chunk) for chunk in drawn)

@@ -88,7 +88,9 @@ def hf_train(hvp, world=1, accum=1, seed=SEED, **arg_overrides):
         gradient_accumulation_steps=accum, max_steps=STEPS, train_sampling_strategy="sequential",
         learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, seed=0,
         report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        ddp_backend="gloo" if world > 1 else None, **arg_overrides)
+        ddp_backend="gloo" if world > 1 else None,
+        ddp_timeout=300,  # a configuration failing on one rank only fails, not waits 30 min
+        **arg_overrides)
     kwargs = dict(lr=0.1, lr_warmup=0.9, hvp=hvp, d_warmup=3, update_d_every=2, seed=seed, backend="torch",
                   fd_scheme="central")
     model = gpt2()
