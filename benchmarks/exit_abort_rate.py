@@ -5,9 +5,11 @@ after it finished its work: a collective issued during backward still holds a Py
 object when the interpreter finalizes (see ``esgdm/guards.py``, ``_drain_before_exit``).
 esgdm collects those objects before finalization wherever a process group exists.  This
 script counts aborts over many runs, with that drain and (``--without-drain``) with
-esgdm's drain made a no-op, as before it was registered for a group of one rank.
+esgdm's drain made a no-op: for one process, what esgdm did before it registered the
+drain for a group of one rank.
 
-The rate is small and depends on timing: keep both cores busy (``--jobs 2``)::
+On one process the rate is small and depends on timing: keep both cores busy
+(``--jobs 2``); two processes keep them busy by themselves (``--jobs 1``)::
 
     python benchmarks/exit_abort_rate.py --runs 100 --jobs 2
     python benchmarks/exit_abort_rate.py --runs 100 --jobs 2 --without-drain
