@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -219,6 +220,17 @@ def step_count(name: str, value: Any) -> float:
     return value
 
 
+def state_scalars(where: Callable[[str], str], entry: dict) -> dict:
+    """One parameter's bias correction, warmup product and step count, checked (a
+    missing step, as in the original's checkpoints, is 0).  ``where(key)``: the
+    name of ``key`` in messages."""
+    return {
+        KEY_BIAS: in_unit_interval(where(repr(KEY_BIAS)), entry[KEY_BIAS]),
+        KEY_WARM: in_unit_interval(where(repr(KEY_WARM)), entry[KEY_WARM]),
+        KEY_STEP: step_count(where(repr(KEY_STEP)), entry.get(KEY_STEP, 0.0)),
+    }
+
+
 def check_state_dtype(value: Any) -> None:
     if value is None:
         return  # checkpoints of the original do not say
@@ -314,17 +326,14 @@ def validate(state_dict: dict, param_groups: list, check_group, state_dtype: tor
         missing = [k for k in REQUIRED_KEYS if k not in entry]
         if missing:
             raise ValueError(f"state of parameter id {key!r} lacks {missing}")
-        where = f"state {{}} of parameter id {key!r}".format
+        name = f"state {{}} of parameter id {key!r}"
         per_param[p] = {
-            **state_entry(f"state {{}} of parameter id {key!r}", entry, p.shape, p.is_complex(),
-                          kept_in(p, state_dtype)),
-            KEY_BIAS: in_unit_interval(where(repr(KEY_BIAS)), entry[KEY_BIAS]),
-            KEY_WARM: in_unit_interval(where(repr(KEY_WARM)), entry[KEY_WARM]),
-            KEY_STEP: step_count(where(repr(KEY_STEP)), entry.get(KEY_STEP, 0.0)),
+            **state_entry(name, entry, p.shape, p.is_complex(), kept_in(p, state_dtype)),
+            **state_scalars(name.format, entry),
         }
     return {"counters": counters, "groups": groups, "state": per_param, "other": other}
 
 
 __all__ = ["GROUP_KEY", "KEY_BIAS", "KEY_CODE_STRIDES", "KEY_EXP_AVG", "KEY_EXP_AVG_D", "KEY_QSCALE", "KEY_STEP",
            "KEY_WARM", "REQUIRED_KEYS", "SEED_LIMIT", "STATE_DTYPE_NAMES", "check_count", "check_seed", "check_values",
-           "quantized_state", "scalar", "state_entry", "validate"]
+           "quantized_state", "scalar", "state_entry", "state_scalars", "validate"]

@@ -101,10 +101,8 @@ def data_parallel_refused(error: BaseException) -> bool:
     backward keeps the graph of the gradients it copies into its buckets (in-place on a
     leaf that requires grad).  torch says no more than that, so the message is read only
     while a process group exists."""
-    import torch.distributed as dist  # (imported when needed, as below)
-
     return (isinstance(error, RuntimeError) and "leaf Variable that requires grad is being used in an "
-            "in-place operation" in str(error) and dist.is_available() and dist.is_initialized())
+            "in-place operation" in str(error) and in_process_group())
 
 
 #: What to do when DistributedDataParallel refuses ``backward(create_graph=True)``.

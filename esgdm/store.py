@@ -189,9 +189,7 @@ class BucketStore:
         opt.state[b.params[i]] = _WatchedEntry(self.watch, {
             KEY_EXP_AVG: b.exposed_view(b.exp_avg_views[i], i),
             KEY_EXP_AVG_D: b.exposed_view(b.exp_avg_d_views[i], i),
-            KEY_BIAS: b.scalar(i, BIAS),
-            KEY_WARM: b.scalar(i, WARM),
-            KEY_STEP: b.scalar(i, STEPS),
+            **{key: b.scalar(i, col) for col, key in SCALAR_KEYS},
             **({} if b.qscale_views is None else {KEY_QSCALE: b.qscale_views[i]}),
         })
 
@@ -240,7 +238,6 @@ class BucketStore:
                         and (b.qscale_views is None or entry.get(KEY_QSCALE) is b.qscale_views[i]) \
                         and all(_is_scalar_view(entry.get(key), b.scalars, i, col) for col, key in SCALAR_KEYS):
                     continue
-                where = f"opt.state[p][{{}}] of the parameter of shape {tuple(p.shape)}".format
                 if entry is not None and not isinstance(entry, dict):
                     raise ValueError(f"opt.state[p] of the parameter of shape {tuple(p.shape)} must be a dict "
                                      f"(or empty, to reset it), got {type(entry).__name__}")
@@ -249,7 +246,7 @@ class BucketStore:
                     continue
                 as_shown = torch.view_as_complex if b.complex[i] else (lambda t: t)
                 shown = {KEY_EXP_AVG: as_shown(b.exp_avg_views[i]), KEY_EXP_AVG_D: as_shown(b.exp_avg_d_views[i]),
-                         KEY_BIAS: b.scalar(i, BIAS), KEY_WARM: b.scalar(i, WARM), KEY_STEP: b.scalar(i, STEPS)}
+                         **{key: b.scalar(i, col) for col, key in SCALAR_KEYS}}
                 if b.qscale_views is not None:
                     shown[KEY_QSCALE] = b.qscale_views[i]
                 merged = {**shown, **entry}
@@ -260,9 +257,8 @@ class BucketStore:
                     merged[key] = local(merged[key])
                 checkpoint.state_entry("opt.state[p][{}]", merged, shape, complex_state=b.complex[i],
                                        kept_in=torch.float32 if b.quantized else b.state_dtype)
-                merged[KEY_BIAS] = checkpoint.in_unit_interval(where(repr(KEY_BIAS)), merged[KEY_BIAS])
-                merged[KEY_WARM] = checkpoint.in_unit_interval(where(repr(KEY_WARM)), merged[KEY_WARM])
-                merged[KEY_STEP] = checkpoint.step_count(where(repr(KEY_STEP)), merged[KEY_STEP])
+                merged.update(checkpoint.state_scalars(
+                    f"opt.state[p][{{}}] of the parameter of shape {tuple(p.shape)}".format, merged))
                 writes.append((b, i, {k: v.clone() if isinstance(v, Tensor) else v for k, v in merged.items()}))
         for b, i, p in resets:
             b.reset_state(i)
