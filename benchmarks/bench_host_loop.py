@@ -21,14 +21,12 @@ import torch
 import esgdm
 
 
-def best_step_us(step, inner: int, repeats: int) -> list[float]:
-    samples = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            step()
-        samples.append((time.perf_counter() - t) / inner * 1e6)
-    return samples
+def step_us(step, inner: int) -> float:
+    """One sample: the mean time of ``inner`` steps back to back, in microseconds."""
+    t = time.perf_counter()
+    for _ in range(inner):
+        step()
+    return (time.perf_counter() - t) / inner * 1e6
 
 
 def main(argv=None) -> None:
@@ -57,11 +55,11 @@ def main(argv=None) -> None:
 
     competitors = {f"ESGDM({args.backend})": opt.step, "AdamW(fused=True)": adamw.step}
     for step in competitors.values():  # warm-up
-        best_step_us(step, args.inner, 1)
+        step_us(step, args.inner)
     results: dict[str, list[float]] = {name: [] for name in competitors}
     for _ in range(args.repeats):
         for name, step in competitors.items():
-            results[name] += best_step_us(step, args.inner, 1)
+            results[name].append(step_us(step, args.inner))
     print(f"{args.tensors} x {args.numel} fp32, {args.threads} threads, esgdm from {esgdm.__file__}")
     for name, samples in results.items():
         print(f"{name:20s} best {min(samples):8.2f} us   median {sorted(samples)[len(samples) // 2]:8.2f} us")
