@@ -110,9 +110,28 @@ def run_both(opt, ref, opt_params, ref_params, loss_fn, steps, before_step=None,
 
 
 __all__ = [
-    "InjectedSigns", "ReferenceESGDM", "clone_params", "esgdm", "make_coeffs", "rel_err",
-    "run_both", "separable_loss", "signs_for",
+    "InjectedSigns", "ReferenceESGDM", "assert_state_unchanged", "clone_params", "esgdm", "make_coeffs", "rel_err",
+    "run_both", "separable_loss", "signs_for", "state_snapshot",
 ]
+
+
+def state_snapshot(opt, params) -> tuple:
+    """What a refused step must leave alone: the parameters, each one's ``opt.state``
+    tensors (read there, not through ``state_dict()``, which a refused edit still in
+    ``opt.state`` may fail or differ), and the step counters."""
+    return ([p.detach().clone() for p in params],
+            [{k: v.clone() for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v)} for p in params],
+            (opt.steps, opt.steps_since_d))
+
+
+def assert_state_unchanged(before: tuple, after: tuple) -> None:
+    (p0, s0, n0), (p1, s1, n1) = before, after
+    assert all(torch.equal(x, y) for x, y in zip(p0, p1)), "a parameter changed"
+    for old, new in zip(s0, s1):
+        assert old.keys() == new.keys()
+        for k in old:
+            assert torch.equal(old[k], new[k]), k
+    assert n0 == n1, "the step counters changed"
 
 
 def clone_fields(obj):

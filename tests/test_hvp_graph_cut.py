@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import cpu_backends
+from helpers import assert_state_unchanged, cpu_backends, state_snapshot
 
 import esgdm
 from esgdm.hvp import autograd_hvp, graph_cut, no_double_backward
@@ -58,21 +58,6 @@ def make(backend: str, hvp: str, **kw) -> tuple[torch.nn.Parameter, torch.nn.Par
     return a, b, esgdm.ESGDM([a, b], lr=0.1, backend=backend, seed=3, hvp=hvp, **kw)
 
 
-def snapshot(opt: esgdm.ESGDM, params) -> tuple:
-    state = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in opt.state.items()}
-    return [p.detach().clone() for p in params], state, opt.steps, opt.steps_since_d
-
-
-def assert_same(before: tuple, after: tuple) -> None:
-    (p0, s0, n0, d0), (p1, s1, n1, d1) = before, after
-    assert all(torch.equal(x, y) for x, y in zip(p0, p1))
-    assert s0.keys() == s1.keys()
-    for key in s0:
-        assert s0[key].keys() == s1[key].keys()
-        assert all(torch.equal(s0[key][k], s1[key][k]) for k in s0[key])
-    assert (n0, d0) == (n1, d1)
-
-
 def test_the_cut_is_an_error_node():
     """What the fix looks for: torch's node, out of reach of the parameter."""
     b = torch.randn(4, requires_grad=True)
@@ -97,13 +82,13 @@ def test_autograd_raises_and_changes_nothing(backend, loss_fn):
     assert opt.should_create_graph()  # step 3 takes curvature
     opt.zero_grad(set_to_none=True)
     loss_fn(a, b).backward(create_graph=True)
-    before = snapshot(opt, [a, b])
+    before = state_snapshot(opt, [a, b])
     with pytest.raises(RuntimeError) as info:
         opt.step()
     message = str(info.value)
     assert "no double backward" in message and "once_differentiable" in message, message
     assert "hvp='finite_difference'" in message and "hvp='auto'" in message, message
-    assert_same(before, snapshot(opt, [a, b]))
+    assert_state_unchanged(before, state_snapshot(opt, [a, b]))
 
 
 @pytest.mark.parametrize("loss_fn", [cube_loss, gate_loss])
@@ -157,10 +142,10 @@ def test_a_cut_that_hides_part_of_the_curvature_is_found_on_the_first_curvature_
     a, b, opt = make(backend, "autograd")
     opt.zero_grad(set_to_none=True)
     (Cube.apply(b).pow(2).sum() + b.pow(4).sum() + a.pow(4).sum()).backward(create_graph=True)
-    before = snapshot(opt, [a, b])
+    before = state_snapshot(opt, [a, b])
     with pytest.raises(RuntimeError, match="no double backward.*once_differentiable"):
         opt.step()
-    assert_same(before, snapshot(opt, [a, b]))
+    assert_state_unchanged(before, state_snapshot(opt, [a, b]))
 
 
 def test_no_graph_despite_create_graph_says_why():

@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import cpu_backends, rel_err
+from helpers import assert_state_unchanged, cpu_backends, rel_err, state_snapshot
 from test_errors import assert_unchanged, snapshot
 
 import esgdm
@@ -333,7 +333,7 @@ def test_a_bad_state_edit_is_refused_and_no_edit_is_written(backend, edit, messa
     opt = esgdm.ESGDM(ps, lr=0.3, backend=backend, d_warmup=2, update_d_every=3)
     _quadratic_run(opt, ps, 3)
     bucket_scalars = [b.scalars.clone() for b in opt._store.buckets]
-    before = _snapshot(opt, ps)
+    before = state_snapshot(opt, ps)
     opt.state[ps[0]]["exp_avg_bias_corr"] = 0.5  # a good edit, listed first
     edit(opt.state, ps)
     for p in ps:
@@ -341,7 +341,7 @@ def test_a_bad_state_edit_is_refused_and_no_edit_is_written(backend, edit, messa
     with pytest.raises(ValueError, match=re.escape(message)):
         opt.step()
     assert all(torch.equal(b.scalars, old) for b, old in zip(opt._store.buckets, bucket_scalars))
-    assert opt.steps == before[1] and all(torch.equal(p.detach(), old) for p, old in zip(ps, before[0]))
+    assert opt.steps == before[2][0] and all(torch.equal(p.detach(), old) for p, old in zip(ps, before[0]))
 
 
 # ------------------------------------------------------------ checkpoints
@@ -462,21 +462,6 @@ def _quadratic_run(opt, params, steps):
         opt.step()
 
 
-def _snapshot(opt, params):
-    return ([p.detach().clone() for p in params], opt.steps,
-            [{k: v.clone() for k, v in opt.state[p].items()} for p in params])
-
-
-def _assert_unchanged(opt, params, before):
-    ps, steps, states = before
-    assert opt.steps == steps
-    for p, old, state in zip(params, ps, states):
-        assert torch.equal(p.detach(), old)
-        assert opt.state[p].keys() == state.keys()
-        for k, v in state.items():
-            assert torch.equal(opt.state[p][k], v), k
-
-
 @pytest.mark.parametrize("backend", cpu_backends(torch.float32))
 @pytest.mark.parametrize("key,bad,error,message", [
     ("maximize", "no", TypeError, "Invalid maximize in param group 0: 'no'"),
@@ -498,10 +483,10 @@ def test_an_edit_of_param_groups_is_checked_like_the_constructors_arguments(back
     opt.param_groups[0][key] = bad
     for p in params:
         p.grad = torch.ones_like(p)
-    before = _snapshot(opt, params)
+    before = state_snapshot(opt, params)
     with pytest.raises(error, match=re.escape(message)):
         opt.step()
-    _assert_unchanged(opt, params, before)
+    assert_state_unchanged(before, state_snapshot(opt, params))
 
 
 @pytest.mark.parametrize("backend", cpu_backends(torch.float32))
@@ -831,11 +816,11 @@ def test_assigned_state_beyond_the_state_dtypes_range_is_refused(backend, state_
     opt.state[ps[1]]["exp_avg"] = torch.full((5,), big, dtype=torch.float64)
     for p in ps:
         p.grad = torch.ones_like(p)
-    before = _snapshot(opt, ps)
+    before = state_snapshot(opt, ps)
     kept = "torch.float32" if state_dtype is None else "torch.bfloat16"
     with pytest.raises(ValueError, match=f"every value must be finite in {kept}, the dtype this state is kept in"):
         opt.step()
-    assert opt.steps == before[1] and all(torch.equal(p.detach(), old) for p, old in zip(ps, before[0]))
+    assert opt.steps == before[2][0] and all(torch.equal(p.detach(), old) for p, old in zip(ps, before[0]))
 
 
 # ------------------------------------------------------------ parameters that share memory
@@ -892,11 +877,11 @@ def test_parameters_that_share_memory_are_refused(backend, how):
         _quadratic_run(opt, [a, b], 2)
         b.data = a.data[0]
     a.grad, b.grad = torch.ones(8, 8), torch.ones(8)
-    before = _snapshot(opt, [a, b])
+    before = state_snapshot(opt, [a, b])
     with pytest.raises(ValueError, match=re.escape("parameters 0 and 1 (in optimizer order; shapes (8, 8) and (8,)) "
                                                    "share memory")):
         opt.step()
-    _assert_unchanged(opt, [a, b], before)
+    assert_state_unchanged(before, state_snapshot(opt, [a, b]))
     # interleaved slices of one buffer share no element: stepped like separate tensors
     buf = torch.randn(4, 6)
     c, d = torch.nn.Parameter(buf[:, ::2]), torch.nn.Parameter(buf[:, 1::2])
